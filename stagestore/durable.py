@@ -1,0 +1,198 @@
+"""The one seam for every durable change to the store.
+
+Every create, write, fsync, rename, unlink, mkdir, chmod and removal that stagestore makes inside
+a store goes through this module, so that
+
+* the write ordering that docs/format.md argues about lives in one place, and
+* a test can install a hook (`set_fault_hook`) that sees every operation before it happens: to
+  count them, to raise an `OSError` at the Nth, or to end the process there.
+
+Functions take the path they act on even where the OS call needs only a descriptor, so the hook
+can say where it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+FaultHook = Callable[[str, str], None]
+_hook: FaultHook | None = None
+
+_COPY_CHUNK = 8 << 20
+
+
+def set_fault_hook(hook: FaultHook | None) -> FaultHook | None:
+    """Install `hook(op, path)`, called before every durable operation; returns the previous."""
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
+
+
+def _op(name: str, path: str | os.PathLike[str]) -> None:
+    if _hook is not None:
+        _hook(name, os.fspath(path))
+
+
+def create_exclusive(path: str | os.PathLike[str], mode: int = 0o644) -> int:
+    _op("create", path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+
+
+def write_all(fd: int, data: bytes | memoryview, path: str | os.PathLike[str]) -> None:
+    _op("write", path)
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_fd(fd: int, path: str | os.PathLike[str]) -> None:
+    _op("fsync", path)
+    os.fsync(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file that was written by someone else (a stage) and closed."""
+    _op("fsync", path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of a folder (creations, renames, removals) durable."""
+    _op("fsync_dir", path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    _op("rename", dst)
+    os.rename(src, dst)
+
+
+def chmod(path: str | os.PathLike[str], mode: int) -> None:
+    _op("chmod", path)
+    os.chmod(path, mode)
+
+
+def unlink(path: str | os.PathLike[str], missing_ok: bool = True) -> bool:
+    """Remove a file; returns whether it existed."""
+    _op("unlink", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        return False
+    return True
+
+
+def discard(path: str | os.PathLike[str]) -> None:
+    """Best-effort removal of a temp file while cleaning up after another error."""
+    try:
+        _op("unlink", path)
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def mkdir(path: str | os.PathLike[str]) -> bool:
+    """Create a folder and make its entry durable; returns whether it was created."""
+    path = Path(path)
+    try:
+        _op("mkdir", path)
+        os.mkdir(path)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def makedirs(path: str | os.PathLike[str]) -> None:
+    """Create a folder and any missing parents, each made durable."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.parent.is_dir():
+        makedirs(path.parent)
+    mkdir(path)
+
+
+def rmtree(path: str | os.PathLike[str]) -> None:
+    """Remove a folder tree, including read-only folders a stage may have left in it."""
+    _op("rmtree", path)
+
+    def make_writable_and_retry(func, failed_path, exc_info):  # noqa: ANN001
+        parent = os.path.dirname(failed_path)
+        try:
+            os.chmod(parent, stat.S_IRWXU)
+            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
+                os.chmod(failed_path, stat.S_IRWXU)
+            func(failed_path)
+        except FileNotFoundError:
+            pass
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=make_writable_and_retry)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a file's bytes into a new file `dst` (created exclusively) and fsync it."""
+    fd_out = create_exclusive(dst)
+    try:
+        with open(src, "rb") as f_in:
+            fd_in = f_in.fileno()
+            _op("write", dst)
+            try:
+                while os.copy_file_range(fd_in, fd_out, _COPY_CHUNK):
+                    pass
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                os.lseek(fd_out, 0, os.SEEK_SET)
+                os.ftruncate(fd_out, 0)
+                f_in.seek(0)
+                while chunk := f_in.read(_COPY_CHUNK):
+                    write_all(fd_out, chunk, dst)
+        fsync_fd(fd_out, dst)
+    finally:
+        os.close(fd_out)
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes, tmp_path: str | os.PathLike[str],
+                      mode: int = 0o644) -> None:
+    """Write `data` to `tmp_path`, fsync it, rename it to `path`, fsync `path`'s folder.
+
+    `tmp_path` must be on the same filesystem as `path` (the store's `tmp/`).  A crash at any
+    point leaves either the old file or the new one under `path`, never a mix.
+    """
+    fd = create_exclusive(tmp_path, mode)
+    try:
+        try:
+            write_all(fd, data, tmp_path)
+            fsync_fd(fd, tmp_path)
+        finally:
+            os.close(fd)
+        rename(tmp_path, path)
+    except BaseException:
+        discard(tmp_path)
+        raise
+    fsync_dir(os.path.dirname(os.fspath(path)))

@@ -1,0 +1,370 @@
+"""Running one attempt of one stage and committing what it produced.
+
+An attempt gets a fresh folder `tmp/<owner>~<random>~<stage>.<attempt>/` holding
+
+* `in/`: read-only views of its inputs (hard links to objects; executables copied),
+* `out/`: where the command must create each declared output (`STAGESTORE_OUT`),
+* `stdout`, `stderr`: what the command printed.
+
+The command runs in its own process group (so a timeout kills all of it) with the parent-death
+signal set (so it dies with a killed runner).  On success each declared output is moved into
+`objects/` by rename; nothing is copied except files with other hard links.  The folder is
+removed whatever happens; if the runner dies first, the folder is an orphan for `recover`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import durable
+from .errors import OutputError
+from .objects import ObjectStore, SyncBatch
+from .pipeline import Placeholder, command_template, render
+from .records import ArtifactRef, AttemptLog, Failure, StageSpec
+from .trees import materialize, read_tree, store_tree
+
+SIGNAL_LINES = 20
+SIGNAL_CHARS = 2000
+
+# Failure classes of the runner's own (a stage's non-zero exit is a BuildFailure).
+BUILD_FAILURE = "BuildFailure"
+TIMEOUT = "TimeoutFailure"
+KILLED = "SignalFailure"
+OUTPUT_MISSING = "OutputMissingFailure"
+OUTPUT_INVALID = "OutputInvalidFailure"
+INPUT_EMPTY = "InputEmptyFailure"
+INPUT_MODIFIED = "InputModifiedFailure"
+UPSTREAM_MISSING = "UpstreamMissingFailure"
+DISK_FULL = "DiskFullFailure"
+LAUNCH = "LaunchFailure"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StageInputs:
+    """What an attempt reads: its workspace inputs and upstream outputs, as stored artifacts."""
+
+    def __init__(self, workspace: dict[str, ArtifactRef], upstream: dict[str, dict[str, ArtifactRef]],
+                 basenames: dict[str, str]) -> None:
+        self.workspace = workspace  # input name -> ref
+        self.upstream = upstream  # stage -> output name -> ref
+        self.basenames = basenames  # input name -> file name to show a file input under
+
+
+class AttemptResult:
+    def __init__(self, log: AttemptLog, outputs: dict[str, ArtifactRef] | None,
+                 failure: Failure | None) -> None:
+        self.log = log
+        self.outputs = outputs
+        self.failure = failure
+
+
+# --- child process control -------------------------------------------------------------------
+
+_live_lock = threading.Lock()
+_live: set[subprocess.Popen] = set()
+
+
+def kill_all() -> None:
+    """Kill every stage process group still running (the runner is being interrupted)."""
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child_setup_factory():  # noqa: ANN202
+    """A preexec function setting PR_SET_PDEATHSIG on Linux, or None elsewhere.
+
+    The signal fires when the *thread* that forked the child exits; each attempt forks and waits
+    in the same worker thread, so the child cannot outlive its waiter.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    pr_set_pdeathsig = 1
+    sigkill = int(signal.SIGKILL)
+
+    def setup() -> None:
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+
+    return setup
+
+
+_child_setup = _child_setup_factory()
+
+
+# --- one attempt ---------------------------------------------------------------------------
+
+
+class Attempt:
+    def __init__(self, *, objects: ObjectStore, owner: str, folder: Path, workdir: Path,
+                 run_id: str, stage: str, spec: StageSpec, inputs: StageInputs, number: int) -> None:
+        self.objects = objects
+        self.owner = owner
+        self.folder = folder
+        self.workdir = workdir
+        self.run_id = run_id
+        self.stage = stage
+        self.spec = spec
+        self.inputs = inputs
+        self.number = number
+        self.in_dir = folder / "in"
+        self.out_dir = folder / "out"
+        self.stdout_path = folder / "stdout"
+        self.stderr_path = folder / "stderr"
+        self._linked: dict[Path, tuple[int, int, int]] = {}
+
+    # paths the command sees
+
+    def _view(self, ref: ArtifactRef, dest: Path) -> Path:
+        if ref.kind == "tree":
+            listing = read_tree(self.objects, ref.hash)
+            materialize(listing, self.objects, dest, link=True)
+            for entry in listing.entries:
+                if entry.kind == "file" and not entry.executable:
+                    self._watch(self.objects.path(entry.hash))  # type: ignore[arg-type]
+        else:
+            os.link(self.objects.path(ref.hash), dest)
+            self._watch(self.objects.path(ref.hash))
+        return dest
+
+    def _watch(self, path: Path) -> None:
+        self._linked[path] = _fingerprint(path)
+
+    def prepare(self) -> dict[str, str]:
+        """Lay out the attempt folder; returns the placeholder values."""
+        os.mkdir(self.folder)
+        os.mkdir(self.in_dir)
+        os.mkdir(self.out_dir)
+        values: dict[str, str] = {"run_id": self.run_id}
+        if self.inputs.workspace:
+            os.mkdir(self.in_dir / "inputs")
+        for name, ref in self.inputs.workspace.items():
+            if ref.kind == "tree":
+                path = self._view(ref, self.in_dir / "inputs" / name)
+            else:
+                os.mkdir(self.in_dir / "inputs" / name)
+                path = self._view(ref, self.in_dir / "inputs" / name / self.inputs.basenames[name])
+            values[f"inputs.{name}"] = str(path)
+        if self.inputs.upstream:
+            os.mkdir(self.in_dir / "upstream")
+        for up, outputs in self.inputs.upstream.items():
+            os.mkdir(self.in_dir / "upstream" / up)
+            for name, ref in outputs.items():
+                values[f"upstream.{up}.{name}"] = str(self._view(ref, self.in_dir / "upstream" / up / name))
+        for name in self.spec.outputs:
+            values[f"outputs.{name}"] = str(self.out_dir / name)
+        for key, value in self.spec.params.items():
+            values[f"params.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+        return values
+
+    def _resolve(self, values: dict[str, str]):  # noqa: ANN202
+        def resolve(ref: Placeholder) -> str:
+            key = "run_id" if ref.kind == "run_id" else (
+                f"upstream.{ref.stage}.{ref.name}" if ref.kind == "upstream" else f"{ref.kind}.{ref.name}")
+            return values[key]
+        return resolve
+
+    def argv(self, values: dict[str, str]) -> list[str]:
+        if self.spec.call is not None:
+            context = {
+                "call": self.spec.call, "run_id": self.run_id, "stage": self.stage,
+                "workdir": str(self.workdir), "out_dir": str(self.out_dir),
+                "params": self.spec.params,
+                "inputs": {n: values[f"inputs.{n}"] for n in self.inputs.workspace},
+                "upstream": {up: {n: values[f"upstream.{up}.{n}"] for n in outs}
+                             for up, outs in self.inputs.upstream.items()},
+                "outputs": {n: values[f"outputs.{n}"] for n in self.spec.outputs},
+            }
+            context_path = self.folder / "context.json"
+            context_path.write_text(json.dumps(context, default=str))
+            return [sys.executable, "-m", "stagestore.callstage", str(context_path)]
+        template = command_template(self.spec)
+        resolve = self._resolve(values)
+        if self.spec.shell:
+            import shlex
+
+            quoted = {key: shlex.quote(value) for key, value in values.items()}
+            return ["/bin/sh", "-c", render(template[0], self._resolve(quoted))]
+        return [render(arg, resolve) for arg in template]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        env.update({
+            "STAGESTORE_RUN_ID": self.run_id,
+            "STAGESTORE_STAGE": self.stage,
+            "STAGESTORE_OUT": str(self.out_dir),
+            "STAGESTORE_PARAMS": json.dumps(self.spec.params, default=str, sort_keys=True),
+            "STAGESTORE_ATTEMPT": str(self.number),
+        })
+        return env
+
+    def execute(self, batch: SyncBatch) -> AttemptResult:
+        started = now()
+        failure: Failure | None = None
+        exit_code: int | None = None
+        outputs: dict[str, ArtifactRef] | None = None
+        try:
+            values = self.prepare()
+            failure = self._entry_check()
+            if failure is None:
+                exit_code, failure = self._spawn(self.argv(values))
+            if failure is None:
+                failure = self._inputs_unchanged()
+            if failure is None:
+                outputs, failure = self._commit_outputs(batch)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            failure = Failure(class_=DISK_FULL, signal=f"{exc.strerror}: {exc.filename}")
+        stdout_digest, stderr_digest = self._commit_logs(batch)
+        log = AttemptLog(attempt=self.number, stdout=stdout_digest, stderr=stderr_digest,
+                         exit_code=exit_code, started_at=started, finished_at=now(), failure=failure)
+        return AttemptResult(log, outputs if failure is None else None, failure)
+
+    def _entry_check(self) -> Failure | None:
+        for name, ref in self.inputs.workspace.items():
+            if ref.kind == "tree" and name not in self.spec.allow_empty:
+                entries = read_tree(self.objects, ref.hash).entries
+                if not any(e.kind == "file" for e in entries):
+                    return Failure(class_=INPUT_EMPTY, signal=(
+                        f"input {name!r} ({self.spec.inputs.get(name, '?')}) is an empty folder; "
+                        f"add files to it, or list it in `allow_empty` if empty is fine"))
+        return None
+
+    def _spawn(self, argv: list[str]) -> tuple[int | None, Failure | None]:
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(
+                    argv, cwd=self.workdir, env=self.environment(), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, start_new_session=True, preexec_fn=_child_setup)
+            except OSError as exc:
+                return None, Failure(class_=LAUNCH, signal=f"cannot start {argv[0]!r}: {exc.strerror}")
+            with _live_lock:
+                _live.add(proc)
+            try:
+                try:
+                    code = proc.wait(timeout=self.spec.timeout)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    proc.wait()
+                    return None, Failure(class_=TIMEOUT, signal=(
+                        f"timed out after {self.spec.timeout:g}s; the stage's process group was killed"))
+            finally:
+                _kill_group(proc)  # nothing the stage started may outlive it
+                with _live_lock:
+                    _live.discard(proc)
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return code, Failure(class_=KILLED, signal=self._signal(f"killed by signal {name}"),
+                                 exit_code=code)
+        if code != 0:
+            return code, Failure(class_=BUILD_FAILURE,
+                                 signal=self._signal(f"exited with code {code} and printed nothing to stderr"),
+                                 exit_code=code)
+        return 0, None
+
+    def _signal(self, fallback: str) -> str:
+        try:
+            with open(self.stderr_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 64 * 1024))
+                tail = f.read().decode("utf-8", "replace")
+        except OSError:
+            tail = ""
+        lines = [line.rstrip() for line in tail.splitlines() if line.strip()]
+        text = "\n".join(lines[-SIGNAL_LINES:])[-SIGNAL_CHARS:]
+        return text or fallback
+
+    def _inputs_unchanged(self) -> Failure | None:
+        for path, before in self._linked.items():
+            if _fingerprint(path) != before:
+                return Failure(class_=INPUT_MODIFIED, signal=(
+                    f"the stage modified a read-only input it was handed ({path.name[:12]}...); "
+                    "the store object behind it is damaged: run `stagestore verify`"))
+        return None
+
+    def _commit_outputs(self, batch: SyncBatch) -> tuple[dict[str, ArtifactRef] | None, Failure | None]:
+        outputs: dict[str, ArtifactRef] = {}
+        for name in self.spec.outputs:
+            path = self.out_dir / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None, Failure(class_=OUTPUT_MISSING, signal=(
+                    f"declared output {name!r} was not created (expected at {{outputs.{name}}})"))
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    outputs[name] = store_tree(path, self.objects, self.owner, batch, move=True,
+                                               what=f"output {name!r}")
+                elif os.path.isfile(path) and not os.path.islink(path):
+                    digest, size = self.objects.commit_file(path, self.owner, batch)
+                    outputs[name] = ArtifactRef(hash=digest, size=size, kind="file")
+                else:
+                    kind = "a symlink" if os.path.islink(path) else f"not a file or folder (mode {st.st_mode:o})"
+                    raise OutputError(f"output {name!r} is {kind}; stored outputs hold only "
+                                      "files and folders")
+            except OutputError as exc:
+                return None, Failure(class_=OUTPUT_INVALID, signal=exc.message)
+        return outputs, None
+
+    def _commit_logs(self, batch: SyncBatch) -> tuple[str, str]:
+        digests = []
+        for path in (self.stdout_path, self.stderr_path):
+            if path.exists():
+                digest, _ = self.objects.commit_file(path, self.owner, batch)
+            else:
+                digest = self.objects.put_bytes(b"", self.owner, batch)
+            digests.append(digest)
+        return digests[0], digests[1]
+
+    def cleanup(self) -> None:
+        if self.folder.exists():
+            durable.rmtree(self.folder)
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    """What a write through a hard link changes.  Not ctime: another attempt linking the same
+    object into its own view changes the shared inode's ctime without touching its bytes."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_mode
+
+
+def run_attempt(**kwargs) -> AttemptResult:  # noqa: ANN003
+    """Run one attempt in a fresh temp folder and always remove the folder afterwards."""
+    attempt = Attempt(**kwargs)
+    batch = SyncBatch()
+    try:
+        result = attempt.execute(batch)
+        batch.flush()
+        return result
+    finally:
+        attempt.cleanup()
+
+
+def backoff(spec: StageSpec, attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): exponential, capped at 60 s."""
+    return min(spec.retry_delay * (2 ** (attempt - 1)), 60.0)

@@ -1,0 +1,63 @@
+"""BLAKE3 digests, always written as the prefixed string `blake3:<64 hex>`."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import blake3
+import msgspec
+
+PREFIX = "blake3:"
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# Below this size a plain read beats setting up a memory map and a thread pool.
+_MMAP_THRESHOLD = 1 << 20
+# Multi-threaded hashing only pays off once there is enough work to split.
+_THREADS_THRESHOLD = 16 << 20
+_CHUNK = 1 << 20
+
+
+def digest_bytes(data: bytes | memoryview) -> str:
+    return PREFIX + blake3.blake3(data).hexdigest()
+
+
+def digest_canonical(value: Any) -> str:
+    """Digest of a value's canonical JSON encoding (keys and struct fields sorted)."""
+    return digest_bytes(canonical_json(value))
+
+
+def canonical_json(value: Any) -> bytes:
+    return msgspec.json.encode(value, order="sorted")
+
+
+def hash_file(path: str | os.PathLike[str], size: int | None = None) -> str:
+    """Digest of a file's bytes; large files are memory-mapped and hashed on all cores."""
+    if size is None:
+        size = os.stat(path).st_size
+    if size >= _MMAP_THRESHOLD:
+        threads = blake3.blake3.AUTO if size >= _THREADS_THRESHOLD else 1
+        hasher = blake3.blake3(max_threads=threads)
+        hasher.update_mmap(os.fspath(path))
+        return PREFIX + hasher.hexdigest()
+    hasher = blake3.blake3()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+    return PREFIX + hasher.hexdigest()
+
+
+def is_digest(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(PREFIX) and bool(
+        _HEX_RE.match(value[len(PREFIX):]))
+
+
+def digest_hex(digest: str) -> str:
+    """The 64 hex characters of a digest; raises ValueError on anything else."""
+    if not is_digest(digest):
+        raise ValueError(f"not a blake3 digest: {digest!r}")
+    return digest[len(PREFIX):]
+
+
+EMPTY_DIGEST = digest_bytes(b"")

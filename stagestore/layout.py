@@ -1,0 +1,117 @@
+"""Where everything lives inside a store, and the one check for every name that becomes a path.
+
+Names that come from users or from records read back (stage, output, input and run names; paths
+inside a tree) are validated here on the way in (pipeline load, run id) and on the way out
+(reading a manifest or tree back, checkout), so a hostile or damaged record can never make
+stagestore read or write outside the folder it means.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+from .errors import InvalidNameError
+from .hashing import digest_hex
+
+FORMAT_NAME = "stagestore"
+FORMAT_VERSION = 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_COMPONENT_BYTES = 255
+_MAX_PATH_BYTES = 4096
+# Separates the owner of a temp entry from the rest of its name; never valid in a name.
+TMP_SEP = "~"
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """A plain name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; <= 128."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise InvalidNameError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-', starting with a "
+            "letter or digit (at most 128 characters)")
+    return name
+
+
+def validate_relpath(path: object, what: str = "path") -> str:
+    """A relative path inside a tree: `/`-separated plain components, no `.`, `..` or empties."""
+    if not isinstance(path, str) or not path:
+        raise InvalidNameError(f"invalid {what} {path!r}: empty")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"invalid {what} {path!r}: not valid UTF-8") from None
+    if len(encoded) > _MAX_PATH_BYTES:
+        raise InvalidNameError(f"invalid {what} {path[:60]!r}...: longer than {_MAX_PATH_BYTES} bytes")
+    if "\x00" in path or "\\" in path:
+        raise InvalidNameError(f"invalid {what} {path!r}: contains NUL or a backslash")
+    if path.startswith("/"):
+        raise InvalidNameError(f"invalid {what} {path!r}: absolute")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidNameError(f"invalid {what} {path!r}: empty, '.' or '..' component")
+        if len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
+            raise InvalidNameError(f"invalid {what} {path!r}: a component is over 255 bytes")
+    return path
+
+
+def contained(root: Path, relpath: str) -> Path:
+    """`root / relpath`, after checking on resolved paths that it stays inside `root`."""
+    validate_relpath(relpath)
+    target = root / relpath
+    resolved_root = root.resolve()
+    resolved = target.resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise InvalidNameError(f"path {relpath!r} leads outside {root}")
+    return target
+
+
+class StoreLayout:
+    """Maps the store's records to paths; creates nothing."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.runs = self.root / "runs"
+        self.locks = self.root / "locks"
+        self.cache = self.root / "cache"
+        self.format_file = self.root / "stagestore.json"
+        self.readme = self.root / "README.md"
+        self.store_lock = self.locks / "store.db"
+
+    def object_path(self, digest: str) -> Path:
+        hexdigest = digest_hex(digest)
+        return self.objects / hexdigest[:2] / hexdigest[2:]
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / validate_name(run_id, "run id")
+
+    def manifest_path(self, run_id: str, stage: str) -> Path:
+        return self.run_dir(run_id) / f"{validate_name(stage, 'stage name')}.json"
+
+    def run_record_path(self, run_id: str) -> Path:
+        # Stage names start with a letter or digit, so `_run.json` never collides with one.
+        return self.run_dir(run_id) / "_run.json"
+
+    def cache_entry_path(self, key: str) -> Path:
+        hexdigest = digest_hex(key)
+        return self.cache / hexdigest[:2] / f"{hexdigest[2:]}.json"
+
+    def owner_lock_path(self, owner: str) -> Path:
+        return self.locks / f"{owner}.lock"
+
+    def new_tmp_path(self, owner: str, label: str) -> Path:
+        return self.tmp / f"{owner}{TMP_SEP}{secrets.token_hex(8)}{TMP_SEP}{label}"
+
+    @staticmethod
+    def tmp_owner(entry_name: str) -> str | None:
+        owner, sep, _ = entry_name.partition(TMP_SEP)
+        return owner if sep and owner else None
+
+
+def run_owner(run_id: str) -> str:
+    """The owner name under which a run's temps and lock live."""
+    return f"run-{run_id}"

@@ -1,0 +1,195 @@
+"""`runs/` and `cache/`: stage manifests, run records and the cache index.
+
+A manifest is the commit point of a stage: it is written last, through a temp file, fsync and
+rename, after every object it names is durable.  The cache index (`cache/`) maps a stage's
+(input_hash, config_hash) to the run holding a succeeded manifest for it; it is derived data,
+checked against the manifest on every lookup, so a stale or lost entry can cost a re-execution
+but never return a wrong result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import durable
+from .errors import CorruptRecordError, InvalidNameError, RunNotFoundError
+from .hashing import digest_canonical, is_digest
+from .layout import StoreLayout, validate_name
+from .records import CacheEntry, RunRecord, StageManifest, decode_record, encode_record
+
+
+class ManifestStore:
+    """Reads and writes `runs/<run_id>/<stage>.json` and `runs/<run_id>/_run.json`."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
+
+    # --- writing ---
+
+    def _ensure_run_dir(self, run_id: str) -> Path:
+        run_dir = self.layout.run_dir(run_id)
+        if not run_dir.is_dir():
+            durable.mkdir(run_dir)
+        return run_dir
+
+    def write(self, manifest: StageManifest, owner: str) -> Path:
+        self._ensure_run_dir(manifest.run_id)
+        path = self.layout.manifest_path(manifest.run_id, manifest.stage)
+        durable.write_file_atomic(path, encode_record(manifest),
+                                  self.layout.new_tmp_path(owner, "manifest"))
+        return path
+
+    def write_run(self, record: RunRecord, owner: str) -> Path:
+        self._ensure_run_dir(record.run_id)
+        path = self.layout.run_record_path(record.run_id)
+        durable.write_file_atomic(path, encode_record(record),
+                                  self.layout.new_tmp_path(owner, "run"))
+        return path
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run: its manifests first, the run record last, then the folder."""
+        run_dir = self.layout.run_dir(run_id)
+        for stage in self.stages(run_id):
+            durable.unlink(self.layout.manifest_path(run_id, stage))
+        durable.unlink(self.layout.run_record_path(run_id))
+        durable.rmtree(run_dir)
+        durable.fsync_dir(self.layout.runs)
+
+    # --- reading ---
+
+    def read(self, run_id: str, stage: str) -> StageManifest:
+        path = self.layout.manifest_path(run_id, stage)
+        manifest: StageManifest = decode_record(path.read_bytes(), StageManifest, str(path))
+        check_manifest(manifest, run_id, stage, str(path))
+        return manifest
+
+    def read_optional(self, run_id: str, stage: str) -> StageManifest | None:
+        try:
+            return self.read(run_id, stage)
+        except FileNotFoundError:
+            return None
+
+    def read_run(self, run_id: str) -> RunRecord:
+        path = self.layout.run_record_path(run_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise RunNotFoundError(f"run {run_id!r} not found in {self.layout.root}",
+                                   hint="`stagestore runs` lists the runs in this store") from None
+        record: RunRecord = decode_record(data, RunRecord, str(path))
+        if record.run_id != run_id:
+            raise CorruptRecordError(f"{path}: records run {record.run_id!r}", path=str(path))
+        return record
+
+    def has_run(self, run_id: str) -> bool:
+        return self.layout.run_dir(run_id).is_dir()
+
+    def runs(self) -> list[str]:
+        """Run ids in the store, oldest first by folder mtime, then name."""
+        root = self.layout.runs
+        if not root.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    validate_name(entry.name)
+                except InvalidNameError:
+                    continue
+                found.append((entry.name, entry.stat().st_mtime_ns))
+        return [name for name, _ in sorted(found, key=lambda item: (item[1], item[0]))]
+
+    def stages(self, run_id: str) -> list[str]:
+        """Stage names that have a manifest file in the run (valid or not), sorted."""
+        run_dir = self.layout.run_dir(run_id)
+        if not run_dir.is_dir():
+            return []
+        names = []
+        for entry in os.scandir(run_dir):
+            if entry.name.endswith(".json") and not entry.name.startswith("_"):
+                names.append(entry.name[:-5])
+        return sorted(names)
+
+    def iter_manifests(self) -> Iterator[tuple[str, str, StageManifest | Exception]]:
+        """(run, stage, manifest or the error decoding it) for every manifest in the store."""
+        for run_id in self.runs():
+            for stage in self.stages(run_id):
+                try:
+                    yield run_id, stage, self.read(run_id, stage)
+                except (CorruptRecordError, InvalidNameError, OSError) as exc:
+                    yield run_id, stage, exc
+                except Exception as exc:  # FormatVersionError and friends
+                    yield run_id, stage, exc
+
+
+def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str) -> None:
+    """The checks msgspec's types cannot express: names, digests, self-consistency."""
+
+    def bad(message: str) -> CorruptRecordError:
+        return CorruptRecordError(f"{where}: {message}", path=where)
+
+    if manifest.run_id != run_id or manifest.stage != stage:
+        raise bad(f"records run {manifest.run_id!r} stage {manifest.stage!r}")
+    try:
+        for name in manifest.outputs:
+            validate_name(name, "output name")
+        for name in manifest.upstream:
+            validate_name(name, "upstream stage")
+    except InvalidNameError as exc:
+        raise bad(str(exc)) from None
+    refs = [*manifest.outputs.values(), *manifest.inputs.values()]
+    hashes = [manifest.input_hash, manifest.config_hash, *(r.hash for r in refs)]
+    hashes += [log.stdout for log in manifest.logs] + [log.stderr for log in manifest.logs]
+    if manifest.output_hash is not None:
+        hashes.append(manifest.output_hash)
+    for value in hashes:
+        if not is_digest(value):
+            raise bad(f"{value!r} is not a blake3 digest")
+    if manifest.status == "succeeded":
+        if manifest.output_hash != output_hash(manifest.outputs):
+            raise bad("output_hash does not match its outputs")
+        if manifest.failure is not None:
+            raise bad("a succeeded manifest carries a failure")
+
+
+def output_hash(outputs: dict) -> str:
+    return digest_canonical(sorted((name, ref.hash) for name, ref in outputs.items()))
+
+
+def cache_key(input_hash: str, config_hash: str) -> str:
+    return digest_canonical(["stagestore-cache-key", input_hash, config_hash])
+
+
+class CacheIndex:
+    """`cache/<xx>/<rest>.json`: (input_hash, config_hash) -> run holding a succeeded manifest."""
+
+    def __init__(self, layout: StoreLayout, manifests: ManifestStore) -> None:
+        self.layout = layout
+        self.manifests = manifests
+
+    def record(self, manifest: StageManifest, owner: str) -> None:
+        if manifest.status != "succeeded":
+            return
+        path = self.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash))
+        if not path.parent.is_dir():
+            durable.makedirs(path.parent)
+        entry = CacheEntry(run_id=manifest.run_id, stage=manifest.stage,
+                           input_hash=manifest.input_hash, config_hash=manifest.config_hash)
+        durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))
+
+    def lookup(self, input_hash: str, config_hash: str) -> StageManifest | None:
+        """A succeeded manifest with these keys, or None; a stale entry is a miss."""
+        path = self.layout.cache_entry_path(cache_key(input_hash, config_hash))
+        try:
+            entry: CacheEntry = decode_record(path.read_bytes(), CacheEntry, str(path))
+            manifest = self.manifests.read(entry.run_id, entry.stage)
+        except (OSError, CorruptRecordError, InvalidNameError):
+            return None
+        except Exception:  # a newer-format manifest: not ours to reuse
+            return None
+        if (manifest.status == "succeeded" and manifest.input_hash == input_hash
+                and manifest.config_hash == config_hash):
+            return manifest
+        return None

@@ -1,0 +1,163 @@
+"""`objects/`: immutable content-addressed blobs, named by the BLAKE3 of their bytes.
+
+An object becomes visible under its name only by a rename of a fully written and fsynced temp
+file from `tmp/`, so a name in `objects/` always holds exactly the bytes that hash to it (short
+of later damage, which `verify` finds).  Objects are read-only (0444) and never modified; they
+are removed only by `gc`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import durable
+from .hashing import PREFIX, hash_file, digest_bytes
+from .layout import StoreLayout
+
+OBJECT_MODE = 0o444
+
+
+class SyncBatch:
+    """Folders whose entries changed; fsynced once each by `flush()` before a manifest names them.
+
+    Renaming many objects and then syncing each shard folder once is as durable as syncing after
+    every rename, provided nothing refers to the objects until `flush()` returns.
+    """
+
+    def __init__(self) -> None:
+        self._dirs: set[Path] = set()
+
+    def add(self, folder: Path) -> None:
+        self._dirs.add(folder)
+
+    def flush(self) -> None:
+        for folder in sorted(self._dirs):
+            durable.fsync_dir(folder)
+        self._dirs.clear()
+
+
+class ObjectStore:
+    """The content-addressed object folder: put-if-absent, get, exists, list, delete."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.layout = layout
+
+    def path(self, digest: str) -> Path:
+        return self.layout.object_path(digest)
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def read_bytes(self, digest: str) -> bytes:
+        from .errors import ObjectMissingError
+
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissingError(digest) from None
+
+    def _shard(self, digest: str, batch: SyncBatch | None) -> Path:
+        target = self.path(digest)
+        if durable.mkdir(target.parent) and batch is not None:
+            batch.add(target.parent.parent)
+        return target
+
+    def put_bytes(self, data: bytes, owner: str, batch: SyncBatch | None = None) -> str:
+        """Store `data`; returns its digest.  Durable once `batch` is flushed (now if None)."""
+        digest = digest_bytes(data)
+        if self.exists(digest):
+            return digest
+        target = self._shard(digest, batch)
+        tmp = self.layout.new_tmp_path(owner, "object")
+        fd = durable.create_exclusive(tmp, OBJECT_MODE)
+        try:
+            try:
+                durable.write_all(fd, data, tmp)
+                durable.fsync_fd(fd, tmp)
+            finally:
+                os.close(fd)
+            durable.rename(tmp, target)
+        except BaseException:
+            _discard(tmp)
+            raise
+        self._synced(target.parent, batch)
+        return digest
+
+    def commit_file(self, path: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
+        """Move a file that lives in `tmp/` into the store by rename; returns (digest, size).
+
+        A file with other hard links (a stage may link a file from elsewhere into its output)
+        is copied instead, so no file outside the store is ever moved or chmod-ed.
+        """
+        st = os.lstat(path)
+        if st.st_nlink > 1:
+            copy = self.layout.new_tmp_path(owner, "copy")
+            durable.copy_file(path, copy)
+            try:
+                return self.commit_file(copy, owner, batch)
+            finally:
+                _discard(copy)
+        digest = hash_file(path, st.st_size)
+        if self.exists(digest):
+            durable.unlink(path)
+            return digest, st.st_size
+        target = self._shard(digest, batch)
+        durable.chmod(path, OBJECT_MODE)
+        durable.fsync_file(path)
+        durable.rename(path, target)
+        self._synced(target.parent, batch)
+        return digest, st.st_size
+
+    def ingest_file(self, source: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
+        """Snapshot a file from outside the store (a workspace input) by copying its bytes in.
+
+        When an object with the source's current content already exists, nothing is copied.
+        Otherwise the copy is hashed, not the source, so a source edited meanwhile can never
+        yield an object whose name does not match its bytes.
+        """
+        size = os.stat(source).st_size
+        digest = hash_file(source, size)
+        if self.exists(digest):
+            return digest, size
+        copy = self.layout.new_tmp_path(owner, "snapshot")
+        try:
+            durable.copy_file(source, copy)
+            return self.commit_file(copy, owner, batch)
+        finally:
+            _discard(copy)
+
+    def list(self) -> Iterator[str]:
+        """Every object name in the store, as digests; anything misnamed is skipped."""
+        for name, _ in self.scan():
+            if name is not None:
+                yield name
+
+    def scan(self) -> Iterator[tuple[str | None, Path]]:
+        """(digest or None when the entry is not a well-formed object name, path) of each entry."""
+        root = self.layout.objects
+        if not root.is_dir():
+            return
+        for shard in sorted(os.scandir(root), key=lambda e: e.name):
+            if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
+                yield None, Path(shard.path)
+                continue
+            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                hexdigest = shard.name + entry.name
+                ok = len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest)
+                yield (PREFIX + hexdigest if ok else None), Path(entry.path)
+
+    def delete(self, digest: str) -> bool:
+        return durable.unlink(self.path(digest))
+
+    @staticmethod
+    def _synced(folder: Path, batch: SyncBatch | None) -> None:
+        if batch is None:
+            durable.fsync_dir(folder)
+        else:
+            batch.add(folder)
+
+
+def _discard(path: Path) -> None:
+    durable.discard(path)

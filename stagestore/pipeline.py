@@ -1,0 +1,299 @@
+"""Loading and validating `stagestore.toml`, and the stage graph it defines."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import msgspec
+
+from .errors import InvalidNameError, PipelineError, StageNotFoundError
+from .records import PipelineDef, StageSpec
+from .layout import validate_name
+
+DEFAULT_PIPELINE_FILE = "stagestore.toml"
+
+_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_CALL_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Placeholder(msgspec.Struct, frozen=True):
+    """A parsed `{...}` reference: kind is inputs, upstream, outputs, params or run_id."""
+
+    kind: str
+    name: str = ""
+    stage: str = ""
+
+    @property
+    def text(self) -> str:
+        if self.kind == "run_id":
+            return "{run_id}"
+        if self.kind == "upstream":
+            return f"{{upstream.{self.stage}.{self.name}}}"
+        return f"{{{self.kind}.{self.name}}}"
+
+
+def parse_placeholder(body: str) -> Placeholder:
+    parts = body.split(".")
+    if parts == ["run_id"]:
+        return Placeholder("run_id")
+    if len(parts) == 2 and parts[0] in ("inputs", "outputs", "params") and parts[1]:
+        return Placeholder(parts[0], parts[1])
+    if len(parts) == 3 and parts[0] == "upstream" and parts[1] and parts[2]:
+        return Placeholder("upstream", parts[2], parts[1])
+    raise ValueError(
+        f"unknown placeholder {{{body}}}: use {{inputs.NAME}}, {{upstream.STAGE.NAME}}, "
+        "{outputs.NAME}, {params.KEY} or {run_id} (write {{ and }} for literal braces)")
+
+
+def placeholders(text: str) -> list[Placeholder]:
+    found = []
+    for match in _PLACEHOLDER_RE.finditer(text):
+        if match.group(1) is not None:
+            found.append(parse_placeholder(match.group(1)))
+    leftover = _PLACEHOLDER_RE.sub("", text)
+    if "{" in leftover or "}" in leftover:
+        raise ValueError(f"unbalanced brace in {text!r} (write {{{{ and }}}} for literal braces)")
+    return found
+
+
+def render(text: str, resolve: Callable[[Placeholder], str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "{{":
+            return "{"
+        if match.group(0) == "}}":
+            return "}"
+        return resolve(parse_placeholder(match.group(1)))
+
+    return _PLACEHOLDER_RE.sub(substitute, text)
+
+
+def command_template(spec: StageSpec) -> list[str]:
+    """The stage's command as a list of templates, before placeholders are filled in."""
+    if spec.cmd is None:
+        return []
+    if isinstance(spec.cmd, list):
+        return list(spec.cmd)
+    if spec.shell:
+        return [spec.cmd]
+    return shlex.split(spec.cmd)
+
+
+class Pipeline:
+    """A validated pipeline: its definition, the file it came from and the stage graph."""
+
+    def __init__(self, definition: PipelineDef, path: Path, workdir: Path) -> None:
+        self.definition = definition
+        self.path = path
+        self.workdir = workdir
+
+    @property
+    def name(self) -> str:
+        return self.definition.pipeline.name
+
+    @property
+    def version(self) -> str:
+        return self.definition.pipeline.version
+
+    @property
+    def stages(self) -> dict[str, StageSpec]:
+        return self.definition.stages
+
+    def order(self) -> list[str]:
+        """Stages in dependency order; ties keep the order of the file."""
+        return topological_order(self.stages)
+
+    def check_stage_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.stages:
+                raise StageNotFoundError(
+                    f"unknown stage {name!r} in {self.path.name}; valid stages: "
+                    + ", ".join(self.stages))
+
+    def closure(self, selected: Iterable[str]) -> list[str]:
+        """`selected` plus every stage they need upstream, in dependency order."""
+        selected = list(selected)
+        self.check_stage_names(selected)
+        needed: set[str] = set()
+        pending = list(selected)
+        while pending:
+            name = pending.pop()
+            if name not in needed:
+                needed.add(name)
+                pending.extend(self.stages[name].upstream)
+        return [name for name in self.order() if name in needed]
+
+    def input_path(self, relpath: str) -> Path:
+        return self.workdir / relpath
+
+
+def topological_order(stages: dict[str, StageSpec]) -> list[str]:
+    position = {name: i for i, name in enumerate(stages)}
+    remaining = {name: set(spec.upstream) for name, spec in stages.items()}
+    order: list[str] = []
+    while remaining:
+        ready = sorted((n for n, deps in remaining.items() if not deps), key=position.__getitem__)
+        if not ready:
+            raise _cycle_error(remaining)
+        for name in ready:
+            del remaining[name]
+            order.append(name)
+        for deps in remaining.values():
+            deps.difference_update(ready)
+    return order
+
+
+def _cycle_error(remaining: dict[str, set[str]]) -> PipelineError:
+    # Walk upstream edges from any stage left until a stage repeats: that is a cycle.
+    start = next(iter(remaining))
+    path = [start]
+    while True:
+        nxt = sorted(remaining[path[-1]])[0]
+        if nxt in path:
+            cycle = path[path.index(nxt):] + [nxt]
+            return PipelineError("dependency cycle: " + " -> ".join(reversed(cycle)),
+                                 stage=cycle[0], key="upstream")
+        path.append(nxt)
+
+
+def load_pipeline(path: str | os.PathLike[str] | None = None, *, check_inputs: bool = True) -> Pipeline:
+    """Read and validate a pipeline file; every problem is a `PipelineError` naming file and key."""
+    file = Path(path if path is not None else DEFAULT_PIPELINE_FILE)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"pipeline file {file} not found",
+                            hint="pass -p FILE, or run from the folder holding stagestore.toml") from None
+    except OSError as exc:
+        raise PipelineError(f"cannot read pipeline file {file}: {exc.strerror}") from None
+    try:
+        definition = msgspec.toml.decode(data, type=PipelineDef)
+    except msgspec.ValidationError as exc:
+        raise PipelineError(f"{file}: {exc}", path=str(file)) from None
+    except msgspec.DecodeError as exc:
+        raise PipelineError(f"{file}: invalid TOML: {exc}", path=str(file)) from None
+    pipeline = Pipeline(definition, file.absolute(), file.absolute().parent)
+    validate_pipeline(pipeline, check_inputs=check_inputs)
+    return pipeline
+
+
+def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
+    file = pipeline.path.name
+
+    def fail(message: str, stage: str | None = None, key: str | None = None) -> PipelineError:
+        where = "$.pipeline" if stage is None else f"$.stages.{stage}"
+        if key:
+            where += f".{key}"
+        return PipelineError(f"{file}: {message} - at `{where}`", path=str(pipeline.path),
+                             stage=stage, key=key)
+
+    if not pipeline.name.strip():
+        raise fail("the pipeline name is empty", key="name")
+    if not pipeline.stages:
+        raise fail("the pipeline has no stages", stage=None, key=None)
+    stages = pipeline.stages
+    for name, spec in stages.items():
+        try:
+            validate_name(name, "stage name")
+        except InvalidNameError as exc:
+            raise fail(str(exc), name) from None
+        _validate_stage(name, spec, stages, fail)
+        if check_inputs:
+            for input_name, relpath in spec.inputs.items():
+                target = pipeline.input_path(relpath)
+                try:
+                    mode = os.stat(target).st_mode
+                except FileNotFoundError:
+                    raise fail(f"input {input_name!r}: {relpath} does not exist "
+                               f"(relative to {pipeline.workdir})", name, "inputs") from None
+                except OSError as exc:
+                    raise fail(f"input {input_name!r}: cannot read {relpath}: {exc.strerror}",
+                               name, "inputs") from None
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise fail(f"input {input_name!r}: {relpath} is neither a file nor a folder",
+                               name, "inputs")
+    try:
+        topological_order(stages)
+    except PipelineError as exc:
+        raise fail(str(exc), exc.stage, "upstream") from None
+
+
+def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
+                    fail: Callable[..., PipelineError]) -> None:
+    if (spec.cmd is None) == (spec.call is None):
+        raise fail("a stage needs exactly one of `cmd` or `call`", name)
+    if spec.call is not None and not _CALL_RE.match(spec.call):
+        raise fail(f"`call` must be 'module:function', got {spec.call!r}", name, "call")
+    if spec.call is not None and spec.shell:
+        raise fail("`shell` applies to `cmd` only", name, "shell")
+    if isinstance(spec.cmd, list) and spec.shell:
+        raise fail("`shell = true` needs `cmd` as a string", name, "shell")
+    for key, names in (("inputs", list(spec.inputs)), ("outputs", spec.outputs)):
+        seen = set()
+        for item in names:
+            try:
+                validate_name(item, f"{key[:-1]} name")
+            except InvalidNameError as exc:
+                raise fail(str(exc), name, key) from None
+            if item in seen:
+                raise fail(f"{key[:-1]} {item!r} is declared twice", name, key)
+            seen.add(item)
+    for input_name, relpath in spec.inputs.items():
+        if not relpath.strip():
+            raise fail(f"input {input_name!r} has an empty path", name, "inputs")
+    for up in spec.upstream:
+        if up == name:
+            raise fail("a stage cannot be its own upstream", name, "upstream")
+        if up not in stages:
+            raise fail(f"unknown upstream stage {up!r} (stages: {', '.join(stages)})", name,
+                       "upstream")
+    if len(set(spec.upstream)) != len(spec.upstream):
+        raise fail("an upstream stage is listed twice", name, "upstream")
+    for item in spec.allow_empty:
+        if item not in spec.inputs:
+            raise fail(f"allow_empty names {item!r}, which is not an input", name, "allow_empty")
+    for key in spec.env:
+        if not _ENV_RE.match(key):
+            raise fail(f"invalid environment variable name {key!r}", name, "env")
+    if spec.timeout is not None and spec.timeout <= 0:
+        raise fail("timeout must be a positive number of seconds", name, "timeout")
+    if spec.retries < 0:
+        raise fail("retries must be 0 or more", name, "retries")
+    if spec.retry_delay < 0:
+        raise fail("retry_delay must be 0 or more", name, "retry_delay")
+    try:
+        template = command_template(spec)
+    except ValueError as exc:
+        raise fail(f"cannot split the command: {exc}", name, "cmd") from None
+    if spec.cmd is not None and (not template or not template[0].strip()):
+        raise fail("the command is empty", name, "cmd")
+    for arg in template:
+        try:
+            refs = placeholders(arg)
+        except ValueError as exc:
+            raise fail(str(exc), name, "cmd") from None
+        for ref in refs:
+            problem = _check_placeholder(ref, spec, stages)
+            if problem:
+                raise fail(problem, name, "cmd")
+
+
+def _check_placeholder(ref: Placeholder, spec: StageSpec, stages: dict[str, StageSpec]) -> str | None:
+    if ref.kind == "inputs" and ref.name not in spec.inputs:
+        return f"{ref.text} names an undeclared input (inputs: {', '.join(spec.inputs) or 'none'})"
+    if ref.kind == "outputs" and ref.name not in spec.outputs:
+        return f"{ref.text} names an undeclared output (outputs: {', '.join(spec.outputs) or 'none'})"
+    if ref.kind == "params" and ref.name not in spec.params:
+        return f"{ref.text} names an undeclared param (params: {', '.join(spec.params) or 'none'})"
+    if ref.kind == "upstream":
+        if ref.stage not in spec.upstream:
+            return f"{ref.text} names a stage that is not in this stage's upstream list"
+        if ref.stage in stages and ref.name not in stages[ref.stage].outputs:
+            return (f"{ref.text} names an output stage {ref.stage!r} does not declare "
+                    f"(outputs: {', '.join(stages[ref.stage].outputs) or 'none'})")
+    return None
