@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from .records import Failure
+from .records import ArtifactRef, Failure
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -154,3 +154,30 @@ class RunsReport(Report, kw_only=True):
 
 class ForgetReport(Report, kw_only=True):
     forgotten: list[str]
+
+
+class StageRow(Report, kw_only=True):
+    stage: str
+    status: str
+    cached_from: str | None = None
+    attempts: int = 0
+    output_hash: str | None = None
+    outputs: dict[str, ArtifactRef] = {}
+    failure: Failure | None = None
+
+
+class RunDetail(Report, kw_only=True):
+    run_id: str
+    pipeline: str
+    pipeline_file: str
+    started_at: str | None
+    finished_at: str | None
+    state: str
+    stages: list[StageRow]
+
+
+class AttemptOutput(Report, kw_only=True):
+    attempt: int
+    exit_code: int | None
+    stdout: str
+    stderr: str

@@ -14,7 +14,6 @@ stages have succeeded:
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +61,9 @@ def resume(store: Store, run_id: str, *, jobs: int = 1,
            progress: ProgressCallback | None = None) -> RunReport:
     """Complete run `run_id` with the definition and inputs it recorded; caller holds locks."""
     record = store.manifests.read_run(run_id)
+    if record.finished_at is not None:
+        record = _replace(record, finished_at=None)
+        store.manifests.write_run(record, run_owner(run_id))
     return Execution(store, record, list(record.selected), jobs=jobs, force=False,
                      progress=progress).run()
 
@@ -75,15 +77,13 @@ def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: 
                 f"run {run_id!r} was started from a different pipeline definition",
                 hint=f"use a new --run-id, or `stagestore recover --run-id {run_id}` to complete "
                      "it as it was defined")
-        missing = [s for s in selected if s not in record.inputs]
-        if not missing:
-            if set(selected) - set(record.selected):
-                record = _replace(record, selected=_merge(record.selected, selected, pipeline))
-                store.manifests.write_run(record, owner)
-            return record
         inputs = dict(record.inputs)
+        missing = [s for s in selected if s not in inputs]
         inputs.update(snapshot_inputs(pipeline, store, missing, owner))
-        record = _replace(record, inputs=inputs, selected=_merge(record.selected, selected, pipeline))
+        # finished_at goes back to None until this invocation finishes, so that a crash now
+        # leaves the run marked as interrupted for verify and recover.
+        record = _replace(record, inputs=inputs, selected=_merge(record.selected, selected, pipeline),
+                          finished_at=None)
     else:
         record = RunRecord(
             run_id=run_id, pipeline=PipelineRef(name=pipeline.name, version=pipeline.version),

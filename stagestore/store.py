@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -10,6 +11,7 @@ import msgspec
 from . import durable
 from .errors import FormatVersionError, StoreError, StoreNotFoundError
 from .layout import FORMAT_VERSION, StoreLayout
+from .locking import OwnerLock
 from .manifests import CacheIndex, ManifestStore
 from .objects import ObjectStore
 from .records import StoreFormat
@@ -53,19 +55,25 @@ class Store:
         layout = store.layout
         if not layout.format_file.exists():
             durable.makedirs(layout.root)
-            for folder in (layout.objects, layout.tmp, layout.runs, layout.locks, layout.cache):
+            for folder in (layout.locks, layout.tmp, layout.objects, layout.runs, layout.cache):
                 durable.mkdir(folder)
-            # Written last: a folder without a format file is an unfinished `create`, which the
-            # next call simply finishes.
             owner = "init"
-            durable.write_file_atomic(layout.readme, _README.format(version=FORMAT_VERSION).encode(),
-                                      layout.new_tmp_path(owner, "readme"))
-            data = msgspec.json.encode(StoreFormat(version=FORMAT_VERSION)) + b"\n"
+            lock = OwnerLock(layout, owner)
+            while not lock.try_acquire():  # another process is creating this store right now
+                time.sleep(0.01)
             try:
-                durable.write_file_atomic(layout.format_file, data,
-                                          layout.new_tmp_path(owner, "format"))
-            except FileExistsError:
-                pass
+                # Written last: a folder without a format file is an unfinished `create`, which
+                # the next call simply finishes.
+                if not layout.format_file.exists():
+                    durable.write_file_atomic(
+                        layout.readme, _README.format(version=FORMAT_VERSION).encode(),
+                        layout.new_tmp_path(owner, "readme"))
+                    durable.write_file_atomic(
+                        layout.format_file,
+                        msgspec.json.encode(StoreFormat(version=FORMAT_VERSION)) + b"\n",
+                        layout.new_tmp_path(owner, "format"))
+            finally:
+                lock.release()
         store._check_format()
         return store
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CorruptRecordError, InvalidNameError, OutputError
-from .hashing import canonical_json, is_digest
+from .hashing import canonical_json, digest_bytes, hash_file, is_digest
 from .layout import contained, validate_relpath
 from .objects import ObjectStore, SyncBatch
 from .records import ArtifactRef, TreeEntry, TreeListing, decode_record
@@ -57,31 +58,48 @@ def _walk(root: Path, follow_symlinks: bool, what: str) -> list[tuple[str, Path,
     return found
 
 
-def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch, *,
-               move: bool, what: str) -> ArtifactRef:
-    """Store every file under `folder` and the listing itself; returns the tree's ref.
-
-    `move=True` renames the files into the store (a stage's output in `tmp/`); `move=False`
-    copies them (a workspace input, which must stay where it is).
-    """
+def build_listing(folder: Path, file_digest: Callable[[Path], tuple[str, int]], *,
+                  follow_symlinks: bool, what: str) -> tuple[TreeListing, int]:
+    """The listing of `folder`, with `file_digest(path) -> (digest, size)` for each file."""
     entries: list[TreeEntry] = []
     total = 0
-    for rel, path, st in _walk(folder, follow_symlinks=not move, what=what):
+    for rel, path, st in _walk(folder, follow_symlinks=follow_symlinks, what=what):
         if stat.S_ISDIR(st.st_mode):
             entries.append(TreeEntry(path=rel, kind="dir"))
             continue
-        if move:
-            digest, size = objects.commit_file(path, owner, batch)
-        else:
-            digest, size = objects.ingest_file(path, owner, batch)
+        digest, size = file_digest(path)
         executable = bool(st.st_mode & stat.S_IXUSR)
         entries.append(TreeEntry(path=rel, kind="file", executable=executable, size=size,
                                  hash=digest))
         total += size
     entries.sort(key=lambda e: e.path)
-    listing = TreeListing(entries=entries)
+    return TreeListing(entries=entries), total
+
+
+def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch, *,
+               move: bool, what: str) -> ArtifactRef:
+    """Store every file under `folder` and the listing itself; returns the tree's ref.
+
+    `move=True` renames the files into the store (a stage's output in `tmp/`); `move=False`
+    copies them (a workspace input, which must stay where it is; symlinks to files are followed).
+    """
+    if move:
+        listing, total = build_listing(folder, lambda p: objects.commit_file(p, owner, batch),
+                                       follow_symlinks=False, what=what)
+    else:
+        listing, total = build_listing(folder, lambda p: objects.ingest_file(p, owner, batch),
+                                       follow_symlinks=True, what=what)
     digest = objects.put_bytes(encode_tree(listing), owner, batch)
     return ArtifactRef(hash=digest, size=total, kind="tree")
+
+
+def hash_artifact(path: Path, what: str) -> ArtifactRef:
+    """The ref a workspace file or folder would get if stored now, without storing anything."""
+    if path.is_dir():
+        listing, total = build_listing(path, lambda p: (hash_file(p), os.stat(p).st_size),
+                                       follow_symlinks=True, what=what)
+        return ArtifactRef(hash=digest_bytes(encode_tree(listing)), size=total, kind="tree")
+    return ArtifactRef(hash=hash_file(path), size=os.stat(path).st_size, kind="file")
 
 
 def encode_tree(listing: TreeListing) -> bytes:

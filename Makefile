@@ -1,0 +1,55 @@
+# Two commands on a fresh machine with Python 3.11+: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAGESTORE := $(VENV)/bin/stagestore
+DEMO   := .demo
+
+.PHONY: help venv demo test test-long bench schemas clean
+
+help:
+	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff"
+	@echo "make test       create .venv, install with test dependencies, run the test suite"
+	@echo "make test-long  the slow soak tests too"
+	@echo "make schemas    regenerate schemas/*.json from the record types"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+test-long: venv
+	$(PY) -m pytest -q -m slow
+
+schemas: venv
+	$(STAGESTORE) schema --out schemas
+
+demo: venv
+	@rm -rf $(DEMO) && mkdir -p $(DEMO) && cp -r examples/docs-pipeline $(DEMO)/workspace
+	@echo "== 1. run the six-stage example pipeline (run-1)"
+	$(STAGESTORE) run -p $(DEMO)/workspace/stagestore.toml --run-id run-1 --jobs 2
+	@echo "== 2. run it again unchanged: every stage is reused, nothing executes (run-2)"
+	$(STAGESTORE) run -p $(DEMO)/workspace/stagestore.toml --run-id run-2
+	$(STAGESTORE) show run-2 -p $(DEMO)/workspace/stagestore.toml
+	@echo "== 3. add a document to the corpus; status says what would execute and why"
+	@printf 'Demo note.\nA document added between two runs links to [[overview]] and [[hashing]].\n' \
+		> $(DEMO)/workspace/corpus/demo-note.txt
+	$(STAGESTORE) status -p $(DEMO)/workspace/stagestore.toml
+	@echo "== 4. run again (run-3)"
+	$(STAGESTORE) run -p $(DEMO)/workspace/stagestore.toml --run-id run-3 --jobs 2
+	@echo "== 5. verify re-hashes every object and cross-checks every manifest"
+	$(STAGESTORE) verify -p $(DEMO)/workspace/stagestore.toml
+	@echo "== 6. what changed between run-1 and run-3, and why"
+	$(STAGESTORE) diff run-1 run-3 -p $(DEMO)/workspace/stagestore.toml
+	@echo "== 7. the answers to the queries, checked out of the store"
+	$(STAGESTORE) checkout run-3 serve --to $(DEMO)/out -p $(DEMO)/workspace/stagestore.toml
+	@head -20 $(DEMO)/out/results
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info

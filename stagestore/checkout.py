@@ -1,0 +1,64 @@
+"""`checkout`: copy a stage's outputs out of the store as DIR/NAME, never writing outside DIR.
+
+Each output is built under a temp name inside DIR and renamed into place, so DIR/NAME is either
+absent or complete.  Output names and every path inside a tree are validated, and containment
+is checked on resolved paths, whatever the manifest or tree claims.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .errors import CheckoutError, InvalidNameError, StagestoreError
+from .layout import contained, validate_name
+from .store import Store
+from .trees import copy_out, materialize, read_tree
+
+
+def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]) -> list[str]:
+    """Materialise each output of (run, stage) as `dest/NAME`; returns the paths written."""
+    manifest = store.manifests.read_optional(run_id, stage)
+    if manifest is None:
+        if not store.manifests.has_run(run_id):
+            store.manifests.read_run(run_id)
+        raise CheckoutError(f"run {run_id} has no manifest for stage {stage!r}",
+                            hint=f"`stagestore show {run_id}` lists its stages")
+    if manifest.status != "succeeded":
+        raise CheckoutError(f"run {run_id} stage {stage} did not succeed; it has no outputs")
+    root = Path(dest)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckoutError(f"cannot create {root}: {exc.strerror}") from None
+    if not root.is_dir():
+        raise CheckoutError(f"{root} is not a folder")
+    written = []
+    for name, ref in manifest.outputs.items():
+        try:
+            validate_name(name, "output name")
+            target = contained(root, name)
+        except InvalidNameError as exc:
+            raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
+        if os.path.lexists(target):
+            raise CheckoutError(f"{target} already exists",
+                                hint="check out into an empty folder, or remove it first")
+        staging = root / f".{name}.stagestore-{secrets.token_hex(4)}"
+        try:
+            if ref.kind == "tree":
+                materialize(read_tree(store.objects, ref.hash), store.objects, staging, link=False)
+            else:
+                copy_out(store.objects.path(ref.hash), staging, 0o644)
+            os.rename(staging, target)
+        except InvalidNameError as exc:
+            raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
+        except FileNotFoundError:
+            raise StagestoreError(f"output {name!r} of run {run_id} stage {stage} names an object "
+                                  "that is missing", hint="run `stagestore verify`") from None
+        finally:
+            if os.path.lexists(staging):
+                shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+        written.append(str(target))
+    return written

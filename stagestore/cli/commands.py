@@ -1,0 +1,322 @@
+"""Command definitions.  Each: open the store, one library call, render, exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import render
+
+PIPELINE_HELP = "The pipeline file (default: stagestore.toml in the current folder)."
+STORE_HELP = ("The store folder (default: $STAGESTORE_STORE, else .stagestore beside the "
+              "pipeline file).")
+
+
+class Ctx:
+    def __init__(self, store: str | None, quiet: bool, debug: bool) -> None:
+        self.store = store
+        self.quiet = quiet
+        self.debug = debug
+
+
+def _store_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--store` accepted after the command too (`stagestore verify --store X`)."""
+    return click.option("--store", "store_dir", metavar="DIR", help=STORE_HELP)(func)
+
+
+def _pipeline_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-p", "--pipeline", "pipeline_file", metavar="FILE",
+                        default=None, help=PIPELINE_HELP)(func)
+
+
+def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(func)
+
+
+def _store_root(store_dir: str | None, pipeline_file: str | None = None) -> str:
+    from ..store import default_store_root
+
+    ctx = click.get_current_context().find_object(Ctx)
+    chosen = store_dir or (ctx.store if ctx else None)
+    if chosen:
+        return chosen
+    return str(default_store_root(pipeline_file or "stagestore.toml"))
+
+
+def _open_store(store_dir: str | None, pipeline_file: str | None = None):  # noqa: ANN202
+    from ..store import Store
+
+    return Store.open(_store_root(store_dir, pipeline_file))
+
+
+def _quiet() -> bool:
+    ctx = click.get_current_context().find_object(Ctx)
+    return bool(ctx and ctx.quiet)
+
+
+def _live() -> bool:
+    """Live progress only on a terminal, and not with --quiet."""
+    return not _quiet() and sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="stagestore", prog_name="stagestore")
+@click.option("--store", "store_dir", metavar="DIR", envvar="STAGESTORE_STORE", help=STORE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show a traceback with every error.")
+@click.pass_context
+def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> None:
+    """A content-addressed, crash-safe artifact store for pipelines of stages.
+
+    Exit codes: 0 success; 1 a stage failed or verify found a problem; 2 a usage or pipeline
+    error; 3 reserved for a systemic abort; 70 an internal error; 130 interrupted.
+    """
+    ctx.obj = Ctx(store_dir, quiet, debug)
+
+
+@cli.command()
+@_pipeline_option
+@_store_option
+@click.option("--run-id", metavar="ID", help="Name of the run (default: a new time-based id).")
+@click.option("--stage", "stages", metavar="NAME", multiple=True,
+              help="Run this stage and whatever it needs upstream (repeatable).")
+@click.option("-j", "--jobs", type=int, default=1, show_default=True,
+              help="Independent stages run in parallel up to this many.")
+@click.option("--force", is_flag=True, help="Re-execute stages even when identical work exists.")
+@click.option("-q", "--quiet", "quiet_here", is_flag=True, help="No progress output.")
+@_json_option
+def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
+        stages: tuple[str, ...], jobs: int, force: bool, quiet_here: bool, as_json: bool) -> None:
+    """Run the pipeline's stages in dependency order, reusing identical work.
+
+    Prints the run id.  Exit 0 when every stage succeeded, 1 when a stage failed (its
+    downstream is not run; independent branches finish), 2 on a usage or pipeline error.
+    """
+    from ..pipeline import load_pipeline
+    from ..runner import run as run_pipeline
+    from ..store import Store
+
+    pipeline = load_pipeline(pipeline_file)
+    store = Store.create(_store_root(store_dir, str(pipeline.path)))
+    progress = render.RunProgress() if (_live() and not quiet_here) else None
+    report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
+                          progress=progress)
+    render.run_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@_pipeline_option
+@_store_option
+@_json_option
+def verify(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str | None,
+           as_json: bool) -> None:
+    """Re-hash objects and cross-check every manifest; repair nothing.
+
+    With RUN_IDs, checks those runs and the objects they reference; without, the whole store.
+    Exit 0 clean (warnings allowed), 1 when a problem is found.
+    """
+    from ..verify import verify as verify_store
+
+    store = _open_store(store_dir, pipeline_file)
+    progress = render.BytesProgress("verifying") if _live() else None
+    try:
+        report = verify_store(store, run_ids, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    render.verify_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.option("--run-id", metavar="ID", help="Complete only this run.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+@click.option("-j", "--jobs", type=int, default=1, show_default=True)
+@_pipeline_option
+@_store_option
+@_json_option
+def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | None,
+            store_dir: str | None, as_json: bool) -> None:
+    """Remove orphaned temps and complete interrupted runs, as they were defined.
+
+    Idempotent: a second call after a successful one does nothing.  Exit 0 when the store ends
+    clean, 1 when something could not be completed.
+    """
+    from ..recover import recover as recover_store
+
+    store = _open_store(store_dir, pipeline_file)
+    progress = render.RunProgress() if _live() else None
+    report = recover_store(store, run_id=run_id, dry_run=dry_run, jobs=jobs, progress=progress)
+    render.recover_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--stage", metavar="NAME", help="Only this stage.")
+@_pipeline_option
+@_store_option
+@_json_option
+def diff(run_a: str, run_b: str, stage: str | None, pipeline_file: str | None,
+         store_dir: str | None, as_json: bool) -> None:
+    """What changed between two runs, per stage, and why (config, inputs, outputs)."""
+    from ..diff import diff_runs
+
+    report = diff_runs(_open_store(store_dir, pipeline_file), run_a, run_b, stage=stage)
+    render.diff_report(report, as_json=as_json)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("stage", required=False)
+@_pipeline_option
+@_store_option
+@_json_option
+def show(run_id: str, stage: str | None, pipeline_file: str | None, store_dir: str | None,
+         as_json: bool) -> None:
+    """Show a run's stages, or with STAGE one stage's manifest (--json: the manifest itself)."""
+    from ..inspect import show_run, show_stage
+
+    store = _open_store(store_dir, pipeline_file)
+    if stage is None:
+        render.run_detail(show_run(store, run_id), as_json=as_json)
+    else:
+        render.manifest(show_stage(store, run_id, stage), as_json=as_json)
+
+
+@cli.command()
+@_pipeline_option
+@_store_option
+@_json_option
+def runs(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """List the runs in the store, oldest first."""
+    from ..inspect import list_runs
+
+    render.runs_report(list_runs(_open_store(store_dir, pipeline_file)), as_json=as_json)
+
+
+@cli.command()
+@_pipeline_option
+@_store_option
+@_json_option
+def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Which stages a run would execute now, and why.  Stores nothing."""
+    from ..errors import StoreNotFoundError
+    from ..inspect import status as pipeline_status
+    from ..pipeline import load_pipeline
+    from ..store import Store
+
+    pipeline = load_pipeline(pipeline_file)
+    try:
+        store = Store.open(_store_root(store_dir, str(pipeline.path)))
+    except StoreNotFoundError:
+        store = None
+    render.status_report(pipeline_status(pipeline, store), as_json=as_json)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("stage")
+@click.option("--to", "dest", required=True, metavar="DIR",
+              help="Folder to write each output into, as DIR/NAME.")
+@_pipeline_option
+@_store_option
+def checkout(run_id: str, stage: str, dest: str, pipeline_file: str | None,
+             store_dir: str | None) -> None:
+    """Copy a stage's outputs out of the store as DIR/NAME; never writes outside DIR."""
+    from ..checkout import checkout as checkout_outputs
+
+    for path in checkout_outputs(_open_store(store_dir, pipeline_file), run_id, stage, dest):
+        click.echo(path)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("stage")
+@_pipeline_option
+@_store_option
+@_json_option
+def logs(run_id: str, stage: str, pipeline_file: str | None, store_dir: str | None,
+         as_json: bool) -> None:
+    """Print the stored stdout and stderr of each attempt of a stage."""
+    from ..inspect import stage_logs
+
+    render.logs(stage_logs(_open_store(store_dir, pipeline_file), run_id, stage), as_json=as_json)
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@_pipeline_option
+@_store_option
+def forget(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str | None) -> None:
+    """Remove runs' manifests, so gc can reclaim what only they referenced."""
+    from ..gc import forget as forget_runs
+
+    report = forget_runs(_open_store(store_dir, pipeline_file), run_ids)
+    for run_id in report.forgotten:
+        click.echo(f"forgot run {run_id}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="Give up if runs still hold the store after this long (default: wait).")
+@_pipeline_option
+@_store_option
+@_json_option
+def gc(dry_run: bool, timeout: float | None, pipeline_file: str | None, store_dir: str | None,
+       as_json: bool) -> None:
+    """Delete objects that no manifest references.  Safe while runs are in flight: gc waits
+    for them to finish before it decides what is garbage."""
+    from ..gc import gc as collect
+
+    store = _open_store(store_dir, pipeline_file)
+    if _live() and _store_busy(store):
+        click.echo("waiting for running stagestore processes to release the store...", err=True)
+    report = collect(store, dry_run=dry_run, timeout=-1 if timeout is None else timeout)
+    render.gc_report(report, as_json=as_json)
+
+
+def _store_busy(store) -> bool:  # noqa: ANN001
+    from ..errors import RunBusyError
+    from ..locking import store_lock
+
+    try:
+        with store_lock(store.layout, exclusive=True, timeout=0):
+            return False
+    except RunBusyError:
+        return True
+
+
+@cli.command()
+@click.option("--out", "out_dir", metavar="DIR", help="Write one NAME.schema.json per record here.")
+def schema(out_dir: str | None) -> None:
+    """Print (or write) the JSON Schema of every record stagestore stores."""
+    from ..schema import render_schemas, write_schemas
+
+    if out_dir:
+        for path in write_schemas(out_dir):
+            click.echo(path)
+        return
+    import msgspec
+
+    merged = {name: msgspec.json.decode(data) for name, data in render_schemas().items()}
+    click.echo(msgspec.json.format(msgspec.json.encode(merged), indent=2))
+
+
+@cli.command()
+@_pipeline_option
+@_json_option
+def contracts(pipeline_file: str | None, as_json: bool) -> None:
+    """For every stage: inputs, outputs, entry and exit criteria, manifest path."""
+    from ..inspect import contracts as stage_contracts
+    from ..pipeline import load_pipeline
+
+    render.contracts_report(stage_contracts(load_pipeline(pipeline_file)), as_json=as_json)
+

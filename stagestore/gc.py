@@ -1,0 +1,132 @@
+"""`forget` and `gc`: drop runs, then reclaim the objects nothing references any more.
+
+gc holds the store lock exclusively, so no run, recover or verify is between writing objects
+and writing the records that name them while it decides what is garbage.  It refuses to run
+when any record cannot be read: it could not know what that record references.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from . import durable
+from .errors import StagestoreError, StoreError
+from .layout import run_owner
+from .locking import owner_locked, store_lock
+from .manifests import cache_key
+from .records import ArtifactRef, CacheEntry, decode_record
+from .reports import ForgetReport, GcReport
+from .store import Store
+from .trees import read_tree
+
+
+def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
+    """Remove runs' manifests and records so gc can reclaim what only they referenced."""
+    run_ids = list(dict.fromkeys(run_ids))
+    for run_id in run_ids:
+        if not store.manifests.has_run(run_id):
+            store.manifests.read_run(run_id)  # raises RunNotFoundError
+    with store_lock(store.layout, exclusive=False):
+        for run_id in run_ids:
+            with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
+                store.manifests.delete_run(run_id)
+        with owner_locked(store.layout, "forget", "the cache index"):
+            _repair_cache_index(store, set(run_ids), "forget")
+    return ForgetReport(forgotten=run_ids)
+
+
+def _repair_cache_index(store: Store, forgotten: set[str], owner: str) -> None:
+    """Point cache entries that named a forgotten run at another run with the same keys."""
+    stale: set[str] = set()
+    for path, entry in _cache_entries(store):
+        if entry is None or entry.run_id in forgotten:
+            stale.add(path)
+    if not stale:
+        return
+    for _run_id, _stage, manifest in store.manifests.iter_manifests():
+        if isinstance(manifest, Exception) or manifest.status != "succeeded":
+            continue
+        path = str(store.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash)))
+        if path in stale:
+            store.cache.record(manifest, owner)
+            stale.discard(path)
+    for path in stale:
+        durable.unlink(path)
+
+
+def _cache_entries(store: Store):  # noqa: ANN202
+    root = store.layout.cache
+    if not root.is_dir():
+        return
+    for shard in os.scandir(root):
+        if not shard.is_dir():
+            continue
+        for entry in os.scandir(shard.path):
+            try:
+                yield entry.path, decode_record(Path(entry.path).read_bytes(), CacheEntry, entry.path)
+            except (StagestoreError, OSError):
+                yield entry.path, None
+
+
+def _refs_of(store: Store, ref: ArtifactRef, live: set[str]) -> None:
+    live.add(ref.hash)
+    if ref.kind == "tree" and store.objects.exists(ref.hash):
+        for entry in read_tree(store.objects, ref.hash).entries:
+            if entry.hash is not None:
+                live.add(entry.hash)
+
+
+def referenced_objects(store: Store) -> set[str]:
+    """Every object some manifest or run record names; raises if any record is unreadable."""
+    live: set[str] = set()
+    for run_id in store.manifests.runs():
+        if store.layout.run_record_path(run_id).exists():
+            record = store.manifests.read_run(run_id)
+            for refs in record.inputs.values():
+                for ref in refs.values():
+                    _refs_of(store, ref, live)
+    for run_id, stage, manifest in store.manifests.iter_manifests():
+        if isinstance(manifest, Exception):
+            raise StoreError(
+                f"gc cannot read the manifest of run {run_id} stage {stage}: {manifest}; it would "
+                "not know which objects that manifest references",
+                hint="run `stagestore verify`, then `stagestore recover` or `stagestore forget "
+                     f"{run_id}`")
+        for ref in (*manifest.outputs.values(), *manifest.inputs.values()):
+            _refs_of(store, ref, live)
+        for log in manifest.logs:
+            live.update((log.stdout, log.stderr))
+    return live
+
+
+def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
+    """Delete every object no manifest or run record references."""
+    with store_lock(store.layout, exclusive=True, timeout=timeout):
+        live = referenced_objects(store)
+        removed: list[str] = []
+        freed = 0
+        kept = 0
+        touched = set()
+        for digest in list(store.objects.list()):
+            if digest in live:
+                kept += 1
+                continue
+            path = store.objects.path(digest)
+            try:
+                freed += path.stat().st_size
+            except FileNotFoundError:
+                continue
+            removed.append(digest)
+            if not dry_run:
+                store.objects.delete(digest)
+                touched.add(path.parent)
+        for folder in sorted(touched):
+            durable.fsync_dir(folder)
+        if not dry_run:
+            for path, entry in _cache_entries(store):
+                if entry is None or not store.layout.manifest_path(entry.run_id, entry.stage).exists():
+                    durable.unlink(path)
+        return GcReport(dry_run=dry_run, objects_kept=kept, objects_removed=len(removed),
+                        bytes_removed=freed, removed=removed)

@@ -1,0 +1,180 @@
+"""Read-only views of a store and a pipeline: runs, show, logs, status, contracts."""
+
+from __future__ import annotations
+
+from .errors import StagestoreError
+from .keys import config_hash, input_hash, input_key
+from .layout import run_owner
+from .locking import owner_is_live
+from .pipeline import Pipeline
+from .records import ArtifactRef, RunRecord, StageManifest
+from .reports import (AttemptOutput, ContractsReport, RunDetail, RunsReport, RunSummary,
+                      StageContract, StageRow, StageStatus, StatusReport)
+from .store import Store
+from .trees import hash_artifact
+
+
+def _iso(value) -> str | None:  # noqa: ANN001
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def _state(store: Store, record: RunRecord) -> str:
+    if owner_is_live(store.layout, run_owner(record.run_id)):
+        return "running"
+    if record.finished_at is None:
+        return "incomplete"
+    if any(outcome in ("failed", "skipped") for outcome in record.outcomes.values()):
+        return "failed"
+    return "complete"
+
+
+def list_runs(store: Store) -> RunsReport:
+    runs = []
+    for run_id in store.manifests.runs():
+        try:
+            record = store.manifests.read_run(run_id)
+        except StagestoreError:
+            runs.append(RunSummary(run_id=run_id, pipeline="?", started_at=None, finished_at=None,
+                                   state="unknown", stages={}))
+            continue
+        stages = dict(record.outcomes) if record.finished_at else {
+            s: _manifest_status(store, run_id, s) for s in record.selected}
+        runs.append(RunSummary(run_id=run_id, pipeline=record.pipeline.name,
+                               started_at=_iso(record.started_at), finished_at=_iso(record.finished_at),
+                               state=_state(store, record), stages=stages))  # type: ignore[arg-type]
+    runs.sort(key=lambda r: (r.started_at or "", r.run_id))
+    return RunsReport(runs=runs)
+
+
+def _manifest_status(store: Store, run_id: str, stage: str) -> str:
+    try:
+        manifest = store.manifests.read_optional(run_id, stage)
+    except StagestoreError:
+        return "invalid"
+    if manifest is None:
+        return "pending"
+    return "cached" if manifest.cached_from else manifest.status
+
+
+def show_run(store: Store, run_id: str) -> RunDetail:
+    record = store.manifests.read_run(run_id)
+    rows = []
+    for stage in record.selected:
+        try:
+            manifest = store.manifests.read_optional(run_id, stage)
+        except StagestoreError:
+            rows.append(StageRow(stage=stage, status="invalid"))
+            continue
+        if manifest is None:
+            rows.append(StageRow(stage=stage, status=record.outcomes.get(stage, "pending")))
+            continue
+        rows.append(StageRow(stage=stage, status="cached" if manifest.cached_from else manifest.status,
+                             cached_from=manifest.cached_from, attempts=manifest.attempts,
+                             output_hash=manifest.output_hash, outputs=dict(manifest.outputs),
+                             failure=manifest.failure))
+    return RunDetail(run_id=run_id, pipeline=record.pipeline.name, pipeline_file=record.pipeline_file,
+                     started_at=_iso(record.started_at), finished_at=_iso(record.finished_at),
+                     state=_state(store, record), stages=rows)
+
+
+def show_stage(store: Store, run_id: str, stage: str) -> StageManifest:
+    from .errors import StageNotFoundError
+
+    manifest = store.manifests.read_optional(run_id, stage)
+    if manifest is None:
+        if not store.manifests.has_run(run_id):
+            store.manifests.read_run(run_id)
+        raise StageNotFoundError(f"run {run_id} has no manifest for stage {stage!r}; stages: "
+                                 + ", ".join(store.manifests.stages(run_id)))
+    return manifest
+
+
+def stage_logs(store: Store, run_id: str, stage: str) -> list[AttemptOutput]:
+    manifest = show_stage(store, run_id, stage)
+    out = []
+    for log in manifest.logs:
+        out.append(AttemptOutput(
+            attempt=log.attempt, exit_code=log.exit_code,
+            stdout=store.objects.read_bytes(log.stdout).decode("utf-8", "replace"),
+            stderr=store.objects.read_bytes(log.stderr).decode("utf-8", "replace")))
+    return out
+
+
+def _latest_manifest(store: Store, stage: str) -> StageManifest | None:
+    best = None
+    for run_id in store.manifests.runs():
+        try:
+            manifest = store.manifests.read_optional(run_id, stage)
+        except StagestoreError:
+            continue
+        if manifest is not None and manifest.status == "succeeded" and (
+                best is None or manifest.finished_at > best.finished_at):
+            best = manifest
+    return best
+
+
+def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
+    """Which stages a run would execute now, and why; stores nothing."""
+    hits: dict[str, StageManifest] = {}
+    rows: list[StageStatus] = []
+    hashed: dict[str, ArtifactRef] = {}
+    for stage in pipeline.order():
+        spec = pipeline.stages[stage]
+        pending = [u for u in spec.upstream if u not in hits]
+        if pending:
+            rows.append(StageStatus(stage=stage, would_execute=True,
+                                    reason=f"upstream stage {pending[0]} would execute"))
+            continue
+        flat: dict[str, ArtifactRef] = {}
+        for name, rel in spec.inputs.items():
+            if rel not in hashed:
+                hashed[rel] = hash_artifact(pipeline.input_path(rel), f"input {name!r}")
+            flat[input_key("inputs", name)] = hashed[rel]
+        for up in spec.upstream:
+            for name, ref in hits[up].outputs.items():
+                flat[input_key("upstream", name, up)] = ref
+        keys = (input_hash(flat), config_hash(spec))
+        hit = store.cache.lookup(*keys) if store is not None else None
+        if hit is not None and all(store.objects.exists(r.hash) for r in hit.outputs.values()):  # type: ignore[union-attr]
+            hits[stage] = hit
+            rows.append(StageStatus(stage=stage, would_execute=False, reason="up to date",
+                                    cached_from=hit.cached_from or hit.run_id))
+            continue
+        rows.append(StageStatus(stage=stage, would_execute=True,
+                                reason=_why(store, stage, keys, flat)))
+    return StatusReport(pipeline=pipeline.name, stages=rows)
+
+
+def _why(store: Store | None, stage: str, keys: tuple[str, str], flat: dict[str, ArtifactRef]) -> str:
+    last = _latest_manifest(store, stage) if store is not None else None
+    if last is None:
+        return "never run: no succeeded manifest for this stage"
+    reasons = []
+    if last.config_hash != keys[1]:
+        reasons.append(f"config (cmd, params, env or outputs) changed since run {last.run_id}")
+    changed = sorted(k for k in set(flat) | set(last.inputs)
+                     if (flat.get(k) and flat[k].hash) != (last.inputs.get(k) and last.inputs[k].hash))
+    if changed:
+        reasons.append(f"inputs changed since run {last.run_id}: {', '.join(changed)}")
+    return "; ".join(reasons) or f"the outputs of run {last.run_id} are no longer in the store"
+
+
+def contracts(pipeline: Pipeline) -> ContractsReport:
+    rows = []
+    for stage in pipeline.order():
+        spec = pipeline.stages[stage]
+        entry = [f"upstream stage {u} has a succeeded manifest in the same run" for u in spec.upstream]
+        for name, rel in spec.inputs.items():
+            entry.append(f"input {name} ({rel}) exists as a file or folder")
+            if name not in spec.allow_empty:
+                entry.append(f"if input {name} is a folder, it holds at least one file")
+        exit_ = ["exits with code 0" + (f" within {spec.timeout:g}s" if spec.timeout else "")]
+        exit_ += [f"creates output {o} (a file or a folder of files and folders; no symlinks, "
+                  "FIFOs or devices)" for o in spec.outputs]
+        upstream_used = {u: list(pipeline.stages[u].outputs) for u in spec.upstream}
+        rows.append(StageContract(
+            stage=stage, description=spec.description, command=spec.cmd, call=spec.call,
+            inputs=dict(spec.inputs), upstream=upstream_used, outputs=list(spec.outputs),
+            entry_criteria=entry, exit_criteria=exit_,
+            manifest_path=f"runs/<run_id>/{stage}.json"))
+    return ContractsReport(pipeline=pipeline.name, stages=rows)

@@ -1,0 +1,259 @@
+"""`verify`: prove the store intact, or name exactly what is not.
+
+Verify re-hashes objects (never trusts a mode bit or a size), decodes every manifest and run
+record against its schema, checks that every object a record names exists and matches, and
+that every stage's recorded upstream hashes equal the upstream manifests' output hashes.  It
+collects typed findings and repairs nothing: `recover` acts.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from .errors import RunNotFoundError, StagestoreError
+from .hashing import EMPTY_DIGEST, hash_file
+from .layout import StoreLayout, run_owner
+from .locking import owner_is_live, store_lock
+from .objects import OBJECT_MODE
+from .records import ArtifactRef, RunRecord, StageManifest
+from .reports import Finding, VerifyReport
+from .store import Store
+from .trees import read_tree
+
+BytesProgress = Callable[[int, int], None]
+"""`progress(bytes_done, bytes_total)` while objects are re-hashed."""
+
+
+class _Refs:
+    """Which objects the checked records name, and who names them."""
+
+    def __init__(self) -> None:
+        self.by_object: dict[str, list[tuple[str, str | None, str]]] = defaultdict(list)
+
+    def add(self, digest: str, run_id: str, stage: str | None, what: str) -> None:
+        self.by_object[digest].append((run_id, stage, what))
+
+
+def verify(store: Store, run_ids: Iterable[str] = (), *,
+           progress: BytesProgress | None = None) -> VerifyReport:
+    """Check the whole store, or only the given runs and the objects they reference."""
+    with store_lock(store.layout, exclusive=False):
+        return _Verifier(store, list(run_ids), progress).run()
+
+
+class _Verifier:
+    def __init__(self, store: Store, run_ids: list[str], progress: BytesProgress | None) -> None:
+        self.store = store
+        self.layout: StoreLayout = store.layout
+        self.run_ids = run_ids
+        self.progress = progress
+        self.findings: list[Finding] = []
+        self.refs = _Refs()
+        self.manifests_checked = 0
+
+    def find(self, kind: str, severity: str, message: str, **where: str | None) -> None:
+        self.findings.append(Finding(kind=kind, severity=severity, message=message, **where))  # type: ignore[arg-type]
+
+    def run(self) -> VerifyReport:
+        runs = self.run_ids or self.store.manifests.runs()
+        for run_id in self.run_ids:
+            if not self.store.manifests.has_run(run_id):
+                raise RunNotFoundError(f"run {run_id!r} not found in {self.store.root}",
+                                       hint="`stagestore runs` lists the runs in this store")
+        for run_id in runs:
+            self.check_run(run_id)
+        objects, nbytes = self.check_objects(whole_store=not self.run_ids)
+        self.check_temps()
+        problems = [f for f in self.findings if f.severity == "problem"]
+        warnings = [f for f in self.findings if f.severity == "warning"]
+        return VerifyReport(ok=not problems, objects_checked=objects, bytes_checked=nbytes,
+                            manifests_checked=self.manifests_checked, runs_checked=len(runs),
+                            problems=problems, warnings=warnings)
+
+    # --- records ---
+
+    def check_run(self, run_id: str) -> None:
+        manifests = self.store.manifests
+        record: RunRecord | None = None
+        record_path = str(self.layout.run_record_path(run_id))
+        try:
+            record = manifests.read_run(run_id)
+        except RunNotFoundError:
+            if manifests.stages(run_id):
+                self.find("run_record_missing", "problem",
+                          f"run {run_id}: manifests exist but the run record _run.json is missing",
+                          run_id=run_id, path=record_path)
+        except StagestoreError as exc:
+            self.find("run_record_invalid", "problem", exc.message, run_id=run_id, path=record_path)
+        loaded: dict[str, StageManifest] = {}
+        for stage in manifests.stages(run_id):
+            path = str(self.layout.manifest_path(run_id, stage))
+            self.manifests_checked += 1
+            try:
+                loaded[stage] = manifests.read(run_id, stage)
+            except StagestoreError as exc:
+                self.find("manifest_invalid", "problem", exc.message, run_id=run_id, stage=stage,
+                          path=path)
+        for stage, manifest in loaded.items():
+            self.note_manifest(manifest)
+            self.check_upstream(run_id, stage, manifest, loaded)
+        if record is not None:
+            for stage, refs in record.inputs.items():
+                for name, ref in refs.items():
+                    self.note_ref(ref, run_id, None, f"input snapshot {stage}.{name}")
+            self.check_completeness(record, loaded)
+
+    def note_manifest(self, manifest: StageManifest) -> None:
+        run_id, stage = manifest.run_id, manifest.stage
+        for name, ref in manifest.outputs.items():
+            self.note_ref(ref, run_id, stage, f"output {name!r}")
+        for name, ref in manifest.inputs.items():
+            self.note_ref(ref, run_id, stage, f"input {name!r}")
+        for log in manifest.logs:
+            self.refs.add(log.stdout, run_id, stage, f"attempt {log.attempt} stdout")
+            self.refs.add(log.stderr, run_id, stage, f"attempt {log.attempt} stderr")
+
+    def note_ref(self, ref: ArtifactRef, run_id: str, stage: str | None, what: str) -> None:
+        self.refs.add(ref.hash, run_id, stage, what)
+        if ref.kind != "tree":
+            return
+        try:
+            listing = read_tree(self.store.objects, ref.hash)
+        except StagestoreError:
+            return  # reported when the tree object itself is checked
+        for entry in listing.entries:
+            if entry.hash is not None:
+                self.refs.add(entry.hash, run_id, stage, f"{what} file {entry.path!r}")
+
+    def check_upstream(self, run_id: str, stage: str, manifest: StageManifest,
+                       loaded: dict[str, StageManifest]) -> None:
+        for up, expected in manifest.upstream.items():
+            upstream = loaded.get(up)
+            if upstream is None:
+                if not self.layout.manifest_path(run_id, up).exists():
+                    self.find("manifest_missing", "problem",
+                              f"run {run_id}: stage {stage} used upstream {up}, whose manifest is missing",
+                              run_id=run_id, stage=up)
+                continue
+            if upstream.output_hash != expected:
+                self.find("upstream_mismatch", "problem",
+                          f"run {run_id}: stage {stage} recorded upstream {up} output_hash "
+                          f"{expected}, but {up}'s manifest has {upstream.output_hash}",
+                          run_id=run_id, stage=stage)
+            for name, ref in upstream.outputs.items():
+                mine = manifest.inputs.get(f"upstream.{up}.{name}")
+                if mine is not None and mine.hash != ref.hash:
+                    self.find("upstream_mismatch", "problem",
+                              f"run {run_id}: stage {stage} read {up}.{name} as {mine.hash}, but "
+                              f"{up}'s manifest records {ref.hash}", run_id=run_id, stage=stage)
+
+    def check_completeness(self, record: RunRecord, loaded: dict[str, StageManifest]) -> None:
+        run_id = record.run_id
+        if owner_is_live(self.layout, run_owner(run_id)):
+            return
+        if record.finished_at is None:
+            missing = [s for s in record.selected if s not in loaded]
+            if missing:
+                self.find("run_incomplete", "warning",
+                          f"run {run_id} was interrupted: no manifest yet for {', '.join(missing)}; "
+                          f"`stagestore recover` completes it", run_id=run_id)
+            return
+        for stage, outcome in record.outcomes.items():
+            if outcome != "skipped" and stage not in loaded and \
+                    not self.layout.manifest_path(run_id, stage).exists():
+                self.find("manifest_missing", "problem",
+                          f"run {run_id}: stage {stage} finished as {outcome} but its manifest is "
+                          f"missing; `stagestore recover` restores it", run_id=run_id, stage=stage,
+                          path=str(self.layout.manifest_path(run_id, stage)))
+
+    # --- objects ---
+
+    def check_objects(self, whole_store: bool) -> tuple[int, int]:
+        objects = self.store.objects
+        if whole_store:
+            entries = list(objects.scan())
+            present = {digest for digest, _ in entries if digest is not None}
+            for digest, path in entries:
+                if digest is None:
+                    self.find("stray_file", "warning",
+                              f"{path} is not a well-formed object name", path=str(path))
+            todo = [(d, p) for d, p in entries if d is not None]
+        else:
+            present = set()
+            todo = []
+            for digest in sorted(self.refs.by_object):
+                path = objects.path(digest)
+                if path.exists():
+                    present.add(digest)
+                    todo.append((digest, path))
+        for digest, users in sorted(self.refs.by_object.items()):
+            if digest not in present and not objects.path(digest).exists():
+                for run_id, stage, what in users:
+                    self.find("object_missing", "problem",
+                              f"run {run_id}{' stage ' + stage if stage else ''}: {what} names "
+                              f"object {digest}, which is missing", run_id=run_id, stage=stage,
+                              object=digest)
+        total = 0
+        sizes = []
+        for digest, path in todo:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            sizes.append((digest, path, st))
+            total += st.st_size
+        done = 0
+        for digest, path, st in sizes:
+            if not stat.S_ISREG(st.st_mode):
+                self.find("object_corrupt", "problem", f"object {digest} is not a regular file",
+                          object=digest, path=str(path))
+                continue
+            try:
+                actual = hash_file(path, st.st_size)
+            except OSError as exc:
+                self.find("object_unreadable", "problem", f"object {digest} cannot be read: "
+                          f"{exc.strerror}", object=digest, path=str(path))
+                continue
+            done += st.st_size
+            if self.progress:
+                self.progress(done, total)
+            if actual != digest:
+                users = self.refs.by_object.get(digest, [])
+                named = "; ".join(f"run {r}{' stage ' + s if s else ''} ({w})" for r, s, w in users[:5])
+                zero = " (it is empty)" if st.st_size == 0 and digest != EMPTY_DIGEST else ""
+                self.find("object_corrupt", "problem",
+                          f"object {digest} does not match its name{zero}: its bytes hash to "
+                          f"{actual}" + (f"; named by {named}" if named else ""),
+                          object=digest, path=str(path),
+                          run_id=users[0][0] if users else None, stage=users[0][1] if users else None)
+            elif stat.S_IMODE(st.st_mode) != OBJECT_MODE:
+                self.find("object_mode", "warning",
+                          f"object {digest} has mode {stat.S_IMODE(st.st_mode):o}, not 444",
+                          object=digest, path=str(path))
+        return len(sizes), done
+
+    def check_temps(self) -> None:
+        for entry, owner in orphaned_temps(self.layout):
+            self.find("orphan_temp", "warning",
+                      f"orphaned temp {entry.name} (owner {owner or 'unknown'} is gone); "
+                      "`stagestore recover` removes it", path=str(entry))
+
+
+def orphaned_temps(layout: StoreLayout) -> list[tuple[os.DirEntry, str | None]]:
+    """Entries of `tmp/` whose owner holds no lock: no live process will ever finish them."""
+    if not layout.tmp.is_dir():
+        return []
+    found = []
+    live: dict[str, bool] = {}
+    for entry in sorted(os.scandir(layout.tmp), key=lambda e: e.name):
+        owner = StoreLayout.tmp_owner(entry.name)
+        if owner is not None:
+            if owner not in live:
+                live[owner] = owner_is_live(layout, owner)
+            if live[owner]:
+                continue
+        found.append((entry, owner))
+    return found
