@@ -1,0 +1,119 @@
+"""Shared fixtures: a temp workspace with a small pipeline, and a way to call the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# A three-stage linear pipeline over a folder input, used across the suite.
+#   make:   copies every file of `src` into folder output `out`, appending params.suffix
+#   count:  writes the number of files of make.out into file output `n`
+#   report: writes "files=<n>" into file output `text`
+STEPS = {
+    "steps/make.py": """
+        import json, os, sys
+        src, out = sys.argv[1], sys.argv[2]
+        suffix = json.loads(os.environ["STAGESTORE_PARAMS"]).get("suffix", "")
+        os.makedirs(out)
+        for name in sorted(os.listdir(src)):
+            with open(os.path.join(src, name)) as f:
+                data = f.read()
+            with open(os.path.join(out, name), "w") as f:
+                f.write(data + suffix)
+        print("made", len(os.listdir(out)))
+    """,
+    "steps/count.py": """
+        import os, sys
+        with open(sys.argv[2], "w") as f:
+            f.write(str(len(os.listdir(sys.argv[1]))))
+    """,
+    "steps/report.py": """
+        import sys
+        n = open(sys.argv[1]).read()
+        open(sys.argv[2], "w").write(f"files={n}\\n")
+    """,
+}
+
+LINEAR = """
+[pipeline]
+name = "linear"
+version = "1"
+
+[stages.make]
+cmd = ["python", "{inputs.script}", "{inputs.src}", "{outputs.out}"]
+inputs = { script = "steps/make.py", src = "data" }
+outputs = ["out"]
+params = { suffix = "!" }
+
+[stages.count]
+upstream = ["make"]
+cmd = "python {inputs.script} {upstream.make.out} {outputs.n}"
+inputs = { script = "steps/count.py" }
+outputs = ["n"]
+
+[stages.report]
+upstream = ["count"]
+cmd = "python {inputs.script} {upstream.count.n} {outputs.text}"
+inputs = { script = "steps/report.py" }
+outputs = ["text"]
+"""
+
+
+class Workspace:
+    """A temp folder holding a pipeline, its inputs and (once run) its store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def store(self) -> Path:
+        return self.root / ".stagestore"
+
+    @property
+    def pipeline_file(self) -> Path:
+        return self.root / "stagestore.toml"
+
+    def write(self, rel: str, text: str) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return path
+
+    def pipeline(self, text: str = LINEAR) -> Path:
+        return self.write("stagestore.toml", text)
+
+    def linear(self, files: int = 3) -> Path:
+        for rel, code in STEPS.items():
+            self.write(rel, code)
+        for i in range(files):
+            self.write(f"data/f{i}.txt", f"file {i}\n")
+        return self.pipeline(LINEAR)
+
+    def cli(self, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run the real `stagestore` CLI in a subprocess, in this workspace."""
+        full_env = {k: v for k, v in os.environ.items() if k != "STAGESTORE_STORE"}
+        full_env.update(env or {})
+        return subprocess.run([sys.executable, "-m", "stagestore", *args], cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout, env=full_env)
+
+    def load(self):  # noqa: ANN201
+        from stagestore.pipeline import load_pipeline
+
+        return load_pipeline(self.pipeline_file)
+
+    def open_store(self):  # noqa: ANN201
+        from stagestore.store import Store
+
+        return Store.create(self.store)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    root = tmp_path / "ws"
+    root.mkdir()
+    return Workspace(root)

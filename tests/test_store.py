@@ -1,0 +1,193 @@
+"""Objects, trees, records and names: the store's lower layers."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, datetime
+
+import blake3
+import msgspec
+import pytest
+
+from stagestore.errors import CorruptRecordError, FormatVersionError, InvalidNameError, OutputError
+from stagestore.hashing import EMPTY_DIGEST, canonical_json, digest_bytes, hash_file
+from stagestore.layout import contained, validate_name, validate_relpath
+from stagestore.objects import SyncBatch
+from stagestore.records import (MANIFEST_SCHEMA_VERSION, ArtifactRef, PipelineRef, StageManifest,
+                                TreeEntry, TreeListing, decode_record, encode_record)
+from stagestore.store import Store
+from stagestore.trees import hash_artifact, read_tree, store_tree
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.create(tmp_path / "store")
+
+
+def test_create_is_idempotent_and_writes_format_and_readme(tmp_path):
+    Store.create(tmp_path / "s")
+    Store.create(tmp_path / "s")
+    assert (tmp_path / "s" / "stagestore.json").read_bytes().startswith(b"{")
+    assert "docs/format.md" in (tmp_path / "s" / "README.md").read_text()
+
+
+def test_open_refuses_a_newer_store_format(tmp_path):
+    Store.create(tmp_path / "s")
+    (tmp_path / "s" / "stagestore.json").write_text('{"format":"stagestore","version":99}')
+    with pytest.raises(FormatVersionError, match="99"):
+        Store.open(tmp_path / "s")
+
+
+def test_put_bytes_names_object_by_blake3_and_makes_it_read_only(store):
+    digest = store.objects.put_bytes(b"hello", "test")
+    assert digest == "blake3:" + blake3.blake3(b"hello").hexdigest()
+    path = store.objects.path(digest)
+    assert path.read_bytes() == b"hello"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert path.parent.name + path.name == digest.removeprefix("blake3:")
+
+
+def test_hash_file_matches_blake3_for_small_and_large_files(tmp_path):
+    for size in (0, 100, (1 << 20) + 3, (17 << 20) + 5):
+        path = tmp_path / f"f{size}"
+        data = os.urandom(size)
+        path.write_bytes(data)
+        assert hash_file(path) == digest_bytes(data)
+
+
+def test_commit_file_renames_without_copying(store, tmp_path):
+    tmp = store.layout.tmp / "test~x~out"
+    tmp.write_bytes(b"content")
+    inode = tmp.stat().st_ino
+    digest, size = store.objects.commit_file(tmp, "test")
+    assert size == 7 and not tmp.exists()
+    assert store.objects.path(digest).stat().st_ino == inode
+
+
+def test_commit_file_copies_a_hard_linked_file_and_leaves_the_original_alone(store, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"shared bytes")
+    os.chmod(outside, 0o640)
+    linked = store.layout.tmp / "test~x~linked"
+    os.link(outside, linked)
+    digest, _ = store.objects.commit_file(linked, "test")
+    obj = store.objects.path(digest)
+    assert obj.stat().st_ino != outside.stat().st_ino
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o640
+    assert outside.read_bytes() == b"shared bytes"
+    assert obj.stat().st_nlink == 1
+
+
+def test_ingest_file_copies_and_leaves_the_source(store, tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_bytes(b"input")
+    digest, _ = store.objects.ingest_file(src, "test")
+    assert src.exists() and store.objects.path(digest).stat().st_ino != src.stat().st_ino
+
+
+def _folder(root, files):
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def test_tree_is_independent_of_mtimes_and_creation_order(store, tmp_path):
+    a = _folder(tmp_path / "a", {"x/1": b"1", "y": b"2", "x/2": b"3"})
+    b = _folder(tmp_path / "b", {"x/2": b"3", "y": b"2", "x/1": b"1"})
+    os.utime(b / "y", (0, 0))
+    assert hash_artifact(a, "a") == hash_artifact(b, "b")
+    batch = SyncBatch()
+    ref = store_tree(a, store.objects, "test", batch, move=False, what="a")
+    batch.flush()
+    assert ref == hash_artifact(b, "b")
+    assert [e.path for e in read_tree(store.objects, ref.hash).entries] == ["x", "x/1", "x/2", "y"]
+
+
+def test_tree_keeps_empty_files_empty_folders_and_the_executable_bit(store, tmp_path):
+    root = _folder(tmp_path / "t", {"empty": b"", "run.sh": b"#!/bin/sh\n"})
+    (root / "hollow").mkdir()
+    os.chmod(root / "run.sh", 0o755)
+    batch = SyncBatch()
+    ref = store_tree(root, store.objects, "test", batch, move=False, what="t")
+    entries = {e.path: e for e in read_tree(store.objects, ref.hash).entries}
+    assert entries["empty"].hash == EMPTY_DIGEST and entries["empty"].size == 0
+    assert entries["hollow"].kind == "dir"
+    assert entries["run.sh"].executable and not entries["empty"].executable
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_outputs_refuse_symlinks_and_fifos(store, tmp_path, kind):
+    root = _folder(tmp_path / "t", {"a": b"a"})
+    if kind == "symlink":
+        os.symlink("/etc/passwd", root / "link")
+    else:
+        os.mkfifo(root / "pipe")
+    with pytest.raises(OutputError):
+        store_tree(root, store.objects, "test", SyncBatch(), move=True, what="output")
+
+
+def test_canonical_encoding_ignores_insertion_order():
+    assert canonical_json({"b": 1, "a": {"y": 2, "x": 1}}) == canonical_json({"a": {"x": 1, "y": 2}, "b": 1})
+
+
+def _manifest(**overrides):
+    fields = dict(stage="s", run_id="r", pipeline=PipelineRef(name="p", version="1"),
+                  status="failed", input_hash=EMPTY_DIGEST, config_hash=EMPTY_DIGEST,
+                  output_hash=None, inputs={}, outputs={}, started_at=datetime.now(UTC),
+                  finished_at=datetime.now(UTC), attempts=1)
+    fields.update(overrides)
+    return StageManifest(**fields)
+
+
+def test_manifest_round_trips():
+    manifest = _manifest(inputs={"inputs.a": ArtifactRef(hash=EMPTY_DIGEST, size=0, kind="file")})
+    assert decode_record(encode_record(manifest), StageManifest, "m") == manifest
+
+
+def test_newer_manifest_is_refused_naming_both_versions():
+    raw = msgspec.json.decode(encode_record(_manifest()))
+    raw["schema_version"] = MANIFEST_SCHEMA_VERSION + 1
+    with pytest.raises(FormatVersionError) as err:
+        decode_record(msgspec.json.encode(raw), StageManifest, "m.json")
+    assert str(MANIFEST_SCHEMA_VERSION + 1) in str(err.value) and str(MANIFEST_SCHEMA_VERSION) in str(err.value)
+
+
+def test_unknown_manifest_field_is_corrupt():
+    raw = msgspec.json.decode(encode_record(_manifest()))
+    raw["surprise"] = 1
+    with pytest.raises(CorruptRecordError, match="surprise"):
+        decode_record(msgspec.json.encode(raw), StageManifest, "m.json")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs", "a\x00b", "-x", "x" * 129, "é"])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(InvalidNameError):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("path", ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.",
+                                  "a\\b", "a\x00", "x" * 256, "\udcff"])
+def test_invalid_tree_paths_are_refused(path):
+    with pytest.raises(InvalidNameError):
+        validate_relpath(path)
+
+
+def test_containment_is_checked_on_resolved_paths(tmp_path):
+    (tmp_path / "dest").mkdir()
+    os.symlink(tmp_path, tmp_path / "dest" / "up")
+    with pytest.raises(InvalidNameError, match="outside"):
+        contained(tmp_path / "dest", "up/escape")
+
+
+def test_read_tree_refuses_hostile_listings(store):
+    bad = TreeListing(entries=[TreeEntry(path="../evil", kind="file", hash=EMPTY_DIGEST)])
+    digest = store.objects.put_bytes(canonical_json(bad), "test")
+    with pytest.raises(CorruptRecordError, match="evil"):
+        read_tree(store.objects, digest)
+    unsorted = TreeListing(entries=[TreeEntry(path="b", kind="dir"), TreeEntry(path="a", kind="dir")])
+    digest = store.objects.put_bytes(canonical_json(unsorted), "test")
+    with pytest.raises(CorruptRecordError, match="sorted"):
+        read_tree(store.objects, digest)
