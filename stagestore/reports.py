@@ -16,6 +16,7 @@ class Report(msgspec.Struct, kw_only=True):
 class StageReport(Report, kw_only=True):
     stage: str
     outcome: Literal["succeeded", "cached", "failed", "skipped"]
+    executed: bool = False
     cached_from: str | None = None
     attempts: int = 0
     duration_s: float = 0.0

@@ -241,6 +241,7 @@ class Execution:
                                           cached_from=hit.cached_from or hit.run_id)
                 manifests.write(manifest, self.owner)
                 return report("cached", manifest)
+        # Not forced: the lookup above missed.  Forced: an earlier result for comparison.
         previous = self.store.cache.lookup(*keys) if self.force else None
 
         self.progress("start", stage, "")
@@ -267,15 +268,19 @@ class Execution:
             manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="succeeded",
                                       outputs=result.outputs, started_at=started_at,
                                       attempts=len(logs), logs=logs, failure=None, cached_from=None)
+            # The cache entry goes first, and only where no valid entry exists: a crash between
+            # the two writes then leaves an entry naming a manifest that does not exist (a miss),
+            # never a committed manifest the index cannot find.
+            if previous is None:
+                self.store.cache.record(manifest, self.owner)
             manifests.write(manifest, self.owner)
-            self.store.cache.record(manifest, self.owner)
             nondeterministic = previous is not None and previous.output_hash != manifest.output_hash
-            return report("succeeded", manifest, nondeterministic=nondeterministic)
+            return report("succeeded", manifest, nondeterministic=nondeterministic, executed=True)
         manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="failed",
                                   outputs={}, started_at=started_at, attempts=len(logs), logs=logs,
                                   failure=result.failure, cached_from=None)
         manifests.write(manifest, self.owner)
-        return report("failed", manifest)
+        return report("failed", manifest, executed=True)
 
     def _present(self, manifest: StageManifest) -> bool:
         return all(self.store.objects.exists(ref.hash) for ref in manifest.outputs.values())

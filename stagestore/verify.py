@@ -239,7 +239,7 @@ class _Verifier:
         for entry, owner in orphaned_temps(self.layout):
             self.find("orphan_temp", "warning",
                       f"orphaned temp {entry.name} (owner {owner or 'unknown'} is gone); "
-                      "`stagestore recover` removes it", path=str(entry))
+                      "`stagestore recover` removes it", path=entry.path)
 
 
 def orphaned_temps(layout: StoreLayout) -> list[tuple[os.DirEntry, str | None]]:

@@ -1,0 +1,373 @@
+"""verify finds, recover acts: damaged stores, orphans, killed runs and injected crashes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+
+from stagestore import durable
+from stagestore.layout import StoreLayout
+from stagestore.locking import OwnerLock
+from stagestore.recover import recover
+from stagestore.runner import run
+from stagestore.store import Store
+from stagestore.verify import verify
+
+STAGES = ("make", "count", "report")
+
+
+def _outputs(store: Store, run_id: str) -> dict[str, str | None]:
+    return {s: store.manifests.read(run_id, s).output_hash for s in STAGES}
+
+
+def _assert_clean(store: Store) -> None:
+    report = verify(store)
+    assert report.ok, report.problems
+    assert not report.warnings, report.warnings
+    assert os.listdir(store.layout.tmp) == []
+
+
+def test_verify_finds_a_deleted_manifest_and_recover_restores_it(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    before = _outputs(store, "a")
+    (ws.store / "runs" / "a" / "report.json").unlink()
+    report = verify(store)
+    assert not report.ok
+    assert [(f.kind, f.run_id, f.stage) for f in report.problems] == [("manifest_missing", "a", "report")]
+    result = ws.cli("verify")
+    assert result.returncode == 1 and "manifest_missing" in result.stdout
+    assert recover(store).ok
+    assert _outputs(store, "a") == before
+    _assert_clean(store)
+
+
+def test_verify_names_exactly_the_corrupted_object(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    digest = store.manifests.read("a", "count").outputs["n"].hash
+    path = store.objects.path(digest)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"999")
+    os.chmod(path, 0o444)
+    report = verify(store)
+    assert not report.ok
+    assert {(f.kind, f.object) for f in report.problems} == {("object_corrupt", digest)}
+    assert "run a stage count" in report.problems[0].message
+    only_a = verify(store, ["a"])
+    assert [f.object for f in only_a.problems] == [digest]
+    result = ws.cli("verify", "--json")
+    assert result.returncode == 1
+    assert msgspec.json.decode(result.stdout)["problems"][0]["object"] == digest
+
+
+def test_verify_finds_a_missing_object_and_an_upstream_mismatch(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    digest = store.manifests.read("a", "report").outputs["text"].hash
+    store.objects.path(digest).unlink()
+    kinds = {(f.kind, f.stage) for f in verify(store).problems}
+    assert ("object_missing", "report") in kinds
+    assert recover(store).ok
+    _assert_clean(store)
+
+
+def test_orphaned_temps_are_warnings_and_recover_removes_only_dead_owners(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    dead = store.layout.tmp / "run-gone~0123~make.1"
+    dead.mkdir()
+    (dead / "partial").write_bytes(b"half")
+    live_lock = OwnerLock(store.layout, "run-alive")
+    assert live_lock.try_acquire()
+    live = store.layout.tmp / "run-alive~4567~object"
+    live.write_bytes(b"in flight")
+    try:
+        report = verify(store)
+        assert report.ok
+        assert [(f.kind, f.path) for f in report.warnings] == [("orphan_temp", str(dead))]
+        dry = recover(store, dry_run=True)
+        assert [a.action for a in dry.actions] == ["remove_temp"] and dead.exists()
+        done = recover(store)
+        assert [a.path for a in done.actions] == [str(dead)]
+        assert not dead.exists() and live.exists()
+    finally:
+        live_lock.release()
+    assert [a.path for a in recover(store).actions] == [str(live)]  # its owner is gone now
+
+
+def test_recover_is_idempotent(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    (ws.store / "runs" / "a" / "count.json").unlink()
+    (ws.store / "runs" / "a" / "report.json").unlink()
+    first = recover(store)
+    assert first.ok and first.actions
+    second = recover(store)
+    assert second.ok and second.actions == [] and second.runs == []
+    assert ws.cli("recover").stdout.strip() == "nothing to recover"
+
+
+def test_recover_reruns_a_failed_stage_and_reports_one_that_fails_again(ws):
+    ws.linear()
+    ws.write("steps/count.py", "import sys\nsys.exit('still broken')\n")
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    report = recover(store)
+    assert not report.ok and "count" in report.unresolved[0] and "still broken" in report.unresolved[0]
+    result = ws.cli("recover")
+    assert result.returncode == 1 and "error: run a stage count" in result.stderr
+
+
+def test_a_newer_manifest_schema_is_refused_with_both_versions(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    path = ws.store / "runs" / "a" / "count.json"
+    raw = msgspec.json.decode(path.read_bytes())
+    raw["schema_version"] = 2
+    path.write_bytes(msgspec.json.encode(raw))
+    result = ws.cli("show", "a", "count")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "schema_version 2" in result.stderr and "up to 1" in result.stderr
+    kinds = [f.kind for f in verify(store).problems]
+    assert "manifest_invalid" in kinds
+
+
+# --- killed runs --------------------------------------------------------------------------
+
+
+SLOW_COUNT = """
+import os, sys, time
+open({started!r}, "w").write(str(os.getpid()))
+if float(os.environ.get("SLOW", "0")) > 0:
+    time.sleep(float(os.environ["SLOW"]))
+    open({late!r}, "w").write("I outlived the runner")
+with open(sys.argv[2], "w") as f:
+    f.write(str(len(os.listdir(sys.argv[1]))))
+"""
+
+
+def _wait_for(path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+def test_a_run_sigkilled_mid_stage_is_recovered_with_its_recorded_definition(ws, tmp_path):
+    ws.linear()
+    started, late = ws.root / "started", tmp_path / "late"
+    ws.write("steps/count.py", SLOW_COUNT.format(started=str(started), late=str(late)))
+    reference_ws = tmp_path / "reference"
+    shutil.copytree(ws.root, reference_ws)
+    ref_store = Store.create(tmp_path / "ref-store")
+    from stagestore.pipeline import load_pipeline
+
+    run(load_pipeline(reference_ws / "stagestore.toml"), ref_store, run_id="a")
+    started.unlink()
+
+    env = {k: v for k, v in os.environ.items() if k != "STAGESTORE_STORE"}
+    env["SLOW"] = "3"
+    proc = subprocess.Popen([sys.executable, "-m", "stagestore", "run", "--run-id", "a"], cwd=ws.root,
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for(started)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The workspace changes after the crash; recover must still use the run's own snapshot.
+    ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace('suffix = "!"', 'suffix = "?"'))
+    ws.write("data/f0.txt", "edited after the crash\n")
+
+    store = Store.open(ws.store)
+    report = verify(store)
+    assert report.ok, report.problems  # nothing visible is partial
+    assert {f.kind for f in report.warnings} == {"orphan_temp", "run_incomplete"}
+    assert not (ws.store / "runs" / "a" / "count.json").exists()
+
+    assert recover(store).ok
+    _assert_clean(store)
+    assert _outputs(store, "a") == _outputs(ref_store, "a")
+    time.sleep(3.5)
+    assert not late.exists(), "the stage process outlived its SIGKILLed runner"
+
+
+def test_killed_runner_cli_exit_and_recover_cli(ws, tmp_path):
+    ws.linear()
+    started, late = ws.root / "started", tmp_path / "late"
+    ws.write("steps/count.py", SLOW_COUNT.format(started=str(started), late=str(late)))
+    proc = subprocess.Popen([sys.executable, "-m", "stagestore", "run", "--run-id", "k"], cwd=ws.root,
+                            env={**os.environ, "SLOW": "2"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(started)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = ws.cli("recover", env={"SLOW": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "completed run k: count, report" in result.stdout
+    assert ws.cli("verify").returncode == 0
+    assert ws.cli("recover").stdout.strip() == "nothing to recover"
+
+
+# --- crash injection at every durable operation -----------------------------------------
+
+# The linear workload with shell commands instead of Python scripts: the same shape (a folder
+# output, then two file outputs), at a fraction of the cost per crash point.
+SHELL_LINEAR = """
+[pipeline]
+name = "linear-sh"
+
+[stages.make]
+cmd = "cp -r {inputs.src} {outputs.out} && echo made"
+shell = true
+inputs = { src = "data" }
+outputs = ["out"]
+
+[stages.count]
+upstream = ["make"]
+cmd = "ls {upstream.make.out} | wc -l > {outputs.n}"
+shell = true
+outputs = ["n"]
+
+[stages.report]
+upstream = ["count"]
+cmd = "echo files=$(cat {upstream.count.n}) > {outputs.text}"
+shell = true
+outputs = ["text"]
+"""
+
+
+def _shell_workload(ws, files: int):
+    for i in range(files):
+        ws.write(f"data/f{i}.txt", f"file {i}\n")
+    ws.pipeline(SHELL_LINEAR)
+    return ws.load()
+
+
+def _in_child(workload, crash_at: int | None, count_file=None) -> int:
+    """Run `workload` in a forked child; end it with os._exit right before operation N."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        seen = 0
+
+        def hook(op: str, path: str) -> None:
+            nonlocal seen
+            seen += 1
+            if crash_at is not None and seen == crash_at:
+                os._exit(99)
+
+        durable.set_fault_hook(hook)
+        code = 0
+        try:
+            workload()
+        except BaseException:  # noqa: BLE001
+            code = 1
+        if count_file is not None:
+            count_file.write_text(str(seen))
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_crash_at_every_durable_operation_of_a_run_then_recover(ws, tmp_path):
+    """End the runner before each write, fsync, rename, mkdir and unlink in turn; after recover
+    verify must be clean, no temp left, outputs identical, and a rerun must execute nothing."""
+    pipeline = _shell_workload(ws, files=2)
+    reference = Store.create(tmp_path / "reference")
+    run(pipeline, reference, run_id="a")
+    expected = _outputs(reference, "a")
+
+    count_file = tmp_path / "count"
+    probe = Store.create(tmp_path / "probe")
+    assert _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file) == 0
+    total = int(count_file.read_text())
+    assert total > 30  # the workload really goes through the seam
+
+    for n in range(1, total + 1):
+        root = tmp_path / f"s{n}"
+        store = Store.create(root)
+        code = _in_child(lambda: run(pipeline, store, run_id="a"), n)
+        assert code == 99, f"crash point {n}/{total} was not reached (exit {code})"
+        started = store.layout.run_record_path("a").exists()
+        report = recover(store)
+        assert report.ok, (n, report.unresolved)
+        try:
+            _assert_clean(store)
+            if started:  # recover alone completes a run that recorded its start
+                assert _outputs(store, "a") == expected
+            rerun = run(pipeline, store, run_id="a")
+            assert not any(s.executed for s in rerun.stages) or not started
+            assert _outputs(store, "a") == expected
+            again = run(pipeline, store, run_id="b")
+            assert {s.outcome for s in again.stages} == {"cached"}
+            _assert_clean(store)
+        except AssertionError as exc:
+            raise AssertionError(f"after a crash before operation {n}/{total}: {exc}") from None
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("errno_name", ["EIO", "ENOSPC"])
+def test_an_io_error_at_each_operation_surfaces_and_recovers(ws, tmp_path, errno_name):
+    import errno as errno_mod
+
+    pipeline = _shell_workload(ws, files=1)
+    reference = Store.create(tmp_path / "reference")
+    run(pipeline, reference, run_id="a")
+    expected = _outputs(reference, "a")
+    code = getattr(errno_mod, errno_name)
+    count_file = tmp_path / "count"
+    probe = Store.create(tmp_path / "probe")
+    _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file)
+    total = int(count_file.read_text())
+    for n in range(1, total + 1):
+        store = Store.create(tmp_path / f"e{n}")
+        seen = 0
+
+        def hook(op: str, path: str) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == n:
+                raise OSError(code, os.strerror(code), path)
+
+        durable.set_fault_hook(hook)
+        try:
+            report = run(pipeline, store, run_id="a")
+            succeeded = report.ok
+        except OSError:
+            succeeded = False
+        finally:
+            durable.set_fault_hook(None)
+        if succeeded:
+            # An error the runner absorbed must have been a cleanup step, never a lost write.
+            assert verify(store).ok, n
+        assert recover(store).ok, n
+        _assert_clean(store)
+        run(pipeline, store, run_id="a")
+        assert _outputs(store, "a") == expected, n
+        shutil.rmtree(tmp_path / f"e{n}", ignore_errors=True)
+
+
+def test_orphan_detection_uses_the_owner_lock(tmp_path):
+    layout = StoreLayout(tmp_path)
+    layout.locks.mkdir()
+    from stagestore.locking import owner_is_live
+
+    assert not owner_is_live(layout, "run-x")
+    lock = OwnerLock(layout, "run-x")
+    assert lock.try_acquire()
+    assert owner_is_live(layout, "run-x")
+    lock.release()
+    assert not owner_is_live(layout, "run-x")
