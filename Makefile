@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 STAGESTORE := $(VENV)/bin/stagestore
 DEMO   := .demo
 
-.PHONY: help venv demo test test-long bench schemas clean
+.PHONY: help venv demo test test-long bench schemas docs clean
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
 	@echo "make schemas    regenerate schemas/*.json from the record types"
+	@echo "make docs       regenerate docs/cli.md from the commands' help"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +54,6 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info
+
+docs: venv
+	$(PY) -m stagestore.cli.reference > docs/cli.md

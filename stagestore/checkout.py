@@ -12,7 +12,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import CheckoutError, InvalidNameError, StagestoreError
+from .errors import CheckoutError, InvalidNameError, StageNotFoundError, StagestoreError
 from .layout import contained, validate_name
 from .store import Store
 from .trees import copy_out, materialize, read_tree
@@ -24,8 +24,8 @@ def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]
     if manifest is None:
         if not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)
-        raise CheckoutError(f"run {run_id} has no manifest for stage {stage!r}",
-                            hint=f"`stagestore show {run_id}` lists its stages")
+        raise StageNotFoundError(f"run {run_id} has no manifest for stage {stage!r}",
+                                 hint=f"`stagestore show {run_id}` lists its stages")
     if manifest.status != "succeeded":
         raise CheckoutError(f"run {run_id} stage {stage} did not succeed; it has no outputs")
     root = Path(dest)
@@ -35,30 +35,41 @@ def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]
         raise CheckoutError(f"cannot create {root}: {exc.strerror}") from None
     if not root.is_dir():
         raise CheckoutError(f"{root} is not a folder")
-    written = []
-    for name, ref in manifest.outputs.items():
+    targets = {}
+    for name in manifest.outputs:
         try:
             validate_name(name, "output name")
-            target = contained(root, name)
+            targets[name] = contained(root, name)
         except InvalidNameError as exc:
             raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
-        if os.path.lexists(target):
-            raise CheckoutError(f"{target} already exists",
+        if os.path.lexists(targets[name]):
+            raise CheckoutError(f"{targets[name]} already exists",
                                 hint="check out into an empty folder, or remove it first")
-        staging = root / f".{name}.stagestore-{secrets.token_hex(4)}"
-        try:
-            if ref.kind == "tree":
-                materialize(read_tree(store.objects, ref.hash), store.objects, staging, link=False)
-            else:
-                copy_out(store.objects.path(ref.hash), staging, 0o644)
-            os.rename(staging, target)
-        except InvalidNameError as exc:
-            raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
-        except FileNotFoundError:
-            raise StagestoreError(f"output {name!r} of run {run_id} stage {stage} names an object "
-                                  "that is missing", hint="run `stagestore verify`") from None
-        finally:
-            if os.path.lexists(staging):
-                shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
-        written.append(str(target))
-    return written
+    written: list[Path] = []
+    try:
+        for name, ref in manifest.outputs.items():
+            _checkout_one(store, ref, root, name, targets[name])
+            written.append(targets[name])
+    except BaseException:
+        for path in written:  # all outputs or none
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
+    return [str(path) for path in written]
+
+
+def _checkout_one(store: Store, ref, root: Path, name: str, target: Path) -> None:  # noqa: ANN001
+    staging = root / f".{name}.stagestore-{secrets.token_hex(4)}"
+    try:
+        if ref.kind == "tree":
+            materialize(read_tree(store.objects, ref.hash), store.objects, staging, link=False)
+        else:
+            copy_out(store.objects.path(ref.hash), staging, 0o644)
+        os.rename(staging, target)
+    except InvalidNameError as exc:
+        raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
+    except FileNotFoundError:
+        raise StagestoreError(f"output {name!r} names an object that is missing from the store",
+                              hint="run `stagestore verify`") from None
+    finally:
+        if os.path.lexists(staging):
+            shutil.rmtree(staging) if staging.is_dir() else staging.unlink()

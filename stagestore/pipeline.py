@@ -8,11 +8,12 @@ import shlex
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from .errors import InvalidNameError, PipelineError, StageNotFoundError
-from .records import PipelineDef, StageSpec
+from .records import PipelineDef, PipelineMeta, StageSpec
 from .layout import validate_name
 
 DEFAULT_PIPELINE_FILE = "stagestore.toml"
@@ -87,10 +88,12 @@ def command_template(spec: StageSpec) -> list[str]:
 class Pipeline:
     """A validated pipeline: its definition, the file it came from and the stage graph."""
 
-    def __init__(self, definition: PipelineDef, path: Path, workdir: Path) -> None:
+    def __init__(self, definition: PipelineDef, path: Path, workdir: Path,
+                 display: str | None = None) -> None:
         self.definition = definition
         self.path = path
         self.workdir = workdir
+        self.display = display or str(path)
 
     @property
     def name(self) -> str:
@@ -171,19 +174,74 @@ def load_pipeline(path: str | os.PathLike[str] | None = None, *, check_inputs: b
                             hint="pass -p FILE, or run from the folder holding stagestore.toml") from None
     except OSError as exc:
         raise PipelineError(f"cannot read pipeline file {file}: {exc.strerror}") from None
-    try:
-        definition = msgspec.toml.decode(data, type=PipelineDef)
-    except msgspec.ValidationError as exc:
-        raise PipelineError(f"{file}: {exc}", path=str(file)) from None
-    except msgspec.DecodeError as exc:
-        raise PipelineError(f"{file}: invalid TOML: {exc}", path=str(file)) from None
-    pipeline = Pipeline(definition, file.absolute(), file.absolute().parent)
+    definition = _decode(data, str(file))
+    pipeline = Pipeline(definition, file.absolute(), file.absolute().parent, display=str(file))
     validate_pipeline(pipeline, check_inputs=check_inputs)
     return pipeline
 
 
+class _TopLevel(msgspec.Struct, forbid_unknown_fields=True):
+    """The file's two tables; stages are converted one by one so errors can name the stage."""
+
+    pipeline: PipelineMeta
+    stages: dict[str, dict[str, Any]] = {}
+
+
+_UNKNOWN_FIELD_RE = re.compile(r"unknown field `([^`]*)`")
+_AT_RE = re.compile(r" - at `\$([^`]*)`$")
+
+
+def _decode(data: bytes, file: str) -> PipelineDef:
+    try:
+        top = msgspec.toml.decode(data, type=_TopLevel)
+    except msgspec.ValidationError as exc:
+        raise PipelineError(f"{file}: {_with_key(str(exc), '')}", path=file) from None
+    except msgspec.DecodeError as exc:
+        raise PipelineError(f"{file}: invalid TOML: {exc}{_toml_context(data, str(exc))}",
+                            path=file) from None
+    stages = {}
+    for name, table in top.stages.items():
+        try:
+            stages[name] = msgspec.convert(table, StageSpec)
+        except msgspec.ValidationError as exc:
+            hint = None
+            if _UNKNOWN_FIELD_RE.search(str(exc)):
+                hint = "valid stage keys: " + ", ".join(StageSpec.__struct_fields__)
+            raise PipelineError(f"{file}: {_with_key(str(exc), f'.stages.{name}')}", path=file,
+                                stage=name, hint=hint) from None
+    return PipelineDef(pipeline=top.pipeline, stages=stages)
+
+
+def _with_key(message: str, prefix: str) -> str:
+    """msgspec's `- at `$...`` made absolute, naming the unknown key itself when there is one."""
+    unknown = _UNKNOWN_FIELD_RE.search(message)
+    match = _AT_RE.search(message)
+    inner = match.group(1) if match else ""
+    body = message[:match.start()] if match else message
+    where = prefix + inner + (f".{unknown.group(1)}" if unknown else "")
+    return f"{body} - at `${where}`" if where else message
+
+
+def _toml_context(data: bytes, message: str) -> str:
+    """` - at `$.stages.NAME.KEY`` for a syntax error, from the table header above the error line
+    and the key on it; empty when those cannot be told."""
+    line = re.search(r"line (\d+)", message)
+    if line is None:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()[: int(line.group(1))]
+    if not lines:
+        return ""
+    key = re.match(r"\s*([A-Za-z0-9_-]+)\s*=", lines[-1])
+    for text in reversed(lines):
+        header = re.match(r"\s*\[\s*([A-Za-z0-9_.-]+?)\s*\]", text)
+        if header:
+            where = "$." + header.group(1) + (f".{key.group(1)}" if key else "")
+            return f" - at `{where}`"
+    return f" - at `$.{key.group(1)}`" if key else ""
+
+
 def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
-    file = pipeline.path.name
+    file = pipeline.display
 
     def fail(message: str, stage: str | None = None, key: str | None = None) -> PipelineError:
         where = "$.pipeline" if stage is None else f"$.stages.{stage}"
@@ -226,7 +284,7 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
 def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
                     fail: Callable[..., PipelineError]) -> None:
     if (spec.cmd is None) == (spec.call is None):
-        raise fail("a stage needs exactly one of `cmd` or `call`", name)
+        raise fail("a stage needs exactly one of `cmd` or `call`", name, "cmd")
     if spec.call is not None and not _CALL_RE.match(spec.call):
         raise fail(f"`call` must be 'module:function', got {spec.call!r}", name, "call")
     if spec.call is not None and spec.shell:

@@ -147,21 +147,12 @@ CLI_INVALID = [
      "$.stages.a.inputs", ["input name"]),
     ("missing-input", '[stages.a]\ncmd = "true"\ninputs = { x = "gone.csv" }\n', "$.stages.a.inputs",
      ["gone.csv"]),
-    pytest.param("unknown-key", '[stages.a]\ncmd = "true"\nretrys = 2\n', "$.stages.a.retrys", ["retrys"],
-                 marks=pytest.mark.xfail(reason="BUG: unknown-key error says '- at `$.stages[...]`', "
-                                                "not naming the stage", strict=True)),
+    pytest.param("unknown-key", '[stages.a]\ncmd = "true"\nretrys = 2\n', "$.stages.a.retrys", ["retrys"]),
     pytest.param("wrong-type", '[stages.a]\ncmd = "true"\ntimeout = "10"\n', "$.stages.a.timeout",
-                 ["timeout"],
-                 marks=pytest.mark.xfail(reason="BUG: wrong-type error says '- at "
-                                                "`$.stages[...].timeout`', not naming the stage",
-                                         strict=True)),
-    pytest.param("cmd-and-call", '[stages.a]\ncmd = "true"\ncall = "m:f"\n', "$.stages.a.cmd", ["call"],
-                 marks=pytest.mark.xfail(reason="BUG: both cmd and call: error ends '- at `$.stages.a`'"
-                                                " with no key", strict=True)),
+                 ["timeout"]),
+    pytest.param("cmd-and-call", '[stages.a]\ncmd = "true"\ncall = "m:f"\n', "$.stages.a.cmd", ["call"]),
     pytest.param("toml-syntax", '[stages.a]\ncmd = "true"\nretries = = 1\n', "$.stages.a.retries",
-                 ["TOML"],
-                 marks=pytest.mark.xfail(reason="BUG: TOML syntax errors name line/column only, not "
-                                                "the stage and key", strict=True)),
+                 ["TOML"]),
 ]
 
 
@@ -659,8 +650,6 @@ def test_checkout_refuses_existing_target(done, tmp_path, existing):
     assert sorted(p.name for p in dest.rglob("*")) == names_before  # no temp left behind
 
 
-@pytest.mark.xfail(reason="BUG: checkout of a multi-output stage writes DIR/a before refusing "
-                          "because DIR/b exists (not 'nothing written')", strict=True)
 def test_checkout_refusal_writes_nothing_for_multi_output_stage(ws, tmp_path):
     ws.pipeline(HEAD + f"""
 [stages.two]

@@ -175,9 +175,6 @@ def test_stage_name_that_is_not_a_plain_name(ws):
 
 # --- cmd/call: exactly one ------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="BUG: both/neither cmd/call error names no key: it ends "
-                          "'- at `$.stages.a`' instead of '- at `$.stages.a.cmd`' (or .call)",
-                   strict=True)
 @pytest.mark.parametrize("body", [
     pytest.param('[stages.a]\ncmd = "true"\ncall = "mod:fn"\n', id="both"),
     pytest.param('[stages.a]\noutputs = ["o"]\n', id="neither"),
@@ -226,9 +223,6 @@ def test_decode_error_is_a_pipeline_error_naming_file_and_key(ws, body, stage, k
     assert exc.exit_code == 2
 
 
-@pytest.mark.xfail(reason="BUG: unknown-key / wrong-type errors come from msgspec as "
-                          "'- at `$.stages[...]`': the stage is not named (and for unknown keys "
-                          "the path stops at the stage)", strict=True)
 @pytest.mark.parametrize("body,stage,key", [pytest.param(*c[1:], id=c[0]) for c in DECODE_ERRORS])
 def test_decode_error_names_the_stage(ws, body, stage, key):
     exc = _load_error(ws, body)
@@ -250,8 +244,6 @@ def test_toml_syntax_error_in_table_header(ws):
     assert "line 5" in exc.message, exc.message
 
 
-@pytest.mark.xfail(reason="BUG: a TOML syntax error names only file/line/column, never the stage "
-                          "and key it sits in ('- at `$.stages.build.retries`')", strict=True)
 def test_toml_syntax_error_names_stage_and_key(ws):
     exc = _load_error(ws, '[stages.build]\ncmd = "true"\nretries = \n')
     _assert_points_at(exc, "build", "retries")

@@ -100,6 +100,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
     from ..store import Store
 
     pipeline = load_pipeline(pipeline_file)
+    pipeline.check_stage_names(stages)  # before the store is created
     store = Store.create(_store_root(store_dir, str(pipeline.path)))
     progress = render.RunProgress() if (_live() and not quiet_here) else None
     report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,

@@ -1,0 +1,110 @@
+"""Several stagestore processes on one store: runs side by side, gc during a run, one run id."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import msgspec
+
+from stagestore.gc import gc
+from stagestore.store import Store
+from stagestore.verify import verify
+
+SLOW = """
+[pipeline]
+name = "slow-{tag}"
+
+[stages.first]
+cmd = "sleep 0.4; echo {tag}-$STAGESTORE_RUN_ID > {{outputs.o}}"
+shell = true
+outputs = ["o"]
+
+[stages.second]
+upstream = ["first"]
+cmd = "sleep 0.4; cat {{upstream.first.o}} {{upstream.first.o}} > {{outputs.o}}"
+shell = true
+outputs = ["o"]
+"""
+
+
+def _spawn(ws, *args, pipeline="stagestore.toml"):
+    env = {k: v for k, v in os.environ.items() if k != "STAGESTORE_STORE"}
+    return subprocess.Popen([sys.executable, "-m", "stagestore", "run", "-p", pipeline,
+                             "--store", str(ws.store), *args], cwd=ws.root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_concurrent_runs_of_two_pipelines_on_one_store_both_succeed(ws):
+    ws.write("a.toml", SLOW.format(tag="a"))
+    ws.write("b.toml", SLOW.format(tag="b"))
+    procs = [_spawn(ws, "--run-id", f"{tag}{i}", pipeline=f"{tag}.toml")
+             for i in range(2) for tag in ("a", "b")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    store = Store.open(ws.store)
+    report = verify(store)
+    assert report.ok and not report.warnings, (report.problems, report.warnings)
+    assert sorted(store.manifests.runs()) == ["a0", "a1", "b0", "b1"]
+
+
+def test_the_same_run_id_is_never_run_by_two_processes(ws):
+    ws.write("stagestore.toml", SLOW.format(tag="x"))
+    first = _spawn(ws, "--run-id", "shared")
+    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not (ws.store / "locks" / "run-shared.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = _spawn(ws, "--run-id", "shared")
+    out2, err2 = second.communicate(timeout=60)
+    out1, err1 = first.communicate(timeout=60)
+    assert first.returncode == 0, err1
+    assert second.returncode == 1 and "run 'shared' is in use by another live stagestore process" in err2
+    assert "Traceback" not in err2
+    assert verify(Store.open(ws.store)).ok
+
+
+def test_gc_during_a_run_loses_nothing(ws):
+    ws.write("stagestore.toml", SLOW.format(tag="g"))
+    ws.write("garbage.toml", SLOW.format(tag="junk"))
+    assert _spawn(ws, "--run-id", "junk", pipeline="garbage.toml").wait(timeout=60) == 0
+    env = {k: v for k, v in os.environ.items() if k != "STAGESTORE_STORE"}
+    subprocess.run([sys.executable, "-m", "stagestore", "forget", "junk", "--store", str(ws.store)],
+                   check=True, env=env, capture_output=True)
+    runner = _spawn(ws, "--run-id", "live")
+    deadline = time.monotonic() + 10
+    while not (ws.store / "runs" / "live" / "_run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    collector = subprocess.run([sys.executable, "-m", "stagestore", "gc", "--json", "--store",
+                                str(ws.store)], env=env, capture_output=True, text=True, timeout=60)
+    assert collector.returncode == 0, collector.stderr
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 0, err
+    removed = msgspec.json.decode(collector.stdout)["objects_removed"]
+    assert removed >= 2  # the forgotten run's outputs went
+    report = verify(Store.open(ws.store))
+    assert report.ok and not report.warnings, (report.problems, report.warnings)
+
+
+def test_gc_removes_only_unreferenced_objects(ws):
+    ws.linear()
+    from stagestore.gc import forget
+    from stagestore.runner import run
+
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    ws.write("data/f0.txt", "changed\n")
+    run(ws.load(), store, run_id="b")
+    kept = {ref.hash for s in ("make", "count", "report")
+            for ref in store.manifests.read("b", s).outputs.values()}
+    dry = gc(store, dry_run=True)
+    assert dry.objects_removed == 0  # both runs still reference everything
+    forget(store, ["a"])
+    report = gc(store)
+    assert report.objects_removed > 0 and not kept & set(report.removed)
+    assert all(store.objects.exists(h) for h in kept)
+    assert verify(store).ok
+    assert gc(store).objects_removed == 0
