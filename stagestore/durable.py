@@ -17,6 +17,7 @@ import errno
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,6 +132,27 @@ def makedirs(path: str | os.PathLike[str]) -> None:
     mkdir(path)
 
 
+def temp_dir(path: str | os.PathLike[str]) -> None:
+    """Create a folder of temporary content (an attempt folder, a view): never fsynced."""
+    _op("mkdir", path)
+    os.mkdir(path)
+
+
+def temp_link(source: str | os.PathLike[str], link_path: str | os.PathLike[str]) -> None:
+    """Hard-link an object into a temporary read-only view."""
+    _op("link", link_path)
+    os.link(source, link_path)
+
+
+def write_temp(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a new temporary file (no fsync: it is gone after the attempt)."""
+    fd = create_exclusive(path)
+    try:
+        write_all(fd, data, path)
+    finally:
+        os.close(fd)
+
+
 def rmtree(path: str | os.PathLike[str]) -> None:
     """Remove a folder tree, including read-only folders a stage may have left in it."""
     _op("rmtree", path)
@@ -146,7 +168,10 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             pass
 
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, onerror=make_writable_and_retry)
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=make_writable_and_retry)
+        else:
+            shutil.rmtree(path, onerror=make_writable_and_retry)
     else:
         try:
             os.unlink(path)

@@ -145,7 +145,7 @@ class Attempt:
                 if entry.kind == "file" and not entry.executable:
                     self._watch(self.objects.path(entry.hash))  # type: ignore[arg-type]
         else:
-            os.link(self.objects.path(ref.hash), dest)
+            durable.temp_link(self.objects.path(ref.hash), dest)
             self._watch(self.objects.path(ref.hash))
         return dest
 
@@ -154,23 +154,23 @@ class Attempt:
 
     def prepare(self) -> dict[str, str]:
         """Lay out the attempt folder; returns the placeholder values."""
-        os.mkdir(self.folder)
-        os.mkdir(self.in_dir)
-        os.mkdir(self.out_dir)
+        durable.temp_dir(self.folder)
+        durable.temp_dir(self.in_dir)
+        durable.temp_dir(self.out_dir)
         values: dict[str, str] = {"run_id": self.run_id}
         if self.inputs.workspace:
-            os.mkdir(self.in_dir / "inputs")
+            durable.temp_dir(self.in_dir / "inputs")
         for name, ref in self.inputs.workspace.items():
             if ref.kind == "tree":
                 path = self._view(ref, self.in_dir / "inputs" / name)
             else:
-                os.mkdir(self.in_dir / "inputs" / name)
+                durable.temp_dir(self.in_dir / "inputs" / name)
                 path = self._view(ref, self.in_dir / "inputs" / name / self.inputs.basenames[name])
             values[f"inputs.{name}"] = str(path)
         if self.inputs.upstream:
-            os.mkdir(self.in_dir / "upstream")
+            durable.temp_dir(self.in_dir / "upstream")
         for up, outputs in self.inputs.upstream.items():
-            os.mkdir(self.in_dir / "upstream" / up)
+            durable.temp_dir(self.in_dir / "upstream" / up)
             for name, ref in outputs.items():
                 values[f"upstream.{up}.{name}"] = str(self._view(ref, self.in_dir / "upstream" / up / name))
         for name in self.spec.outputs:
@@ -198,7 +198,7 @@ class Attempt:
                 "outputs": {n: values[f"outputs.{n}"] for n in self.spec.outputs},
             }
             context_path = self.folder / "context.json"
-            context_path.write_text(json.dumps(context, default=str))
+            durable.write_temp(context_path, json.dumps(context, default=str).encode())
             return [sys.executable, "-m", "stagestore.callstage", str(context_path)]
         template = command_template(self.spec)
         resolve = self._resolve(values)
@@ -255,7 +255,8 @@ class Attempt:
         return None
 
     def _spawn(self, argv: list[str]) -> tuple[int | None, Failure | None]:
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+        with os.fdopen(durable.create_exclusive(self.stdout_path), "wb") as out, \
+                os.fdopen(durable.create_exclusive(self.stderr_path), "wb") as err:
             try:
                 proc = subprocess.Popen(
                     argv, cwd=self.workdir, env=self.environment(), stdin=subprocess.DEVNULL,

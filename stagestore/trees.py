@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from . import durable
 from .errors import CorruptRecordError, InvalidNameError, OutputError
 from .hashing import canonical_json, digest_bytes, hash_file, is_digest
 from .layout import contained, validate_relpath
@@ -144,23 +145,21 @@ def materialize(listing: TreeListing, objects: ObjectStore, dest: Path, *, link:
     executables are copied so they keep an executable mode.  `link=False` copies every file
     (checkout).  Every path is checked to stay inside `dest` before anything is written.
     """
-    os.mkdir(dest)
+    durable.temp_dir(dest)
     for entry in listing.entries:
         target = contained(dest, entry.path)
         if entry.kind == "dir":
-            os.mkdir(target)
+            durable.temp_dir(target)
             continue
         assert entry.hash is not None
         source = objects.path(entry.hash)
         if link and not entry.executable:
-            os.link(source, target)
+            durable.temp_link(source, target)
         else:
             copy_out(source, target, 0o755 if entry.executable else 0o644)
 
 
 def copy_out(source: Path, target: Path, mode: int) -> None:
-    """Copy an object out of the store into a new file (outside the store's durable area)."""
-    with open(source, "rb") as f_in, open(target, "xb") as f_out:
-        while chunk := f_in.read(8 << 20):
-            f_out.write(chunk)
-    os.chmod(target, mode)
+    """Copy an object into a new file with `mode`: an executable in a view, or a checkout."""
+    durable.copy_file(source, target)
+    durable.chmod(target, mode)
