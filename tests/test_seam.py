@@ -1,0 +1,78 @@
+"""Every change stagestore makes inside a store goes through `stagestore.durable`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from stagestore import durable
+from stagestore.gc import forget, gc
+from stagestore.recover import recover
+from stagestore.runner import run
+from stagestore.verify import verify
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.link", "os.chmod", "os.rmdir",
+           "os.symlink", "os.truncate", "shutil.rmtree", "os.utime"}
+_watch: dict = {"root": None, "violations": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    root = _watch["root"]
+    if root is None:
+        return
+    if event == "open":
+        path, mode, flags = args
+        writes = (isinstance(flags, int) and flags & _WRITE_FLAGS) or (
+            isinstance(mode, str) and any(c in mode for c in "wax+"))
+        if not writes:
+            return
+    elif event not in _EVENTS:
+        return
+    else:
+        path = args[0]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return
+    path = os.path.abspath(os.fsdecode(path))
+    if not path.startswith(root + os.sep) or path.startswith(os.path.join(root, "locks") + os.sep):
+        return
+    stack = traceback.extract_stack()
+    if not any(frame.filename == durable.__file__ for frame in stack):
+        caller = next((f for f in reversed(stack) if "stagestore" in f.filename
+                       and "tests" not in f.filename), stack[-2])
+        _watch["violations"].append(f"{event} {path} from {caller.filename}:{caller.lineno}")
+
+
+sys.addaudithook(_audit)
+
+
+def test_no_module_but_durable_writes_into_the_store(ws):
+    ws.linear()
+    store = ws.open_store()
+    _watch["root"] = str(store.root)
+    try:
+        run(ws.load(), store, run_id="a")
+        ws.write("steps/count.py", "import sys\nsys.exit(1)\n")
+        run(ws.load(), store, run_id="b", force=True)
+        (store.root / "runs" / "a" / "report.json").unlink()  # the test's own damage
+        _watch["violations"].clear()
+        recover(store)
+        verify(store)
+        forget(store, ["b"])
+        gc(store)
+    finally:
+        _watch["root"] = None
+    assert _watch["violations"] == []
+
+
+def test_the_audit_catches_a_write_outside_the_seam(ws):
+    store = ws.open_store()
+    _watch["root"] = str(store.root)
+    try:
+        with open(store.root / "tmp" / "sneaky", "w") as f:
+            f.write("x")
+    finally:
+        _watch["root"] = None
+    assert len(_watch["violations"]) == 1 and "sneaky" in _watch["violations"][0]
+    _watch["violations"].clear()
