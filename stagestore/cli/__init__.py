@@ -37,8 +37,9 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     if isinstance(exc, click.ClickException):
         exc.show()
         return exc.exit_code
-    if isinstance(exc, click.exceptions.Abort):
-        print("error: aborted", file=sys.stderr)
+    if isinstance(exc, click.exceptions.Abort):  # click's wrapper of KeyboardInterrupt
+        print("error: interrupted; `stagestore recover` completes an interrupted run",
+              file=sys.stderr)
         return 130
     if isinstance(exc, StagestoreError):
         if debug:
