@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import durable
-from .errors import OutputError
+from .errors import OutputError, StagestoreError
 from .objects import ObjectStore, SyncBatch
 from .pipeline import Placeholder, command_template, render
 from .records import ArtifactRef, AttemptLog, Failure, StageSpec
@@ -42,6 +42,7 @@ OUTPUT_MISSING = "OutputMissingFailure"
 OUTPUT_INVALID = "OutputInvalidFailure"
 INPUT_EMPTY = "InputEmptyFailure"
 INPUT_MODIFIED = "InputModifiedFailure"
+INPUT_MISSING = "InputMissingFailure"
 UPSTREAM_MISSING = "UpstreamMissingFailure"
 DISK_FULL = "DiskFullFailure"
 LAUNCH = "LaunchFailure"
@@ -73,10 +74,18 @@ class AttemptResult:
 
 _live_lock = threading.Lock()
 _live: set[subprocess.Popen] = set()
+# Set while the runner is being interrupted: no new attempt starts, and an attempt whose process
+# we killed is not recorded as the stage's own failure.
+stopping = threading.Event()
+
+
+class Interrupted(Exception):
+    """The runner is stopping; the attempt in hand is abandoned, not recorded."""
 
 
 def kill_all() -> None:
     """Kill every stage process group still running (the runner is being interrupted)."""
+    stopping.set()
     with _live_lock:
         procs = list(_live)
     for proc in procs:
@@ -143,10 +152,10 @@ class Attempt:
             materialize(listing, self.objects, dest, link=True)
             for entry in listing.entries:
                 if entry.kind == "file" and not entry.executable:
-                    self._watch(self.objects.path(entry.hash))  # type: ignore[arg-type]
+                    self._watch(dest / entry.path)
         else:
             durable.temp_link(self.objects.path(ref.hash), dest)
-            self._watch(self.objects.path(ref.hash))
+            self._watch(dest)
         return dest
 
     def _watch(self, path: Path) -> None:
@@ -227,12 +236,18 @@ class Attempt:
         exit_code: int | None = None
         outputs: dict[str, ArtifactRef] | None = None
         try:
-            values = self.prepare()
-            failure = self._entry_check()
+            try:
+                values = self.prepare()
+            except (StagestoreError, FileNotFoundError) as exc:
+                failure = Failure(class_=INPUT_MISSING, signal=(
+                    f"cannot lay out the stage's inputs: {getattr(exc, 'message', exc)}; "
+                    "run `stagestore verify`"))
+            if failure is None:
+                failure = self._entry_check()
             if failure is None:
                 exit_code, failure = self._spawn(self.argv(values))
-            if failure is None:
-                failure = self._inputs_unchanged()
+                # Checked whatever the exit code: a failing stage may have damaged an input too.
+                failure = self._inputs_unchanged() or failure
             if failure is None:
                 outputs, failure = self._commit_outputs(batch)
         except OSError as exc:
@@ -255,6 +270,8 @@ class Attempt:
         return None
 
     def _spawn(self, argv: list[str]) -> tuple[int | None, Failure | None]:
+        if stopping.is_set():
+            raise Interrupted()
         with os.fdopen(durable.create_exclusive(self.stdout_path), "wb") as out, \
                 os.fdopen(durable.create_exclusive(self.stderr_path), "wb") as err:
             try:
@@ -277,6 +294,8 @@ class Attempt:
                 _kill_group(proc)  # nothing the stage started may outlive it
                 with _live_lock:
                     _live.discard(proc)
+        if stopping.is_set():
+            raise Interrupted()
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             return code, Failure(class_=KILLED, signal=self._signal(f"killed by signal {name}"),
@@ -304,8 +323,8 @@ class Attempt:
         for path, before in self._linked.items():
             if _fingerprint(path) != before:
                 return Failure(class_=INPUT_MODIFIED, signal=(
-                    f"the stage modified a read-only input it was handed ({path.name[:12]}...); "
-                    "the store object behind it is damaged: run `stagestore verify`"))
+                    f"the stage modified a read-only input it was handed ({path.name}); the "
+                    "store object behind it is damaged: run `stagestore verify`"))
         return None
 
     def _commit_outputs(self, batch: SyncBatch) -> tuple[dict[str, ArtifactRef] | None, Failure | None]:
@@ -348,8 +367,9 @@ class Attempt:
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int]:
-    """What a write through a hard link changes.  Not ctime: another attempt linking the same
-    object into its own view changes the shared inode's ctime without touching its bytes."""
+    """What a write through a hard link changes, read through this attempt's own link (the
+    object's path may meanwhile name a fresh copy of the same content).  Not ctime: another
+    attempt linking the same object into its view changes the inode's ctime, not its bytes."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns, st.st_mode
 

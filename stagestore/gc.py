@@ -31,7 +31,7 @@ def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
     with store_lock(store.layout, exclusive=False):
         for run_id in run_ids:
             with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
-                store.manifests.delete_run(run_id)
+                store.manifests.delete_run(run_id, run_owner(run_id))
         with owner_locked(store.layout, "forget", "the cache index"):
             _repair_cache_index(store, set(run_ids), "forget")
     return ForgetReport(forgotten=run_ids)

@@ -19,7 +19,7 @@ from .hashing import digest_hex
 FORMAT_NAME = "stagestore"
 FORMAT_VERSION = 1
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_COMPONENT_BYTES = 255
 _MAX_PATH_BYTES = 4096
 # Separates the owner of a temp entry from the rest of its name; never valid in a name.
@@ -28,7 +28,7 @@ TMP_SEP = "~"
 
 def validate_name(name: object, what: str = "name") -> str:
     """A plain name: letters, digits, `.`, `_`, `-`; starts with a letter or digit; <= 128."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidNameError(
             f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-', starting with a "
             "letter or digit (at most 128 characters)")

@@ -48,14 +48,13 @@ class ManifestStore:
                                   self.layout.new_tmp_path(owner, "run"))
         return path
 
-    def delete_run(self, run_id: str) -> None:
-        """Remove a run: its manifests first, the run record last, then the folder."""
-        run_dir = self.layout.run_dir(run_id)
-        for stage in self.stages(run_id):
-            durable.unlink(self.layout.manifest_path(run_id, stage))
-        durable.unlink(self.layout.run_record_path(run_id))
-        durable.rmtree(run_dir)
+    def delete_run(self, run_id: str, owner: str) -> None:
+        """Remove a run at once: its folder is renamed into `tmp/` (one atomic step), then
+        deleted.  A crash in between leaves an orphaned temp, never a half-forgotten run."""
+        grave = self.layout.new_tmp_path(owner, "forgotten")
+        durable.rename(self.layout.run_dir(run_id), grave)
         durable.fsync_dir(self.layout.runs)
+        durable.rmtree(grave)
 
     # --- reading ---
 
@@ -102,15 +101,28 @@ class ManifestStore:
         return [name for name, _ in sorted(found, key=lambda item: (item[1], item[0]))]
 
     def stages(self, run_id: str) -> list[str]:
-        """Stage names that have a manifest file in the run (valid or not), sorted."""
+        """Stage names that have a manifest file in the run (decodable or not), sorted."""
+        return sorted(name for name, ok in self._entries(run_id) if ok)
+
+    def strays(self, run_id: str) -> list[str]:
+        """Entries of a run folder that are neither the run record nor a stage manifest."""
+        return sorted(name for name, ok in self._entries(run_id) if not ok)
+
+    def _entries(self, run_id: str) -> list[tuple[str, bool]]:
         run_dir = self.layout.run_dir(run_id)
         if not run_dir.is_dir():
             return []
-        names = []
+        found = []
         for entry in os.scandir(run_dir):
-            if entry.name.endswith(".json") and not entry.name.startswith("_"):
-                names.append(entry.name[:-5])
-        return sorted(names)
+            if entry.name == "_run.json":
+                continue
+            stage = entry.name[:-5] if entry.name.endswith(".json") else None
+            try:
+                ok = stage is not None and validate_name(stage) == stage and entry.is_file()
+            except InvalidNameError:
+                ok = False
+            found.append((stage if ok else entry.name, ok))
+        return found
 
     def iter_manifests(self) -> Iterator[tuple[str, str, StageManifest | Exception]]:
         """(run, stage, manifest or the error decoding it) for every manifest in the store."""
@@ -137,6 +149,13 @@ def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str)
             validate_name(name, "output name")
         for name in manifest.upstream:
             validate_name(name, "upstream stage")
+        for key in manifest.inputs:
+            parts = key.split(".")
+            if not ((len(parts) == 2 and parts[0] == "inputs") or
+                    (len(parts) == 3 and parts[0] == "upstream")):
+                raise InvalidNameError(f"input key {key!r} is neither inputs.NAME nor upstream.STAGE.NAME")
+            for part in parts[1:]:
+                validate_name(part, "input key part")
     except InvalidNameError as exc:
         raise bad(str(exc)) from None
     refs = [*manifest.outputs.values(), *manifest.inputs.values()]
@@ -152,6 +171,8 @@ def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str)
             raise bad("output_hash does not match its outputs")
         if manifest.failure is not None:
             raise bad("a succeeded manifest carries a failure")
+    elif manifest.output_hash is not None or manifest.outputs:
+        raise bad("a failed manifest carries outputs")
 
 
 def output_hash(outputs: dict) -> str:

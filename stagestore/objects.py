@@ -67,7 +67,8 @@ class ObjectStore:
     def put_bytes(self, data: bytes, owner: str, batch: SyncBatch | None = None) -> str:
         """Store `data`; returns its digest.  Durable once `batch` is flushed (now if None)."""
         digest = digest_bytes(data)
-        if self.exists(digest):
+        path = self.path(digest)
+        if path.is_file() and path.stat().st_size == len(data):
             return digest
         target = self._shard(digest, batch)
         tmp = self.layout.new_tmp_path(owner, "object")
@@ -100,9 +101,8 @@ class ObjectStore:
             finally:
                 _discard(copy)
         digest = hash_file(path, st.st_size)
-        if self.exists(digest):
-            durable.unlink(path)
-            return digest, st.st_size
+        # Even when the object exists, the fresh file (whose hash was just computed) replaces
+        # it: re-running a stage then repairs an object that was damaged in place.
         target = self._shard(digest, batch)
         durable.chmod(path, OBJECT_MODE)
         durable.fsync_file(path)

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import executor
-from .errors import OutputError, PipelineError, UsageError
+from .errors import CorruptRecordError, OutputError, PipelineError, UsageError
 from .executor import StageInputs, now
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner, validate_name
@@ -153,6 +153,7 @@ class Execution:
         self.workdir = Path(record.workdir)
 
     def run(self) -> RunReport:
+        executor.stopping.clear()
         reports: dict[str, StageReport] = {}
         pending = list(self.selected)
         running: dict[Future[StageReport], str] = {}
@@ -213,7 +214,15 @@ class Execution:
         started = time.monotonic()
         spec = self.stages[stage]
         run_id = self.record.run_id
-        inputs, flat, upstream_hashes = self._inputs(stage, spec)
+        try:
+            inputs, flat, upstream_hashes = self._inputs(stage, spec)
+        except (FileNotFoundError, CorruptRecordError) as exc:
+            # An upstream manifest vanished or was damaged after its stage succeeded here.
+            failure = Failure(class_=executor.UPSTREAM_MISSING, signal=(
+                f"cannot read an upstream manifest: {getattr(exc, 'message', exc)}"))
+            self.progress("failed", stage, "")
+            return StageReport(stage=stage, outcome="failed", failure=failure,
+                               duration_s=round(time.monotonic() - started, 3))
         keys = (input_hash(flat), config_hash(spec))
         manifests = self.store.manifests
         path = str(manifests.layout.manifest_path(run_id, stage))
@@ -228,7 +237,7 @@ class Execution:
         if not self.force:
             try:
                 existing = manifests.read_optional(run_id, stage)
-            except Exception:  # damaged or newer: redo the stage and replace it
+            except CorruptRecordError:  # damaged: redo the stage and replace it
                 existing = None
             if existing is not None and existing.status == "succeeded" and \
                     (existing.input_hash, existing.config_hash) == keys and self._present(existing):
@@ -261,7 +270,8 @@ class Execution:
                 delay = executor.backoff(spec, number)
                 self.progress("retry", stage, f"attempt {number} failed "
                               f"({result.failure.class_}); retrying in {delay:g}s")
-                time.sleep(delay)
+                if executor.stopping.wait(delay):
+                    raise executor.Interrupted()
         assert result is not None
         if result.failure is None:
             assert result.outputs is not None

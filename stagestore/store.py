@@ -91,6 +91,8 @@ class Store:
             fmt = msgspec.json.decode(data, type=StoreFormat)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise StoreError(f"{path}: not a stagestore format file: {exc}") from None
+        if fmt.version < 1:
+            raise StoreError(f"{path}: invalid format version {fmt.version}")
         if fmt.version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"store {self.root} has format version {fmt.version}, but this stagestore "

@@ -32,6 +32,10 @@ def _walk(root: Path, follow_symlinks: bool, what: str) -> list[tuple[str, Path,
                 rel.encode("utf-8")
             except UnicodeEncodeError:
                 raise OutputError(f"{what}: {os.fsencode(rel)!r} is not a valid UTF-8 name") from None
+            try:
+                validate_relpath(rel, "file name")
+            except InvalidNameError as exc:
+                raise OutputError(f"{what}: {exc}; stored trees hold only portable names") from None
             path = Path(entry.path)
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):

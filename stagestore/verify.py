@@ -13,12 +13,12 @@ import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
-from .errors import RunNotFoundError, StagestoreError
+from .errors import ObjectMissingError, RunNotFoundError, StagestoreError
 from .hashing import EMPTY_DIGEST, hash_file
 from .layout import StoreLayout, run_owner
 from .locking import owner_is_live, store_lock
 from .objects import OBJECT_MODE
-from .records import ArtifactRef, RunRecord, StageManifest
+from .records import ArtifactRef, RunRecord, StageManifest, TreeListing
 from .reports import Finding, VerifyReport
 from .store import Store
 from .trees import read_tree
@@ -53,6 +53,7 @@ class _Verifier:
         self.findings: list[Finding] = []
         self.refs = _Refs()
         self.manifests_checked = 0
+        self.trees_seen: dict[str, TreeListing | None] = {}
 
     def find(self, kind: str, severity: str, message: str, **where: str | None) -> None:
         self.findings.append(Finding(kind=kind, severity=severity, message=message, **where))  # type: ignore[arg-type]
@@ -88,6 +89,10 @@ class _Verifier:
                           run_id=run_id, path=record_path)
         except StagestoreError as exc:
             self.find("run_record_invalid", "problem", exc.message, run_id=run_id, path=record_path)
+        for stray in manifests.strays(run_id):
+            self.find("stray_file", "warning",
+                      f"run {run_id}: {stray} is neither a stage manifest nor the run record",
+                      run_id=run_id, path=str(self.layout.run_dir(run_id) / stray))
         loaded: dict[str, StageManifest] = {}
         for stage in manifests.stages(run_id):
             path = str(self.layout.manifest_path(run_id, stage))
@@ -120,10 +125,22 @@ class _Verifier:
         self.refs.add(ref.hash, run_id, stage, what)
         if ref.kind != "tree":
             return
-        try:
-            listing = read_tree(self.store.objects, ref.hash)
-        except StagestoreError:
-            return  # reported when the tree object itself is checked
+        if ref.hash in self.trees_seen:
+            listing = self.trees_seen[ref.hash]
+        else:
+            try:
+                listing = read_tree(self.store.objects, ref.hash)
+            except ObjectMissingError:
+                listing = None  # reported as object_missing with everyone who names it
+            except StagestoreError as exc:
+                listing = None
+                self.find("tree_invalid", "problem",
+                          f"run {run_id}{' stage ' + stage if stage else ''}: {what} is tree "
+                          f"{ref.hash}, which is not a valid tree: {exc.message}",
+                          run_id=run_id, stage=stage, object=ref.hash)
+            self.trees_seen[ref.hash] = listing
+        if listing is None:
+            return
         for entry in listing.entries:
             if entry.hash is not None:
                 self.refs.add(entry.hash, run_id, stage, f"{what} file {entry.path!r}")
