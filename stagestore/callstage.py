@@ -37,7 +37,11 @@ def build_context(data: dict[str, Any]) -> StageContext:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     data = json.loads(Path(argv[0]).read_text())
+    # The stage's own snapshot of its module comes first, so the code that runs is the code
+    # that was hashed; the workspace follows, for anything else it imports.
     sys.path.insert(0, data["workdir"])
+    if data.get("code_dir"):
+        sys.path.insert(0, data["code_dir"])
     module_name, _, function_name = data["call"].partition(":")
     try:
         module = importlib.import_module(module_name)

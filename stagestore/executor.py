@@ -27,7 +27,7 @@ from pathlib import Path
 from . import durable
 from .errors import OutputError, StagestoreError
 from .objects import ObjectStore, SyncBatch
-from .pipeline import Placeholder, command_template, render
+from .pipeline import CODE_INPUT, Placeholder, command_template, render
 from .records import ArtifactRef, AttemptLog, Failure, StageSpec
 from .trees import materialize, read_tree, store_tree
 
@@ -170,6 +170,10 @@ class Attempt:
         if self.inputs.workspace:
             durable.temp_dir(self.in_dir / "inputs")
         for name, ref in self.inputs.workspace.items():
+            if name == CODE_INPUT:
+                durable.temp_dir(self.in_dir / "code")
+                self._view(ref, self.in_dir / "code" / self.inputs.basenames[name])
+                continue
             if ref.kind == "tree":
                 path = self._view(ref, self.in_dir / "inputs" / name)
             else:
@@ -201,7 +205,9 @@ class Attempt:
                 "call": self.spec.call, "run_id": self.run_id, "stage": self.stage,
                 "workdir": str(self.workdir), "out_dir": str(self.out_dir),
                 "params": self.spec.params,
-                "inputs": {n: values[f"inputs.{n}"] for n in self.inputs.workspace},
+                "inputs": {n: values[f"inputs.{n}"] for n in self.inputs.workspace
+                           if n != CODE_INPUT},
+                "code_dir": str(self.in_dir / "code") if CODE_INPUT in self.inputs.workspace else None,
                 "upstream": {up: {n: values[f"upstream.{up}.{n}"] for n in outs}
                              for up, outs in self.inputs.upstream.items()},
                 "outputs": {n: values[f"outputs.{n}"] for n in self.spec.outputs},
@@ -261,7 +267,7 @@ class Attempt:
 
     def _entry_check(self) -> Failure | None:
         for name, ref in self.inputs.workspace.items():
-            if ref.kind == "tree" and name not in self.spec.allow_empty:
+            if ref.kind == "tree" and name not in self.spec.allow_empty and name != CODE_INPUT:
                 entries = read_tree(self.objects, ref.hash).entries
                 if not any(e.kind == "file" for e in entries):
                     return Failure(class_=INPUT_EMPTY, signal=(

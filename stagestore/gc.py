@@ -101,6 +101,21 @@ def referenced_objects(store: Store) -> set[str]:
     return live
 
 
+def _remove_stale_run_locks(store: Store) -> None:
+    """Lock files of runs that no longer exist.  Safe only under the exclusive store lock: every
+    process that takes a run lock holds the store lock shared first, so none can be waiting."""
+    for entry in os.scandir(store.layout.locks):
+        name = entry.name
+        if name.startswith("run-") and name.endswith(".lock"):
+            run_id = name[len("run-"):-len(".lock")]
+            try:
+                exists = store.manifests.has_run(run_id)
+            except StagestoreError:
+                continue
+            if not exists:
+                durable.unlink(entry.path)
+
+
 def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
     """Delete every object no manifest or run record references."""
     with store_lock(store.layout, exclusive=True, timeout=timeout):
@@ -128,5 +143,6 @@ def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
             for path, entry in _cache_entries(store):
                 if entry is None or not store.layout.manifest_path(entry.run_id, entry.stage).exists():
                     durable.unlink(path)
+            _remove_stale_run_locks(store)
         return GcReport(dry_run=dry_run, objects_kept=kept, objects_removed=len(removed),
                         bytes_removed=freed, removed=removed)

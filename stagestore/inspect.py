@@ -6,7 +6,7 @@ from .errors import StagestoreError
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner
 from .locking import owner_is_live
-from .pipeline import Pipeline
+from .pipeline import CODE_INPUT, Pipeline, stage_input_paths
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import (AttemptOutput, ContractsReport, RunDetail, RunsReport, RunSummary,
                       StageContract, StageRow, StageStatus, StatusReport)
@@ -126,7 +126,7 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
                                     reason=f"upstream stage {pending[0]} would execute"))
             continue
         flat: dict[str, ArtifactRef] = {}
-        for name, rel in spec.inputs.items():
+        for name, rel in stage_input_paths(spec, pipeline.workdir).items():
             if rel not in hashed:
                 hashed[rel] = hash_artifact(pipeline.input_path(rel), f"input {name!r}")
             flat[input_key("inputs", name)] = hashed[rel]
@@ -171,6 +171,9 @@ def contracts(pipeline: Pipeline) -> ContractsReport:
         exit_ = ["exits with code 0" + (f" within {spec.timeout:g}s" if spec.timeout else "")]
         exit_ += [f"creates output {o} (a file or a folder of files and folders; no symlinks, "
                   "FIFOs or devices)" for o in spec.outputs]
+        code = stage_input_paths(spec, pipeline.workdir).get(CODE_INPUT)
+        if code:
+            entry.append(f"the code of {spec.call} ({code}) is snapshotted and hashed as an input")
         upstream_used = {u: list(pipeline.stages[u].outputs) for u in spec.upstream}
         rows.append(StageContract(
             stage=stage, description=spec.description, command=spec.cmd, call=spec.call,

@@ -85,6 +85,24 @@ def command_template(spec: StageSpec) -> list[str]:
     return shlex.split(spec.cmd)
 
 
+CODE_INPUT = "_code"
+"""The implicit input of a `call` stage: the source of the module it calls, when that module
+lives in the workspace (`mod.py`, or the package folder `mod/`).  Its name cannot clash with a
+declared input, which must start with a letter or digit."""
+
+
+def stage_input_paths(spec: StageSpec, workdir: Path) -> dict[str, str]:
+    """Every workspace input of a stage: the declared ones, plus a `call` stage's own code."""
+    paths = dict(spec.inputs)
+    if spec.call is not None:
+        top = spec.call.partition(":")[0].split(".")[0]
+        if (workdir / top / "__init__.py").is_file():
+            paths[CODE_INPUT] = top
+        elif (workdir / f"{top}.py").is_file():
+            paths[CODE_INPUT] = f"{top}.py"
+    return paths
+
+
 class Pipeline:
     """A validated pipeline: its definition, the file it came from and the stage graph."""
 

@@ -1,112 +1,241 @@
-"""`recover`: remove orphaned temps and complete interrupted runs, idempotently.
+"""`recover`: bring the store back to a state `verify` passes, idempotently.
 
-Recover never touches what a live process owns: a temp is removed only while recover holds its
-owner's lock, and a run is completed only while recover holds the run's lock.  Runs are
-completed with the definition and input snapshots they recorded when they started, not with the
-pipeline file as it is now.  A second call after a successful one finds nothing to do.
+Recover plans from verify's findings (it runs the same checks, re-hashing every object):
+
+1. orphaned temps are removed, each while recover holds its owner's lock;
+2. objects whose bytes do not match their name are removed: they lie;
+3. per run (each while recover holds the run's lock, so a live run is never touched):
+   input snapshots that are missing are restored from the workspace when it still holds the
+   same content; manifests that name missing objects or disagree with their upstream are
+   removed; then the run is completed with the definition and input snapshots it recorded
+   when it started, reusing identical work, so every stage without a succeeded manifest
+   (missing, failed, damaged) is executed again.
+
+A second call after a successful one finds nothing to do.  What cannot be completed (a stage
+that fails again, a snapshot whose content is gone) is reported, and the exit code says so.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import durable
-from .errors import RunBusyError, StagestoreError
+from .errors import FormatVersionError, RunBusyError, StagestoreError
 from .layout import StoreLayout, run_owner
 from .locking import OwnerLock, owner_locked, store_lock
-from .records import RunRecord
+from .objects import SyncBatch
+from .pipeline import stage_input_paths
+from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import RecoverAction, RecoverReport, RunReport
 from .runner import ProgressCallback, resume
 from .store import Store
-from .verify import orphaned_temps
+from .trees import hash_artifact, read_tree, store_tree
+from .verify import BytesProgress, Verifier, orphaned_temps
 
 
 def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, jobs: int = 1,
-            progress: ProgressCallback | None = None) -> RecoverReport:
+            progress: ProgressCallback | None = None,
+            hash_progress: BytesProgress | None = None) -> RecoverReport:
     with store_lock(store.layout, exclusive=False):
-        actions: list[RecoverAction] = []
-        unresolved: list[str] = []
-        runs: list[RunReport] = []
-        _remove_orphans(store.layout, dry_run, actions)
-        run_ids = [run_id] if run_id else store.manifests.runs()
+        plan = _Recovery(store, dry_run, jobs, progress)
         if run_id and not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)  # raises RunNotFoundError with its hint
-        for rid in run_ids:
-            _recover_run(store, rid, dry_run, jobs, progress, actions, runs, unresolved)
-        return RecoverReport(ok=not unresolved, dry_run=dry_run, actions=actions, runs=runs,
-                             unresolved=unresolved)
+        plan.remove_orphans()
+        findings = Verifier(store, [], hash_progress).run()
+        plan.remove_corrupt_objects({f.object for f in findings.problems
+                                     if f.kind == "object_corrupt" and f.object})
+        for rid in [run_id] if run_id else store.manifests.runs():
+            plan.recover_run(rid)
+        return RecoverReport(ok=not plan.unresolved, dry_run=dry_run, actions=plan.actions,
+                             runs=plan.runs, unresolved=plan.unresolved)
 
 
-def _remove_orphans(layout: StoreLayout, dry_run: bool, actions: list[RecoverAction]) -> None:
-    by_owner: dict[str | None, list] = {}
-    for entry, owner in orphaned_temps(layout):
-        by_owner.setdefault(owner, []).append(entry)
-    for owner, entries in by_owner.items():
-        lock = OwnerLock(layout, owner) if owner is not None else None
-        if lock is not None and not lock.try_acquire():
-            continue  # its owner came back to life since the scan: not an orphan any more
-        try:
-            for entry in entries:
-                actions.append(RecoverAction(action="remove_temp", path=entry.path,
-                                             message=f"removed orphaned temp {entry.name}"))
-                if not dry_run:
-                    durable.rmtree(entry.path)
-        finally:
-            if lock is not None:
-                lock.release()
-    if by_owner and not dry_run:
-        durable.fsync_dir(layout.tmp)
+class _Recovery:
+    def __init__(self, store: Store, dry_run: bool, jobs: int,
+                 progress: ProgressCallback | None) -> None:
+        self.store = store
+        self.layout: StoreLayout = store.layout
+        self.dry_run = dry_run
+        self.jobs = jobs
+        self.progress = progress
+        self.actions: list[RecoverAction] = []
+        self.unresolved: list[str] = []
+        self.runs: list[RunReport] = []
+        self._removed: set[str] = set()
 
+    def act(self, action: str, done: str, planned: str, **where: str | None) -> None:
+        self.actions.append(RecoverAction(action=action, message=planned if self.dry_run else done,
+                                          **where))
 
-def _incomplete_stages(store: Store, record: RunRecord) -> list[str]:
-    """Selected stages without a readable succeeded manifest whose outputs are all present."""
-    todo = []
-    for stage in record.selected:
-        try:
-            manifest = store.manifests.read_optional(record.run_id, stage)
-        except StagestoreError:
-            manifest = None
-        if manifest is None or manifest.status != "succeeded" or not all(
-                store.objects.exists(ref.hash) for ref in manifest.outputs.values()):
-            todo.append(stage)
-    return todo
+    # --- temps and objects ---
 
-
-def _recover_run(store: Store, run_id: str, dry_run: bool, jobs: int,
-                 progress: ProgressCallback | None, actions: list[RecoverAction],
-                 runs: list[RunReport], unresolved: list[str]) -> None:
-    manifests = store.manifests
-    try:
-        with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
-            if not manifests.layout.run_record_path(run_id).exists():
-                if manifests.stages(run_id):
-                    unresolved.append(f"run {run_id}: manifests without a run record; "
-                                      "it cannot be completed")
-                    return
-                # A run that crashed before its record was written has nothing to complete.
-                actions.append(RecoverAction(action="remove_empty_run", run_id=run_id,
-                                             message=f"removed run {run_id}, which never started"))
-                if not dry_run:
-                    durable.rmtree(manifests.layout.run_dir(run_id))
-                    durable.fsync_dir(manifests.layout.runs)
-                return
+    def remove_orphans(self) -> None:
+        by_owner: dict[str | None, list] = {}
+        for entry, owner in orphaned_temps(self.layout):
+            by_owner.setdefault(owner, []).append(entry)
+        for owner, entries in by_owner.items():
+            lock = OwnerLock(self.layout, owner) if owner is not None else None
+            if lock is not None and not lock.try_acquire():
+                continue  # its owner came back to life since the scan: not an orphan any more
             try:
-                record = manifests.read_run(run_id)
-            except StagestoreError as exc:
-                unresolved.append(f"run {run_id}: {exc.message}")
+                for entry in entries:
+                    self.act("remove_temp", f"removed orphaned temp {entry.name}",
+                             f"would remove orphaned temp {entry.name}", path=entry.path)
+                    if not self.dry_run:
+                        durable.rmtree(entry.path)
+            finally:
+                if lock is not None:
+                    lock.release()
+        if by_owner and not self.dry_run:
+            durable.fsync_dir(self.layout.tmp)
+
+    def remove_corrupt_objects(self, digests: set[str]) -> None:
+        for digest in sorted(digests):
+            self.act("remove_object", f"removed damaged object {digest}",
+                     f"would remove damaged object {digest}", path=str(self.store.objects.path(digest)))
+            self._removed.add(digest)
+            if not self.dry_run:
+                self.store.objects.delete(digest)
+                durable.fsync_dir(self.store.objects.path(digest).parent)
+
+    def _present(self, digest: str) -> bool:
+        return digest not in self._removed and self.store.objects.exists(digest)
+
+    def missing(self, ref: ArtifactRef) -> bool:
+        """Whether the artifact, or any file of it, is gone (or about to be removed)."""
+        if not self._present(ref.hash):
+            return True
+        if ref.kind != "tree":
+            return False
+        try:
+            listing = read_tree(self.store.objects, ref.hash)
+        except StagestoreError:
+            return True
+        return any(e.hash is not None and not self._present(e.hash) for e in listing.entries)
+
+    # --- runs ---
+
+    def recover_run(self, run_id: str) -> None:
+        try:
+            with owner_locked(self.layout, run_owner(run_id), f"run {run_id!r}"):
+                self._recover_run(run_id)
+        except RunBusyError:
+            self.act("skip_live_run", f"skipped run {run_id}: a live process is running it",
+                     f"would skip run {run_id}: a live process is running it", run_id=run_id)
+
+    def _recover_run(self, run_id: str) -> None:
+        manifests = self.store.manifests
+        if not self.layout.run_record_path(run_id).exists():
+            if manifests.stages(run_id):
+                self.unresolved.append(f"run {run_id}: manifests without a run record; it cannot "
+                                       f"be completed (`stagestore forget {run_id}` removes it)")
                 return
-            todo = _incomplete_stages(store, record)
-            if not todo and record.finished_at is not None:
-                return
-            message = (f"completed run {run_id}: " + ", ".join(todo) if todo
-                       else f"recorded the end of run {run_id}")
-            actions.append(RecoverAction(action="complete_run", run_id=run_id, message=message))
-            if dry_run:
-                return
-            report = resume(store, run_id, jobs=jobs, progress=progress)
-            runs.append(report)
-            for stage in report.stages:
-                if stage.outcome in ("failed", "skipped"):
-                    why = stage.failure.signal.splitlines()[-1] if stage.failure else stage.reason
-                    unresolved.append(f"run {run_id} stage {stage.stage}: {stage.outcome}: {why}")
-    except RunBusyError:
-        actions.append(RecoverAction(action="skip_live_run", run_id=run_id,
-                                     message=f"skipped run {run_id}: a live process is running it"))
+            # A run that crashed before its record was written has nothing to complete.
+            self.act("remove_empty_run", f"removed run {run_id}, which never started",
+                     f"would remove run {run_id}, which never started", run_id=run_id)
+            if not self.dry_run:
+                durable.rmtree(self.layout.run_dir(run_id))
+                durable.fsync_dir(self.layout.runs)
+            return
+        try:
+            record = manifests.read_run(run_id)
+        except StagestoreError as exc:
+            self.unresolved.append(f"run {run_id}: {exc.message}")
+            return
+        if not self._restore_snapshots(record):
+            return
+        todo = self._stages_to_redo(record)
+        if todo is None:
+            return
+        if not todo and record.finished_at is not None:
+            return
+        self.act("complete_run",
+                 f"completed run {run_id}: " + ", ".join(todo) if todo else f"recorded the end of run {run_id}",
+                 f"would complete run {run_id}: " + ", ".join(todo) if todo
+                 else f"would record the end of run {run_id}", run_id=run_id)
+        if self.dry_run:
+            return
+        report = resume(self.store, run_id, jobs=self.jobs, progress=self.progress)
+        self.runs.append(report)
+        for stage in report.stages:
+            if stage.outcome in ("failed", "skipped"):
+                why = stage.failure.signal.splitlines()[-1] if stage.failure else stage.reason
+                self.unresolved.append(f"run {run_id} stage {stage.stage}: {stage.outcome}: {why}")
+
+    def _restore_snapshots(self, record: RunRecord) -> bool:
+        """Re-copy missing input snapshots from the workspace if it still has that content."""
+        ok = True
+        batch = SyncBatch()
+        for stage, refs in record.inputs.items():
+            for name, ref in refs.items():
+                if not self.missing(ref):
+                    continue
+                paths = stage_input_paths(record.definition.stages[stage], Path(record.workdir))
+                source = Path(record.workdir) / paths.get(name, name)
+                try:
+                    same = source.exists() and hash_artifact(source, f"input {name!r}").hash == ref.hash
+                except (StagestoreError, OSError):
+                    same = False
+                if not same:
+                    ok = False
+                    self.unresolved.append(
+                        f"run {record.run_id}: the snapshot of stage {stage} input {name!r} is "
+                        f"damaged, and {source} no longer holds that content; the run cannot be "
+                        f"completed (`stagestore forget {record.run_id}` removes it)")
+                    continue
+                self.act("restore_snapshot", f"restored snapshot of {stage} input {name!r} from {source}",
+                         f"would restore snapshot of {stage} input {name!r} from {source}",
+                         run_id=record.run_id, stage=stage)
+                if not self.dry_run:
+                    owner = run_owner(record.run_id)
+                    if source.is_dir():
+                        store_tree(source, self.store.objects, owner, batch, move=False, what=name)
+                    else:
+                        self.store.objects.ingest_file(source, owner, batch)
+                    self._removed.discard(ref.hash)
+        batch.flush()
+        return ok
+
+    def _stages_to_redo(self, record: RunRecord) -> list[str] | None:
+        """Selected stages without a sound succeeded manifest; damaged manifests are removed."""
+        manifests = self.store.manifests
+        todo: list[str] = []
+        loaded: dict[str, StageManifest] = {}
+        for stage in record.selected:
+            try:
+                manifest = manifests.read_optional(record.run_id, stage)
+            except FormatVersionError as exc:
+                self.unresolved.append(f"run {record.run_id} stage {stage}: {exc.message}")
+                return None
+            except StagestoreError:
+                manifest = None
+            if manifest is None or manifest.status != "succeeded":
+                todo.append(stage)
+                continue
+            damage = self._damage(manifest, loaded)
+            if damage:
+                todo.append(stage)
+                path = manifests.layout.manifest_path(record.run_id, stage)
+                self.act("remove_manifest", f"removed manifest of run {record.run_id} stage "
+                         f"{stage} ({damage}); the stage runs again",
+                         f"would remove manifest of run {record.run_id} stage {stage} ({damage}) "
+                         "and run the stage again", run_id=record.run_id, stage=stage,
+                         path=str(path))
+                if not self.dry_run:
+                    durable.unlink(path)
+                    durable.fsync_dir(path.parent)
+            else:
+                loaded[stage] = manifest
+        return todo
+
+    def _damage(self, manifest: StageManifest, loaded: dict[str, StageManifest]) -> str | None:
+        for name, ref in manifest.outputs.items():
+            if self.missing(ref):
+                return f"output {name!r} is missing or damaged"
+        for log in manifest.logs:
+            if not (self._present(log.stdout) and self._present(log.stderr)):
+                return f"the logs of attempt {log.attempt} are missing or damaged"
+        for up, expected in manifest.upstream.items():
+            if up in loaded and loaded[up].output_hash != expected:
+                return f"it read outputs of {up} that {up}'s manifest no longer records"
+        return None

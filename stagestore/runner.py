@@ -21,18 +21,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import executor
-from .errors import CorruptRecordError, OutputError, PipelineError, UsageError
+from .errors import CorruptRecordError, OutputError, PipelineError, StagestoreError, UsageError
 from .executor import StageInputs, now
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner, validate_name
 from .locking import owner_locked, store_lock
 from .manifests import output_hash
 from .objects import SyncBatch
-from .pipeline import Pipeline
+from .pipeline import Pipeline, stage_input_paths
 from .records import ArtifactRef, Failure, PipelineRef, RunRecord, StageManifest, StageSpec
 from .reports import RunReport, StageReport
 from .store import Store
-from .trees import store_tree
+from .trees import read_tree, store_tree
 
 ProgressCallback = Callable[[str, str, str], None]
 """`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry."""
@@ -113,7 +113,7 @@ def snapshot_inputs(pipeline: Pipeline, store: Store, stages: Iterable[str],
     result: dict[str, dict[str, ArtifactRef]] = {}
     for stage in stages:
         refs: dict[str, ArtifactRef] = {}
-        for name, relpath in pipeline.stages[stage].inputs.items():
+        for name, relpath in stage_input_paths(pipeline.stages[stage], pipeline.workdir).items():
             path = pipeline.input_path(relpath)
             key = path.resolve()
             if key not in seen:
@@ -207,7 +207,8 @@ class Execution:
             upstream_hashes[up] = manifest.output_hash or ""
             for n, ref in manifest.outputs.items():
                 flat[input_key("upstream", n, up)] = ref
-        basenames = {n: Path(spec.inputs[n]).name or n for n in workspace}
+        paths = stage_input_paths(spec, self.workdir)
+        basenames = {n: Path(paths.get(n, n)).name or n for n in workspace}
         return StageInputs(workspace, upstream, basenames), flat, upstream_hashes
 
     def process(self, stage: str) -> StageReport:
@@ -293,7 +294,19 @@ class Execution:
         return report("failed", manifest, executed=True)
 
     def _present(self, manifest: StageManifest) -> bool:
-        return all(self.store.objects.exists(ref.hash) for ref in manifest.outputs.values())
+        """Every object the manifest's outputs need is in the store (the files of trees too)."""
+        objects = self.store.objects
+        for ref in manifest.outputs.values():
+            if not objects.exists(ref.hash):
+                return False
+            if ref.kind == "tree":
+                try:
+                    listing = read_tree(objects, ref.hash)
+                except StagestoreError:
+                    return False
+                if not all(objects.exists(e.hash) for e in listing.entries if e.hash is not None):
+                    return False
+        return True
 
     def _manifest(self, stage: str, spec: StageSpec, keys: tuple[str, str],
                   flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str], *,

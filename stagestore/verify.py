@@ -41,10 +41,10 @@ def verify(store: Store, run_ids: Iterable[str] = (), *,
            progress: BytesProgress | None = None) -> VerifyReport:
     """Check the whole store, or only the given runs and the objects they reference."""
     with store_lock(store.layout, exclusive=False):
-        return _Verifier(store, list(run_ids), progress).run()
+        return Verifier(store, list(run_ids), progress).run()
 
 
-class _Verifier:
+class Verifier:
     def __init__(self, store: Store, run_ids: list[str], progress: BytesProgress | None) -> None:
         self.store = store
         self.layout: StoreLayout = store.layout

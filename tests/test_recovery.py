@@ -371,3 +371,39 @@ def test_orphan_detection_uses_the_owner_lock(tmp_path):
     assert owner_is_live(layout, "run-x")
     lock.release()
     assert not owner_is_live(layout, "run-x")
+
+
+def test_recover_repairs_a_corrupted_output_by_running_its_stage_again(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    run(ws.load(), store, run_id="b")  # reuses a's outputs: both runs name the same objects
+    before = _outputs(store, "a")
+    listing = __import__("stagestore.trees", fromlist=["read_tree"]).read_tree(
+        store.objects, store.manifests.read("a", "make").outputs["out"].hash)
+    victim = store.objects.path(listing.entries[0].hash)
+    os.chmod(victim, 0o644)
+    victim.write_bytes(b"bit rot")
+    assert not verify(store).ok
+    dry = recover(store, dry_run=True)
+    assert "remove_object" in [a.action for a in dry.actions] and victim.exists()
+    report = recover(store)
+    assert report.ok, report.unresolved
+    _assert_clean(store)
+    assert _outputs(store, "a") == before and _outputs(store, "b") == before
+    assert recover(store).actions == []
+
+
+def test_recover_restores_a_lost_input_snapshot_from_an_unchanged_workspace(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    script = store.manifests.read_run("a").inputs["count"]["script"].hash
+    store.objects.path(script).unlink()
+    report = recover(store)
+    assert report.ok and "restore_snapshot" in [a.action for a in report.actions]
+    _assert_clean(store)
+    store.objects.path(script).unlink()
+    ws.write("steps/count.py", "# edited since\n")
+    report = recover(store)
+    assert not report.ok and "no longer holds that content" in report.unresolved[0]

@@ -325,3 +325,16 @@ outputs = ["o"]
     assert serial.ok
     manifests = sorted((store.manifests.read("b", f"s{i}") for i in range(4)), key=lambda m: m.started_at)
     assert all(a.finished_at <= b.started_at for a, b in zip(manifests, manifests[1:]))
+
+
+def test_editing_a_called_module_reexecutes_its_stage_with_the_new_code(ws):
+    ws.write("mod.py", "def f(ctx):\n    ctx.outputs['o'].write_text('v1')\n")
+    ws.pipeline('[pipeline]\nname = "c"\n[stages.s]\ncall = "mod:f"\noutputs = ["o"]\n')
+    assert _run(ws, run_id="a").ok
+    assert _outcomes(_run(ws, run_id="b")) == {"s": "cached"}
+    ws.write("mod.py", "def f(ctx):\n    ctx.outputs['o'].write_text('v2')\n")
+    report = _run(ws, run_id="c")
+    assert _outcomes(report) == {"s": "succeeded"}
+    store = ws.open_store()
+    assert store.objects.read_bytes(store.manifests.read("c", "s").outputs["o"].hash) == b"v2"
+    assert "inputs._code" in store.manifests.read("c", "s").inputs

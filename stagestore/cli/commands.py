@@ -145,14 +145,23 @@ def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | N
             store_dir: str | None, as_json: bool) -> None:
     """Remove orphaned temps and complete interrupted runs, as they were defined.
 
-    Idempotent: a second call after a successful one does nothing.  Exit 0 when the store ends
-    clean, 1 when something could not be completed.
+    Re-hashes every object (as verify does) and plans from what it finds: orphaned temps and
+    damaged objects are removed, manifests naming them are redone.  Idempotent: a second call
+    after a successful one does nothing.  Exit 0 when the store ends clean, 1 when something
+    could not be completed.
     """
     from ..recover import recover as recover_store
 
     store = _open_store(store_dir, pipeline_file)
-    progress = render.RunProgress() if _live() else None
-    report = recover_store(store, run_id=run_id, dry_run=dry_run, jobs=jobs, progress=progress)
+    live = _live()
+    hashing = render.BytesProgress("checking") if live else None
+    try:
+        report = recover_store(store, run_id=run_id, dry_run=dry_run, jobs=jobs,
+                               progress=render.RunProgress() if live else None,
+                               hash_progress=hashing)
+    finally:
+        if hashing:
+            hashing.close()
     render.recover_report(report, as_json=as_json)
     raise SystemExit(0 if report.ok else 1)
 
