@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
 from . import durable
@@ -31,6 +32,7 @@ from .pipeline import CODE_INPUT, Placeholder, command_template, render
 from .records import ArtifactRef, AttemptLog, Failure, StageSpec
 from .trees import materialize, read_tree, store_tree
 
+LARGE_OUTPUT = 64 << 20  # outputs this big get a progress note while they are hashed and stored
 SIGNAL_LINES = 20
 SIGNAL_CHARS = 2000
 
@@ -128,7 +130,9 @@ _child_setup = _child_setup_factory()
 
 class Attempt:
     def __init__(self, *, objects: ObjectStore, owner: str, folder: Path, workdir: Path,
-                 run_id: str, stage: str, spec: StageSpec, inputs: StageInputs, number: int) -> None:
+                 run_id: str, stage: str, spec: StageSpec, inputs: StageInputs, number: int,
+                 note: Callable[[str], None] | None = None) -> None:
+        self.note = note or (lambda message: None)
         self.objects = objects
         self.owner = owner
         self.folder = folder
@@ -342,6 +346,9 @@ class Attempt:
             except FileNotFoundError:
                 return None, Failure(class_=OUTPUT_MISSING, signal=(
                     f"declared output {name!r} was not created (expected at {{outputs.{name}}})"))
+            if st.st_size >= LARGE_OUTPUT or os.path.isdir(path):
+                self.note(f"storing output {name!r}" + (
+                    f" ({st.st_size / 2**20:.0f} MiB)" if st.st_size >= LARGE_OUTPUT else ""))
             try:
                 if os.path.isdir(path) and not os.path.islink(path):
                     outputs[name] = store_tree(path, self.objects, self.owner, batch, move=True,

@@ -35,7 +35,8 @@ from .store import Store
 from .trees import read_tree, store_tree
 
 ProgressCallback = Callable[[str, str, str], None]
-"""`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry."""
+"""`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry,
+note (a step of a long stage, such as storing a large output)."""
 
 
 def new_run_id() -> str:
@@ -263,7 +264,8 @@ class Execution:
             folder = manifests.layout.new_tmp_path(self.owner, f"{stage}.{number}")
             result = executor.run_attempt(
                 objects=self.store.objects, owner=self.owner, folder=folder, workdir=self.workdir,
-                run_id=run_id, stage=stage, spec=spec, inputs=inputs, number=number)
+                run_id=run_id, stage=stage, spec=spec, inputs=inputs, number=number,
+                note=lambda message: self.progress("note", stage, message))
             logs.append(result.log)
             if result.failure is None:
                 break

@@ -40,16 +40,16 @@ class RunProgress:
             if event == "start":
                 self._started[stage] = time.monotonic()
                 _err(f"  {stage:<20} running")
-                return
-            took = time.monotonic() - self._started.pop(stage, time.monotonic())
-            suffix = {
-                "cached": f"cached (from run {detail})" if detail else "cached",
-                "succeeded": f"succeeded in {took:.2f}s",
-                "failed": f"FAILED after {took:.2f}s",
-                "skipped": f"skipped: {detail}",
-                "retry": detail,
-            }.get(event, event)
-            _err(f"  {stage:<20} {suffix}")
+            elif event in ("note", "retry"):
+                _err(f"  {stage:<20} {detail}")
+            else:
+                took = time.monotonic() - self._started.pop(stage, time.monotonic())
+                _err(f"  {stage:<20} " + {
+                    "cached": f"cached (from run {detail})" if detail else "cached",
+                    "succeeded": f"succeeded in {took:.2f}s",
+                    "failed": f"FAILED after {took:.2f}s",
+                    "skipped": f"skipped: {detail}",
+                }.get(event, event))
 
 
 class BytesProgress:
