@@ -69,6 +69,9 @@ class ObjectStore:
         digest = digest_bytes(data)
         path = self.path(digest)
         if path.is_file() and path.stat().st_size == len(data):
+            # Another process may have renamed it into place and died before syncing the
+            # folder: sync it again before anything of ours names it.
+            self._synced(path.parent, batch)
             return digest
         target = self._shard(digest, batch)
         tmp = self.layout.new_tmp_path(owner, "object")
@@ -120,6 +123,7 @@ class ObjectStore:
         size = os.stat(source).st_size
         digest = hash_file(source, size)
         if self.exists(digest):
+            self._synced(self.path(digest).parent, batch)  # as in put_bytes
             return digest, size
         copy = self.layout.new_tmp_path(owner, "snapshot")
         try:
