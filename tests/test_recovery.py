@@ -407,3 +407,38 @@ def test_recover_restores_a_lost_input_snapshot_from_an_unchanged_workspace(ws):
     ws.write("steps/count.py", "# edited since\n")
     report = recover(store)
     assert not report.ok and "no longer holds that content" in report.unresolved[0]
+
+
+@pytest.mark.slow
+def test_crash_in_run_then_crash_in_recover_then_recover(ws, tmp_path):
+    """Nested: end the run before operation N, then end recover before each of its operations
+    M in turn, then recover again: the store must end clean with the reference outputs."""
+    pipeline = _shell_workload(ws, files=2)
+    reference = Store.create(tmp_path / "reference")
+    run(pipeline, reference, run_id="a")
+    expected = _outputs(reference, "a")
+    count_file = tmp_path / "count"
+    probe = Store.create(tmp_path / "probe")
+    _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file)
+    total = int(count_file.read_text())
+    for n in range(1, total + 1, 7):
+        base = tmp_path / f"base{n}"
+        store = Store.create(base)
+        assert _in_child(lambda: run(pipeline, store, run_id="a"), n) == 99
+        counted = tmp_path / f"count{n}"
+        shutil.copytree(base, counted, symlinks=True)
+        _in_child(lambda: recover(Store.open(counted)), None, count_file)
+        recover_ops = int(count_file.read_text())
+        shutil.rmtree(counted)
+        for m in [*range(1, recover_ops + 1), None]:  # None: the first recover is not cut short
+            root = tmp_path / f"s{n}-{m}"
+            shutil.copytree(base, root, symlinks=True)
+            nested = Store.open(root)
+            _in_child(lambda: recover(nested), m)
+            report = recover(nested)
+            assert report.ok, (n, m, report.unresolved)
+            _assert_clean(nested)
+            run(pipeline, nested, run_id="a")
+            assert _outputs(nested, "a") == expected, (n, m)
+            shutil.rmtree(root)
+        shutil.rmtree(base)
