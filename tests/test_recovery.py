@@ -442,3 +442,24 @@ def test_crash_in_run_then_crash_in_recover_then_recover(ws, tmp_path):
             assert _outputs(nested, "a") == expected, (n, m)
             shutil.rmtree(root)
         shutil.rmtree(base)
+
+
+def test_ctrl_c_stops_the_run_records_no_false_failure_and_recover_completes(ws, tmp_path):
+    ws.linear()
+    started, late = ws.root / "started", tmp_path / "late"
+    ws.write("steps/count.py", SLOW_COUNT.format(started=str(started), late=str(late)))
+    ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace(
+        'outputs = ["n"]', 'outputs = ["n"]\nretries = 3\nretry_delay = 0.01'))
+    proc = subprocess.Popen([sys.executable, "-m", "stagestore", "run", "--run-id", "i"],
+                            cwd=ws.root, env={**os.environ, "SLOW": "5"}, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for(started)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert time.monotonic() - began < 3  # no retry was started after the interrupt
+    assert not (ws.store / "runs" / "i" / "count.json").exists()  # not recorded as a failure
+    store = Store.open(ws.store)
+    assert recover(store).ok
+    _assert_clean(store)
