@@ -331,7 +331,11 @@ class Attempt:
 
     def _inputs_unchanged(self) -> Failure | None:
         for path, before in self._linked.items():
-            if _fingerprint(path) != before:
+            try:
+                changed = _fingerprint(path) != before
+            except FileNotFoundError:
+                continue  # the stage removed its own link: the object behind it is untouched
+            if changed:
                 return Failure(class_=INPUT_MODIFIED, signal=(
                     f"the stage modified a read-only input it was handed ({path.name}); the "
                     "store object behind it is damaged: run `stagestore verify`"))

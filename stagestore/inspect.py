@@ -11,7 +11,7 @@ from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import (AttemptOutput, ContractsReport, RunDetail, RunsReport, RunSummary,
                       StageContract, StageRow, StageStatus, StatusReport)
 from .store import Store
-from .trees import hash_artifact
+from .trees import artifact_present, hash_artifact
 
 
 def _iso(value) -> str | None:  # noqa: ANN001
@@ -135,7 +135,8 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
                 flat[input_key("upstream", name, up)] = ref
         keys = (input_hash(flat), config_hash(spec))
         hit = store.cache.lookup(*keys) if store is not None else None
-        if hit is not None and all(store.objects.exists(r.hash) for r in hit.outputs.values()):  # type: ignore[union-attr]
+        if hit is not None and all(artifact_present(store.objects, r)  # type: ignore[union-attr]
+                                   for r in hit.outputs.values()):
             hits[stage] = hit
             rows.append(StageStatus(stage=stage, would_execute=False, reason="up to date",
                                     cached_from=hit.cached_from or hit.run_id))

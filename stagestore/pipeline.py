@@ -91,6 +91,12 @@ lives in the workspace (`mod.py`, or the package folder `mod/`).  Its name canno
 declared input, which must start with a letter or digit."""
 
 
+def code_path(spec: StageSpec, kind: str) -> str:
+    """Where a `call` stage's code snapshot came from, relative to the workdir, by its kind."""
+    top = (spec.call or "").partition(":")[0].split(".")[0]
+    return top if kind == "tree" else f"{top}.py"
+
+
 def stage_input_paths(spec: StageSpec, workdir: Path) -> dict[str, str]:
     """Every workspace input of a stage: the declared ones, plus a `call` stage's own code."""
     paths = dict(spec.inputs)

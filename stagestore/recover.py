@@ -24,19 +24,24 @@ from .errors import FormatVersionError, RunBusyError, StagestoreError
 from .layout import StoreLayout, run_owner
 from .locking import OwnerLock, owner_locked, store_lock
 from .objects import SyncBatch
-from .pipeline import stage_input_paths
+from .pipeline import CODE_INPUT, code_path
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import RecoverAction, RecoverReport, RunReport
 from .runner import ProgressCallback, resume
 from .store import Store
-from .trees import hash_artifact, read_tree, store_tree
+from .hashing import hash_file
+from .trees import artifact_present, describe_artifact, store_tree
 from .verify import BytesProgress, Verifier, orphaned_temps
+
+
+RECOVER_OWNER = "recover"
 
 
 def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, jobs: int = 1,
             progress: ProgressCallback | None = None,
             hash_progress: BytesProgress | None = None) -> RecoverReport:
-    with store_lock(store.layout, exclusive=False):
+    with store_lock(store.layout, exclusive=False), \
+            owner_locked(store.layout, RECOVER_OWNER, "recover"):
         plan = _Recovery(store, dry_run, jobs, progress)
         if run_id and not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)  # raises RunNotFoundError with its hint
@@ -91,27 +96,35 @@ class _Recovery:
 
     def remove_corrupt_objects(self, digests: set[str]) -> None:
         for digest in sorted(digests):
+            path = self.store.objects.path(digest)
             self.act("remove_object", f"removed damaged object {digest}",
-                     f"would remove damaged object {digest}", path=str(self.store.objects.path(digest)))
+                     f"would remove damaged object {digest}", path=str(path))
             self._removed.add(digest)
-            if not self.dry_run:
-                self.store.objects.delete(digest)
-                durable.fsync_dir(self.store.objects.path(digest).parent)
+            if self.dry_run:
+                continue
+            # A run may rename a good copy over the damaged object at any moment, so the object
+            # is first moved aside (one atomic step) and hashed again there: a good copy goes
+            # back, only a damaged one is deleted.
+            aside = self.layout.new_tmp_path(RECOVER_OWNER, "damaged")
+            try:
+                durable.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            durable.fsync_dir(path.parent)
+            good = aside.is_file() and not aside.is_symlink() and hash_file(aside) == digest
+            if good:
+                durable.rename(aside, path)
+                durable.fsync_dir(path.parent)
+                self._removed.discard(digest)
+            else:
+                durable.rmtree(aside)
 
     def _present(self, digest: str) -> bool:
         return digest not in self._removed and self.store.objects.exists(digest)
 
     def missing(self, ref: ArtifactRef) -> bool:
         """Whether the artifact, or any file of it, is gone (or about to be removed)."""
-        if not self._present(ref.hash):
-            return True
-        if ref.kind != "tree":
-            return False
-        try:
-            listing = read_tree(self.store.objects, ref.hash)
-        except StagestoreError:
-            return True
-        return any(e.hash is not None and not self._present(e.hash) for e in listing.entries)
+        return not artifact_present(self.store.objects, ref, gone=self._removed.__contains__)
 
     # --- runs ---
 
@@ -170,12 +183,14 @@ class _Recovery:
             for name, ref in refs.items():
                 if not self.missing(ref):
                     continue
-                paths = stage_input_paths(record.definition.stages[stage], Path(record.workdir))
-                source = Path(record.workdir) / paths.get(name, name)
+                spec = record.definition.stages[stage]
+                relpath = code_path(spec, ref.kind) if name == CODE_INPUT else spec.inputs[name]
+                source = Path(record.workdir) / relpath
                 try:
-                    same = source.exists() and hash_artifact(source, f"input {name!r}").hash == ref.hash
+                    found, listing = describe_artifact(source, f"input {name!r}")
+                    same = found.hash == ref.hash
                 except (StagestoreError, OSError):
-                    same = False
+                    same, listing = False, None
                 if not same:
                     ok = False
                     self.unresolved.append(
@@ -186,13 +201,15 @@ class _Recovery:
                 self.act("restore_snapshot", f"restored snapshot of {stage} input {name!r} from {source}",
                          f"would restore snapshot of {stage} input {name!r} from {source}",
                          run_id=record.run_id, stage=stage)
+                restored = {ref.hash} | {e.hash for e in (listing.entries if listing else ())
+                                         if e.hash is not None}
+                self._removed.difference_update(restored)
                 if not self.dry_run:
                     owner = run_owner(record.run_id)
                     if source.is_dir():
                         store_tree(source, self.store.objects, owner, batch, move=False, what=name)
                     else:
                         self.store.objects.ingest_file(source, owner, batch)
-                    self._removed.discard(ref.hash)
         batch.flush()
         return ok
 

@@ -20,19 +20,19 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from . import executor
-from .errors import CorruptRecordError, OutputError, PipelineError, StagestoreError, UsageError
+from . import durable, executor
+from .errors import CorruptRecordError, OutputError, PipelineError, UsageError
 from .executor import StageInputs, now
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner, validate_name
 from .locking import owner_locked, store_lock
 from .manifests import output_hash
 from .objects import SyncBatch
-from .pipeline import Pipeline, stage_input_paths
+from .pipeline import CODE_INPUT, Pipeline, code_path, stage_input_paths
 from .records import ArtifactRef, Failure, PipelineRef, RunRecord, StageManifest, StageSpec
 from .reports import RunReport, StageReport
 from .store import Store
-from .trees import read_tree, store_tree
+from .trees import artifact_present, store_tree
 
 ProgressCallback = Callable[[str, str, str], None]
 """`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry,
@@ -167,9 +167,7 @@ class Execution:
                                    ("failed", "skipped")]
                         if blocked:
                             pending.remove(stage)
-                            reports[stage] = StageReport(stage=stage, outcome="skipped",
-                                                         reason=f"upstream stage {blocked[0]!r} did not succeed")
-                            self.progress("skipped", stage, reports[stage].reason or "")
+                            reports[stage] = self._skip(stage, blocked[0])
                         elif all(u in reports for u in ups) and len(running) < self.jobs:
                             pending.remove(stage)
                             running[pool.submit(self.process, stage)] = stage
@@ -188,6 +186,18 @@ class Execution:
         return RunReport(run_id=self.record.run_id, pipeline=self.record.pipeline.name,
                          ok=all(r.outcome in ("succeeded", "cached") for r in ordered),
                          stages=ordered, store=str(self.store.root))
+
+    def _skip(self, stage: str, blocker: str) -> StageReport:
+        """A stage whose upstream did not succeed: not run, and a manifest it has in this run
+        from an earlier invocation is removed, since this run no longer records the upstream
+        outputs it was made from."""
+        path = self.store.layout.manifest_path(self.record.run_id, stage)
+        if path.exists():
+            durable.unlink(path)
+            durable.fsync_dir(path.parent)
+        reason = f"upstream stage {blocker!r} did not succeed"
+        self.progress("skipped", stage, reason)
+        return StageReport(stage=stage, outcome="skipped", reason=reason)
 
     def _finish(self, reports: list[StageReport]) -> None:
         outcomes = dict(self.record.outcomes)
@@ -208,8 +218,10 @@ class Execution:
             upstream_hashes[up] = manifest.output_hash or ""
             for n, ref in manifest.outputs.items():
                 flat[input_key("upstream", n, up)] = ref
-        paths = stage_input_paths(spec, self.workdir)
-        basenames = {n: Path(paths.get(n, n)).name or n for n in workspace}
+        # From the definition and the snapshot alone: the workspace may have changed since.
+        paths = {n: (code_path(spec, ref.kind) if n == CODE_INPUT else spec.inputs[n])
+                 for n, ref in workspace.items()}
+        basenames = {n: Path(p).name or n for n, p in paths.items()}
         return StageInputs(workspace, upstream, basenames), flat, upstream_hashes
 
     def process(self, stage: str) -> StageReport:
@@ -297,18 +309,7 @@ class Execution:
 
     def _present(self, manifest: StageManifest) -> bool:
         """Every object the manifest's outputs need is in the store (the files of trees too)."""
-        objects = self.store.objects
-        for ref in manifest.outputs.values():
-            if not objects.exists(ref.hash):
-                return False
-            if ref.kind == "tree":
-                try:
-                    listing = read_tree(objects, ref.hash)
-                except StagestoreError:
-                    return False
-                if not all(objects.exists(e.hash) for e in listing.entries if e.hash is not None):
-                    return False
-        return True
+        return all(artifact_present(self.store.objects, ref) for ref in manifest.outputs.values())
 
     def _manifest(self, stage: str, spec: StageSpec, keys: tuple[str, str],
                   flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str], *,

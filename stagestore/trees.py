@@ -100,11 +100,34 @@ def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch,
 
 def hash_artifact(path: Path, what: str) -> ArtifactRef:
     """The ref a workspace file or folder would get if stored now, without storing anything."""
+    return describe_artifact(path, what)[0]
+
+
+def describe_artifact(path: Path, what: str) -> tuple[ArtifactRef, TreeListing | None]:
+    """`hash_artifact`, plus the tree listing for a folder."""
     if path.is_dir():
         listing, total = build_listing(path, lambda p: (hash_file(p), os.stat(p).st_size),
                                        follow_symlinks=True, what=what)
-        return ArtifactRef(hash=digest_bytes(encode_tree(listing)), size=total, kind="tree")
-    return ArtifactRef(hash=hash_file(path), size=os.stat(path).st_size, kind="file")
+        return ArtifactRef(hash=digest_bytes(encode_tree(listing)), size=total, kind="tree"), listing
+    return ArtifactRef(hash=hash_file(path), size=os.stat(path).st_size, kind="file"), None
+
+
+def artifact_present(objects: ObjectStore, ref: ArtifactRef,
+                     gone: Callable[[str], bool] | None = None) -> bool:
+    """Whether every object an artifact needs is in the store: the object itself and, for a
+    tree, every file it lists.  `gone(digest)` marks objects to treat as absent."""
+    def present(digest: str) -> bool:
+        return not (gone and gone(digest)) and objects.exists(digest)
+
+    if not present(ref.hash):
+        return False
+    if ref.kind != "tree":
+        return True
+    try:
+        listing = read_tree(objects, ref.hash)
+    except (CorruptRecordError, InvalidNameError, OSError):
+        return False
+    return all(present(e.hash) for e in listing.entries if e.hash is not None)
 
 
 def encode_tree(listing: TreeListing) -> bytes:

@@ -463,3 +463,59 @@ def test_ctrl_c_stops_the_run_records_no_false_failure_and_recover_completes(ws,
     store = Store.open(ws.store)
     assert recover(store).ok
     _assert_clean(store)
+
+
+
+
+def test_a_stage_failing_after_its_downstream_succeeded_leaves_a_consistent_run(ws, tmp_path):
+    ws.write("up.sh", "echo up > \"$1\"\n")
+    ws.pipeline("""
+        [pipeline]
+        name = "chain"
+        [stages.up]
+        cmd = "sh {inputs.s} {outputs.o} && test ! -e FAIL"
+        shell = true
+        inputs = { s = "up.sh" }
+        outputs = ["o"]
+        [stages.down]
+        upstream = ["up"]
+        cmd = "cp {upstream.up.o} {outputs.o}"
+        shell = true
+        outputs = ["o"]
+    """)
+    store = ws.open_store()
+    assert run(ws.load(), store, run_id="r").ok
+    (ws.root / "FAIL").write_text("")
+    report = run(ws.load(), store, run_id="r", force=True)
+    assert [s.outcome for s in report.stages] == ["failed", "skipped"]
+    assert not store.layout.manifest_path("r", "down").exists()
+    assert verify(store).ok
+
+
+def test_recover_completes_a_call_stage_whose_module_was_deleted_since(ws):
+    ws.write("mod.py", "import os\ndef f(ctx):\n    if os.environ.get('CRASH'):\n        os._exit(1)\n"
+                       "    ctx.outputs['o'].write_text('from the snapshot')\n")
+    ws.pipeline('[pipeline]\nname = "c"\n[stages.s]\ncall = "mod:f"\noutputs = ["o"]\n')
+    store = ws.open_store()
+    os.environ["CRASH"] = "1"
+    try:
+        assert not run(ws.load(), store, run_id="a").ok
+    finally:
+        del os.environ["CRASH"]
+    (ws.root / "mod.py").unlink()
+    assert recover(store).ok
+    manifest = store.manifests.read("a", "s")
+    assert store.objects.read_bytes(manifest.outputs["o"].hash) == b"from the snapshot"
+
+
+def test_recover_removes_a_folder_squatting_on_an_object_name(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    digest = store.manifests.read("a", "report").outputs["text"].hash
+    path = store.objects.path(digest)
+    path.unlink()
+    path.mkdir()
+    assert "object_corrupt" in {f.kind for f in verify(store).problems}
+    assert recover(store).ok
+    _assert_clean(store)

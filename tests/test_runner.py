@@ -338,3 +338,16 @@ def test_editing_a_called_module_reexecutes_its_stage_with_the_new_code(ws):
     store = ws.open_store()
     assert store.objects.read_bytes(store.manifests.read("c", "s").outputs["o"].hash) == b"v2"
     assert "inputs._code" in store.manifests.read("c", "s").inputs
+
+
+def test_a_stage_removing_files_from_its_input_view_harms_nothing(ws):
+    ws.linear()
+    ws.write("steps/count.py", """
+        import os, shutil, sys
+        for name in os.listdir(sys.argv[1]):
+            os.unlink(os.path.join(sys.argv[1], name))
+        open(sys.argv[2], "w").write("0")
+    """)
+    report = _run(ws, run_id="a")
+    assert report.ok
+    assert verify(ws.open_store()).ok

@@ -115,9 +115,8 @@ def recover_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         _json(report)
         return
-    prefix = "would: " if report.dry_run else ""
     for action in report.actions:
-        click.echo(prefix + action.message)
+        click.echo(action.message)
     for problem in report.unresolved:
         _err(f"error: {problem}")
     if not report.actions and not report.unresolved:
