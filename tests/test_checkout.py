@@ -7,7 +7,7 @@ import os
 import msgspec
 import pytest
 
-from stagestore.checkout import checkout
+from stagestore.checkouts import checkout
 from stagestore.errors import StagestoreError
 from stagestore.hashing import EMPTY_DIGEST, canonical_json
 from stagestore.manifests import output_hash

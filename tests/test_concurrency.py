@@ -9,9 +9,9 @@ import time
 
 import msgspec
 
-from stagestore.gc import gc
+from stagestore.reclaim import gc
 from stagestore.store import Store
-from stagestore.verify import verify
+from stagestore.verification import verify
 
 SLOW = """
 [pipeline]
@@ -91,7 +91,7 @@ def test_gc_during_a_run_loses_nothing(ws):
 
 def test_gc_removes_only_unreferenced_objects(ws):
     ws.linear()
-    from stagestore.gc import forget
+    from stagestore.reclaim import forget
     from stagestore.runner import run
 
     store = ws.open_store()

@@ -49,7 +49,7 @@ def test_every_failure_class_is_documented():
 def test_every_verify_finding_kind_is_documented():
     import re
 
-    source = (ROOT / "stagestore" / "verify.py").read_text()
+    source = (ROOT / "stagestore" / "verification.py").read_text()
     kinds = set(re.findall(r'self\.find\(\s*"([a-z_]+)"', source))
     assert {"object_corrupt", "object_missing", "manifest_missing"} <= kinds
     recovery = (ROOT / "docs" / "recovery.md").read_text()

@@ -15,10 +15,10 @@ import pytest
 from stagestore import durable
 from stagestore.layout import StoreLayout
 from stagestore.locking import OwnerLock
-from stagestore.recover import recover
+from stagestore.recovery import recover
 from stagestore.runner import run
 from stagestore.store import Store
-from stagestore.verify import verify
+from stagestore.verification import verify
 
 STAGES = ("make", "count", "report")
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from stagestore.runner import run
-from stagestore.verify import verify
+from stagestore.verification import verify
 
 
 def _run(ws, **kwargs):

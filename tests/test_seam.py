@@ -7,10 +7,10 @@ import sys
 import traceback
 
 from stagestore import durable
-from stagestore.gc import forget, gc
-from stagestore.recover import recover
+from stagestore.reclaim import forget, gc
+from stagestore.recovery import recover
 from stagestore.runner import run
-from stagestore.verify import verify
+from stagestore.verification import verify
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.link", "os.chmod", "os.rmdir",

@@ -121,7 +121,7 @@ def verify(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str |
     With RUN_IDs, checks those runs and the objects they reference; without, the whole store.
     Exit 0 clean (warnings allowed), 1 when a problem is found.
     """
-    from ..verify import verify as verify_store
+    from ..verification import verify as verify_store
 
     store = _open_store(store_dir, pipeline_file)
     progress = render.BytesProgress("verifying") if _live() else None
@@ -150,7 +150,7 @@ def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | N
     after a successful one does nothing.  Exit 0 when the store ends clean, 1 when something
     could not be completed.
     """
-    from ..recover import recover as recover_store
+    from ..recovery import recover as recover_store
 
     store = _open_store(store_dir, pipeline_file)
     live = _live()
@@ -240,7 +240,7 @@ def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> N
 def checkout(run_id: str, stage: str, dest: str, pipeline_file: str | None,
              store_dir: str | None) -> None:
     """Copy a stage's outputs out of the store as DIR/NAME; never writes outside DIR."""
-    from ..checkout import checkout as checkout_outputs
+    from ..checkouts import checkout as checkout_outputs
 
     for path in checkout_outputs(_open_store(store_dir, pipeline_file), run_id, stage, dest):
         click.echo(path)
@@ -266,7 +266,7 @@ def logs(run_id: str, stage: str, pipeline_file: str | None, store_dir: str | No
 @_store_option
 def forget(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str | None) -> None:
     """Remove runs' manifests, so gc can reclaim what only they referenced."""
-    from ..gc import forget as forget_runs
+    from ..reclaim import forget as forget_runs
 
     report = forget_runs(_open_store(store_dir, pipeline_file), run_ids)
     for run_id in report.forgotten:
@@ -284,7 +284,7 @@ def gc(dry_run: bool, timeout: float | None, pipeline_file: str | None, store_di
        as_json: bool) -> None:
     """Delete objects that no manifest references.  Safe while runs are in flight: gc waits
     for them to finish before it decides what is garbage."""
-    from ..gc import gc as collect
+    from ..reclaim import gc as collect
 
     store = _open_store(store_dir, pipeline_file)
     if _live() and _store_busy(store):

@@ -31,7 +31,7 @@ from .runner import ProgressCallback, resume
 from .store import Store
 from .hashing import hash_file
 from .trees import artifact_present, describe_artifact, store_tree
-from .verify import BytesProgress, Verifier, orphaned_temps
+from .verification import BytesProgress, Verifier, orphaned_temps
 
 
 RECOVER_OWNER = "recover"
