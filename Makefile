@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAGESTORE := $(VENV)/bin/stagestore
 DEMO   := .demo
 
-.PHONY: help venv demo test test-long bench schemas docs clean
+.PHONY: help venv demo test test-long schemas docs clean
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff"
