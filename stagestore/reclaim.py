@@ -102,11 +102,14 @@ def referenced_objects(store: Store) -> set[str]:
 
 
 def _remove_stale_run_locks(store: Store) -> None:
-    """Lock files of runs that no longer exist.  Safe only under the exclusive store lock: every
-    process that takes a run lock holds the store lock shared first, so none can be waiting."""
+    """Lock files of runs that no longer exist, and the per-key work locks.  Safe only under the
+    exclusive store lock: every process that takes a run or work lock holds the store lock
+    shared first, so none can hold or be waiting for one now."""
     for entry in os.scandir(store.layout.locks):
         name = entry.name
-        if name.startswith("run-") and name.endswith(".lock"):
+        if name.startswith("work-") and name.endswith(".lock"):
+            durable.unlink(entry.path)
+        elif name.startswith("run-") and name.endswith(".lock"):
             run_id = name[len("run-"):-len(".lock")]
             try:
                 exists = store.manifests.has_run(run_id)

@@ -25,8 +25,8 @@ from .errors import CorruptRecordError, OutputError, PipelineError, UsageError
 from .executor import StageInputs, now
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner, validate_name
-from .locking import owner_locked, store_lock
-from .manifests import output_hash
+from .locking import OwnerLock, owner_locked, store_lock
+from .manifests import cache_key, output_hash
 from .objects import SyncBatch
 from .pipeline import CODE_INPUT, Pipeline, code_path, stage_input_paths
 from .records import ArtifactRef, Failure, PipelineRef, RunRecord, StageManifest, StageSpec
@@ -37,6 +37,11 @@ from .trees import artifact_present, store_tree
 ProgressCallback = Callable[[str, str, str], None]
 """`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry,
 note (a step of a long stage, such as storing a large output)."""
+
+
+def work_owner(keys: tuple[str, str]) -> str:
+    """The lock held while a stage with these keys executes: `work-<cache key hex>`."""
+    return "work-" + cache_key(*keys).removeprefix("blake3:")
 
 
 def new_run_id() -> str:
@@ -248,25 +253,51 @@ class Execution:
             self.progress(outcome, stage, manifest.cached_from or "")
             return rep
 
-        if not self.force:
-            try:
-                existing = manifests.read_optional(run_id, stage)
-            except CorruptRecordError:  # damaged: redo the stage and replace it
-                existing = None
-            if existing is not None and existing.status == "succeeded" and \
-                    (existing.input_hash, existing.config_hash) == keys and self._present(existing):
-                return report("cached" if existing.cached_from else "succeeded", existing)
-            hit = self.store.cache.lookup(*keys)
-            if hit is not None and self._present(hit):
-                manifest = self._manifest(stage, spec, keys, flat, upstream_hashes,
-                                          status="succeeded", outputs=dict(hit.outputs),
-                                          started_at=now(), attempts=0, logs=[], failure=None,
-                                          cached_from=hit.cached_from or hit.run_id)
-                manifests.write(manifest, self.owner)
-                return report("cached", manifest)
-        # Not forced: the lookup above missed.  Forced: an earlier result for comparison.
-        previous = self.store.cache.lookup(*keys) if self.force else None
+        if self.force:
+            # An earlier result with the same keys, to tell whether the stage is deterministic.
+            previous = self.store.cache.lookup(*keys)
+            return self._execute(stage, spec, inputs, keys, flat, upstream_hashes, previous, report)
+        try:
+            existing = manifests.read_optional(run_id, stage)
+        except CorruptRecordError:  # damaged: redo the stage and replace it
+            existing = None
+        if existing is not None and existing.status == "succeeded" and \
+                (existing.input_hash, existing.config_hash) == keys and self._present(existing):
+            return report("cached" if existing.cached_from else "succeeded", existing)
+        reused = self._reuse(stage, spec, keys, flat, upstream_hashes)
+        if reused is not None:
+            return report("cached", reused)
+        # Identical work is done once: another process, or a stage of this run with the same
+        # keys, may be doing it right now.  Wait for it to finish, then look again.
+        lock = OwnerLock(self.store.layout, work_owner(keys))
+        if not lock.try_acquire():
+            self.progress("note", stage, "waiting for identical work in progress elsewhere")
+            lock.acquire()
+        try:
+            reused = self._reuse(stage, spec, keys, flat, upstream_hashes)
+            if reused is not None:
+                return report("cached", reused)
+            return self._execute(stage, spec, inputs, keys, flat, upstream_hashes, None, report)
+        finally:
+            lock.release()
 
+    def _reuse(self, stage: str, spec: StageSpec, keys: tuple[str, str],
+               flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str]) -> StageManifest | None:
+        """Record a cache hit as this run's manifest for the stage, if there is one."""
+        hit = self.store.cache.lookup(*keys)
+        if hit is None or not self._present(hit):
+            return None
+        manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="succeeded",
+                                  outputs=dict(hit.outputs), started_at=now(), attempts=0,
+                                  logs=[], failure=None, cached_from=hit.cached_from or hit.run_id)
+        self.store.manifests.write(manifest, self.owner)
+        return manifest
+
+    def _execute(self, stage: str, spec: StageSpec, inputs: StageInputs, keys: tuple[str, str],
+                 flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str],
+                 previous: StageManifest | None, report: Callable[..., StageReport]) -> StageReport:
+        run_id = self.record.run_id
+        manifests = self.store.manifests
         self.progress("start", stage, "")
         started_at = now()
         logs = []

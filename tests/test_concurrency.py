@@ -108,3 +108,35 @@ def test_gc_removes_only_unreferenced_objects(ws):
     assert all(store.objects.exists(h) for h in kept)
     assert verify(store).ok
     assert gc(store).objects_removed == 0
+
+
+COUNTED = """
+[pipeline]
+name = "counted"
+
+[stages.first]
+cmd = "echo first >> {log}; sleep 0.5; echo one > {{outputs.o}}"
+shell = true
+outputs = ["o"]
+
+[stages.second]
+upstream = ["first"]
+cmd = "echo second >> {log}; sleep 0.5; cat {{upstream.first.o}} > {{outputs.o}}"
+shell = true
+outputs = ["o"]
+"""
+
+
+def test_identical_work_in_concurrent_runs_is_done_once(ws, tmp_path):
+    log = tmp_path / "executions"
+    ws.write("stagestore.toml", COUNTED.format(log=log))
+    procs = [_spawn(ws, "--run-id", f"r{i}", "--json") for i in range(3)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        reports.append(msgspec.json.decode(out))
+    assert sorted(log.read_text().split()) == ["first", "second"]
+    executed = [s["stage"] for r in reports for s in r["stages"] if s["executed"]]
+    assert sorted(executed) == ["first", "second"]
+    assert verify(Store.open(ws.store)).ok
