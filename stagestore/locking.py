@@ -47,16 +47,6 @@ class OwnerLock:
         self._fd = fd
         return True
 
-    def acquire(self) -> None:
-        """Wait until the lock is free, then take it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

@@ -272,7 +272,9 @@ class Execution:
         lock = OwnerLock(self.store.layout, work_owner(keys))
         if not lock.try_acquire():
             self.progress("note", stage, "waiting for identical work in progress elsewhere")
-            lock.acquire()
+            while not lock.try_acquire():  # polled, so that an interrupt is not held up
+                if executor.stopping.wait(0.05):
+                    raise executor.Interrupted()
         try:
             reused = self._reuse(stage, spec, keys, flat, upstream_hashes)
             if reused is not None:
