@@ -52,7 +52,8 @@ def test_concurrent_runs_of_two_pipelines_on_one_store_both_succeed(ws):
 
 
 def test_the_same_run_id_is_never_run_by_two_processes(ws):
-    ws.write("stagestore.toml", SLOW.format(tag="x"))
+    # Slow enough that the second process surely starts while the first holds the run.
+    ws.write("stagestore.toml", SLOW.format(tag="x").replace("sleep 0.4", "sleep 2"))
     first = _spawn(ws, "--run-id", "shared")
     time.sleep(0.2)
     deadline = time.monotonic() + 10

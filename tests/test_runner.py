@@ -307,7 +307,7 @@ def test_a_changed_definition_under_an_existing_run_id_is_refused(ws):
 
 
 def test_jobs_run_independent_stages_side_by_side(ws):
-    ws.write("w.py", "import sys, time\ntime.sleep(0.3)\nopen(sys.argv[1], 'w').write(sys.argv[2])\n")
+    ws.write("w.py", "import sys, time\ntime.sleep(1)\nopen(sys.argv[1], 'w').write(sys.argv[2])\n")
     stages = "\n".join(f"""
 [stages.s{i}]
 cmd = ["python", "{{inputs.w}}", "{{outputs.o}}", "{i}"]
