@@ -58,10 +58,10 @@ class ObjectStore:
         except FileNotFoundError:
             raise ObjectMissingError(digest) from None
 
-    def _shard(self, digest: str, batch: SyncBatch | None) -> Path:
+    def _shard(self, digest: str) -> Path:
+        """The object's path, its shard folder created (and made durable) if it is new."""
         target = self.path(digest)
-        if durable.mkdir(target.parent) and batch is not None:
-            batch.add(target.parent.parent)
+        durable.mkdir(target.parent)
         return target
 
     def put_bytes(self, data: bytes, owner: str, batch: SyncBatch | None = None) -> str:
@@ -73,7 +73,7 @@ class ObjectStore:
             # folder: sync it again before anything of ours names it.
             self._synced(path.parent, batch)
             return digest
-        target = self._shard(digest, batch)
+        target = self._shard(digest)
         tmp = self.layout.new_tmp_path(owner, "object")
         fd = durable.create_exclusive(tmp, OBJECT_MODE)
         try:
@@ -106,7 +106,7 @@ class ObjectStore:
         digest = hash_file(path, st.st_size)
         # Even when the object exists, the fresh file (whose hash was just computed) replaces
         # it: re-running a stage then repairs an object that was damaged in place.
-        target = self._shard(digest, batch)
+        target = self._shard(digest)
         durable.chmod(path, OBJECT_MODE)
         durable.fsync_file(path)
         durable.rename(path, target)
