@@ -19,14 +19,15 @@ from typing import Any
 class StageContext(SimpleNamespace):
     """What a called stage gets: paths as `pathlib.Path`, params as decoded TOML values.
 
-    Attributes: `run_id`, `stage`, `params` (dict), `inputs` (name -> Path), `upstream`
+    Attributes: `run_id`, `stage`, `item` (the item id, or None outside an item run),
+    `params` (dict), `inputs` (name -> Path), `upstream`
     (stage -> name -> Path), `outputs` (name -> Path to create), `out_dir` (Path), `workdir`.
     """
 
 
 def build_context(data: dict[str, Any]) -> StageContext:
     return StageContext(
-        run_id=data["run_id"], stage=data["stage"], params=data["params"],
+        run_id=data["run_id"], stage=data["stage"], item=data.get("item"), params=data["params"],
         workdir=Path(data["workdir"]), out_dir=Path(data["out_dir"]),
         inputs={k: Path(v) for k, v in data["inputs"].items()},
         upstream={s: {k: Path(v) for k, v in outs.items()} for s, outs in data["upstream"].items()},

@@ -27,27 +27,19 @@ from pathlib import Path
 
 from . import durable
 from .errors import OutputError, StagestoreError
+from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INPUT_MODIFIED,
+                       KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, VALIDATION,
+                       classify)
 from .objects import ObjectStore, SyncBatch
-from .pipeline import CODE_INPUT, Placeholder, command_template, render
-from .records import ArtifactRef, AttemptLog, Failure, StageSpec
+from .pipeline import CODE_INPUT, Placeholder, check_command, command_template, parse_size, render
+from .records import ArtifactRef, AttemptLog, Check, Failure, StageSpec
 from .trees import materialize, read_tree, store_tree
 
 LARGE_OUTPUT = 64 << 20  # outputs this big get a progress note while they are hashed and stored
 SIGNAL_LINES = 20
 SIGNAL_CHARS = 2000
 
-# Failure classes of the runner's own (a stage's non-zero exit is a BuildFailure).
-BUILD_FAILURE = "BuildFailure"
-TIMEOUT = "TimeoutFailure"
-KILLED = "SignalFailure"
-OUTPUT_MISSING = "OutputMissingFailure"
-OUTPUT_INVALID = "OutputInvalidFailure"
-INPUT_EMPTY = "InputEmptyFailure"
-INPUT_MODIFIED = "InputModifiedFailure"
-INPUT_MISSING = "InputMissingFailure"
-UPSTREAM_MISSING = "UpstreamMissingFailure"
-DISK_FULL = "DiskFullFailure"
-LAUNCH = "LaunchFailure"
+CLASSIFY_BYTES = 1 << 20  # the tail of stderr that classify rules search
 
 
 def now() -> datetime:
@@ -66,10 +58,11 @@ class StageInputs:
 
 class AttemptResult:
     def __init__(self, log: AttemptLog, outputs: dict[str, ArtifactRef] | None,
-                 failure: Failure | None) -> None:
+                 failure: Failure | None, warnings: list[str]) -> None:
         self.log = log
         self.outputs = outputs
-        self.failure = failure
+        self.failure = failure  # classified: class, category, domain
+        self.warnings = warnings  # failed non-critical checks, in sampling mode
 
 
 # --- child process control -------------------------------------------------------------------
@@ -131,8 +124,11 @@ _child_setup = _child_setup_factory()
 class Attempt:
     def __init__(self, *, objects: ObjectStore, owner: str, folder: Path, workdir: Path,
                  run_id: str, stage: str, spec: StageSpec, inputs: StageInputs, number: int,
+                 item: str | None = None, sampling: bool = False,
                  note: Callable[[str], None] | None = None) -> None:
         self.note = note or (lambda message: None)
+        self.item = item
+        self.sampling = sampling
         self.objects = objects
         self.owner = owner
         self.folder = folder
@@ -171,6 +167,8 @@ class Attempt:
         durable.temp_dir(self.in_dir)
         durable.temp_dir(self.out_dir)
         values: dict[str, str] = {"run_id": self.run_id}
+        if self.item is not None:
+            values["item"] = self.item
         if self.inputs.workspace:
             durable.temp_dir(self.in_dir / "inputs")
         for name, ref in self.inputs.workspace.items():
@@ -198,15 +196,16 @@ class Attempt:
 
     def _resolve(self, values: dict[str, str]):  # noqa: ANN202
         def resolve(ref: Placeholder) -> str:
-            key = "run_id" if ref.kind == "run_id" else (
+            key = ref.kind if ref.kind in ("run_id", "item") else (
                 f"upstream.{ref.stage}.{ref.name}" if ref.kind == "upstream" else f"{ref.kind}.{ref.name}")
             return values[key]
         return resolve
 
-    def argv(self, values: dict[str, str]) -> list[str]:
-        if self.spec.call is not None:
+    def argv(self, values: dict[str, str], template: list[str] | None = None) -> list[str]:
+        if self.spec.call is not None and template is None:
             context = {
                 "call": self.spec.call, "run_id": self.run_id, "stage": self.stage,
+                "item": self.item,
                 "workdir": str(self.workdir), "out_dir": str(self.out_dir),
                 "params": self.spec.params,
                 "inputs": {n: values[f"inputs.{n}"] for n in self.inputs.workspace
@@ -219,9 +218,10 @@ class Attempt:
             context_path = self.folder / "context.json"
             durable.write_temp(context_path, json.dumps(context, default=str).encode())
             return [sys.executable, "-m", "stagestore.callstage", str(context_path)]
-        template = command_template(self.spec)
+        shell = self.spec.shell if template is None else False
+        template = command_template(self.spec) if template is None else template
         resolve = self._resolve(values)
-        if self.spec.shell:
+        if shell:
             import shlex
 
             quoted = {key: shlex.quote(value) for key, value in values.items()}
@@ -238,6 +238,8 @@ class Attempt:
             "STAGESTORE_PARAMS": json.dumps(self.spec.params, default=str, sort_keys=True),
             "STAGESTORE_ATTEMPT": str(self.number),
         })
+        if self.item is not None:
+            env["STAGESTORE_ITEM"] = self.item
         return env
 
     def execute(self, batch: SyncBatch) -> AttemptResult:
@@ -245,6 +247,7 @@ class Attempt:
         failure: Failure | None = None
         exit_code: int | None = None
         outputs: dict[str, ArtifactRef] | None = None
+        warnings: list[str] = []
         try:
             try:
                 values = self.prepare()
@@ -259,15 +262,93 @@ class Attempt:
                 # Checked whatever the exit code: a failing stage may have damaged an input too.
                 failure = self._inputs_unchanged() or failure
             if failure is None:
+                failure, warnings = self._run_checks(values)
+            if failure is None:
                 outputs, failure = self._commit_outputs(batch)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             failure = Failure(class_=DISK_FULL, signal=f"{exc.strerror}: {exc.filename}")
+        if failure is not None:
+            failure = classify(self.spec, failure, self._stderr_tail(CLASSIFY_BYTES))
         stdout_digest, stderr_digest = self._commit_logs(batch)
         log = AttemptLog(attempt=self.number, stdout=stdout_digest, stderr=stderr_digest,
                          exit_code=exit_code, started_at=started, finished_at=now(), failure=failure)
-        return AttemptResult(log, outputs if failure is None else None, failure)
+        return AttemptResult(log, outputs if failure is None else None, failure, warnings)
+
+    # --- quality gates ---
+
+    def _run_checks(self, values: dict[str, str]) -> tuple[Failure | None, list[str]]:
+        """Every check on the outputs as they lie in out/, before anything is committed.  A
+        failed check is a ValidationFailure, except a non-critical one in sampling mode, which
+        becomes a warning."""
+        warnings: list[str] = []
+        for index, check in enumerate(self.spec.checks):
+            problem = self._check(index, check, values)
+            if problem is None:
+                continue
+            if self.sampling and not check.critical:
+                warnings.append(problem)
+            else:
+                return Failure(class_=VALIDATION, signal=problem), warnings
+        return None, warnings
+
+    def _check(self, index: int, check: Check, values: dict[str, str]) -> str | None:
+        if check.cmd is not None:
+            return self._check_command(index, check, values)
+        for name in [check.output] if check.output else self.spec.outputs:
+            path = self.out_dir / name
+            what = f"check {check.check!r} on output {name!r}"
+            if not os.path.lexists(path):
+                return None  # reported as OutputMissingFailure by the commit
+            files = _files_under(path)
+            if check.check == "nonempty" and not any(os.path.getsize(f) for f in files):
+                return f"{what}: " + ("the file is empty" if path.is_file()
+                                      else "the folder holds no non-empty file")
+            if check.check == "max_bytes":
+                limit = parse_size(check.limit or 0)
+                total = sum(os.path.getsize(f) for f in files)
+                if total > limit:
+                    return f"{what}: {total} bytes, over the limit of {limit}"
+            if check.check == "json":
+                import msgspec
+
+                for file in files if path.is_file() else [f for f in files if f.suffix == ".json"]:
+                    try:
+                        msgspec.json.decode(file.read_bytes())
+                    except msgspec.DecodeError as exc:
+                        where = name if file == path else f"{name}/{file.relative_to(path)}"
+                        return f"{what}: {where} is not valid JSON: {exc}"
+        return None
+
+    def _check_command(self, index: int, check: Check, values: dict[str, str]) -> str | None:
+        argv = self.argv(values, check_command(check))
+        stderr_path = self.folder / f"check-{index}.stderr"
+        with open(stderr_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(argv, cwd=self.workdir, env=self.environment(),
+                                        stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                        start_new_session=True, preexec_fn=_child_setup)
+            except OSError as exc:
+                return f"check {index} cannot start {argv[0]!r}: {exc.strerror}"
+            with _live_lock:
+                _live.add(proc)
+            try:
+                code = proc.wait(timeout=self.spec.timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            finally:
+                _kill_group(proc)
+                proc.wait()
+                with _live_lock:
+                    _live.discard(proc)
+        if stopping.is_set():
+            raise Interrupted()
+        if code == 0:
+            return None
+        tail = _tail_lines(stderr_path)
+        ended = "timed out" if code is None else f"exited with code {code}"
+        return f"check command `{' '.join(argv)[:200]}` {ended}" + (f": {tail}" if tail else "")
 
     def _entry_check(self) -> Failure | None:
         for name, ref in self.inputs.workspace.items():
@@ -317,17 +398,10 @@ class Attempt:
         return 0, None
 
     def _signal(self, fallback: str) -> str:
-        try:
-            with open(self.stderr_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 64 * 1024))
-                tail = f.read().decode("utf-8", "replace")
-        except OSError:
-            tail = ""
-        lines = [line.rstrip() for line in tail.splitlines() if line.strip()]
-        text = "\n".join(lines[-SIGNAL_LINES:])[-SIGNAL_CHARS:]
-        return text or fallback
+        return _tail_lines(self.stderr_path) or fallback
+
+    def _stderr_tail(self, limit: int) -> str:
+        return _read_tail(self.stderr_path, limit)
 
     def _inputs_unchanged(self) -> Failure | None:
         for path, before in self._linked.items():
@@ -381,6 +455,28 @@ class Attempt:
     def cleanup(self) -> None:
         if self.folder.exists():
             durable.rmtree(self.folder)
+
+
+def _read_tail(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _tail_lines(path: Path) -> str:
+    """The last non-blank lines of a log: what a failure's `signal` shows."""
+    lines = [line.rstrip() for line in _read_tail(path, 64 * 1024).splitlines() if line.strip()]
+    return "\n".join(lines[-SIGNAL_LINES:])[-SIGNAL_CHARS:]
+
+
+def _files_under(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    return sorted(Path(root) / name for root, _, names in os.walk(path) for name in names)
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int]:

@@ -24,6 +24,9 @@ _MAX_COMPONENT_BYTES = 255
 _MAX_PATH_BYTES = 4096
 # Separates the owner of a temp entry from the rest of its name; never valid in a name.
 TMP_SEP = "~"
+# The folder of a run holding one folder per item (`runs/<run_id>/items/<item>/`).  A stage named
+# `items` has its manifest at `items.json`, so the two never collide.
+ITEMS_DIR = "items"
 
 
 def validate_name(name: object, what: str = "name") -> str:
@@ -33,6 +36,64 @@ def validate_name(name: object, what: str = "name") -> str:
             f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-', starting with a "
             "letter or digit (at most 128 characters)")
     return name
+
+
+_ITEM_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_MAX_ITEM_DIRNAME = 200
+
+
+def item_dirname(item: object) -> str:
+    """The folder name of an item id: reversibly percent-encoded, so any id is a safe name.
+
+    Letters, digits, `.`, `_` and `-` stay; every other character becomes `%XX` per UTF-8
+    byte, and so does a leading `.`.  `gcc/12` becomes `gcc%2F12`; `item_id` decodes it.
+    Refused: an empty id, leading or trailing whitespace, a NUL, and an encoding over 200 bytes.
+    """
+    if not isinstance(item, str) or not item or item != item.strip() or "\x00" in item:
+        raise InvalidNameError(
+            f"invalid item id {item!r}: it must be non-empty, without a NUL and without leading "
+            "or trailing whitespace")
+    try:
+        data = item.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"invalid item id {item!r}: not valid UTF-8") from None
+    out = []
+    for index, byte in enumerate(data):
+        char = chr(byte)
+        if char in _ITEM_SAFE and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.append(f"%{byte:02X}")
+    name = "".join(out)
+    if len(name) > _MAX_ITEM_DIRNAME:
+        raise InvalidNameError(f"invalid item id {item[:60]!r}...: too long (its folder name "
+                               f"would be {len(name)} bytes; at most {_MAX_ITEM_DIRNAME})")
+    return name
+
+
+def item_id(dirname: str) -> str:
+    """The item id an item folder name encodes; `InvalidNameError` if it is not one
+    `item_dirname` would write (so every folder name maps to exactly one id and back)."""
+    try:
+        item = _percent_decode(dirname)
+        if item_dirname(item) == dirname:
+            return item
+    except (ValueError, UnicodeDecodeError, InvalidNameError):
+        pass
+    raise InvalidNameError(f"{dirname!r} is not a valid item folder name")
+
+
+def _percent_decode(name: str) -> str:
+    data = bytearray()
+    index = 0
+    while index < len(name):
+        if name[index] == "%":
+            data.append(int(name[index + 1:index + 3], 16))
+            index += 3
+        else:
+            data.extend(name[index].encode("ascii"))
+            index += 1
+    return data.decode("utf-8")
 
 
 def validate_relpath(path: object, what: str = "path") -> str:
@@ -89,8 +150,21 @@ class StoreLayout:
     def run_dir(self, run_id: str) -> Path:
         return self.runs / validate_name(run_id, "run id")
 
-    def manifest_path(self, run_id: str, stage: str) -> Path:
-        return self.run_dir(run_id) / f"{validate_name(stage, 'stage name')}.json"
+    def scope_dir(self, run_id: str, item: str | None = None) -> Path:
+        """Where a run's manifests live: the run folder, or an item's folder inside it."""
+        if item is None:
+            return self.run_dir(run_id)
+        return self.run_dir(run_id) / ITEMS_DIR / item_dirname(item)
+
+    def items_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / ITEMS_DIR
+
+    def manifest_path(self, run_id: str, stage: str, item: str | None = None) -> Path:
+        return self.scope_dir(run_id, item) / f"{validate_name(stage, 'stage name')}.json"
+
+    def item_record_path(self, run_id: str, item: str) -> Path:
+        # `_item.json` cannot collide with a stage manifest, as `_run.json` cannot.
+        return self.scope_dir(run_id, item) / "_item.json"
 
     def run_record_path(self, run_id: str) -> Path:
         # Stage names start with a letter or digit, so `_run.json` never collides with one.

@@ -16,12 +16,13 @@ from pathlib import Path
 from . import durable
 from .errors import CorruptRecordError, InvalidNameError, RunNotFoundError
 from .hashing import digest_canonical, is_digest
-from .layout import StoreLayout, validate_name
-from .records import CacheEntry, RunRecord, StageManifest, decode_record, encode_record
+from .layout import ITEMS_DIR, StoreLayout, item_id, validate_name
+from .records import CacheEntry, ItemRecord, RunRecord, StageManifest, decode_record, encode_record
 
 
 class ManifestStore:
-    """Reads and writes `runs/<run_id>/<stage>.json` and `runs/<run_id>/_run.json`."""
+    """Reads and writes `runs/<run_id>/<stage>.json`, `runs/<run_id>/_run.json` and, for item
+    runs, `runs/<run_id>/items/<item>/<stage>.json` and `.../_item.json`."""
 
     def __init__(self, layout: StoreLayout) -> None:
         self.layout = layout
@@ -34,11 +35,29 @@ class ManifestStore:
             durable.mkdir(run_dir)
         return run_dir
 
+    def _ensure_scope_dir(self, run_id: str, item: str | None) -> Path:
+        self._ensure_run_dir(run_id)
+        if item is None:
+            return self.layout.run_dir(run_id)
+        scope = self.layout.scope_dir(run_id, item)
+        if not scope.is_dir():
+            if not scope.parent.is_dir():
+                durable.mkdir(scope.parent)
+            durable.mkdir(scope)
+        return scope
+
     def write(self, manifest: StageManifest, owner: str) -> Path:
-        self._ensure_run_dir(manifest.run_id)
-        path = self.layout.manifest_path(manifest.run_id, manifest.stage)
+        self._ensure_scope_dir(manifest.run_id, manifest.item)
+        path = self.layout.manifest_path(manifest.run_id, manifest.stage, manifest.item)
         durable.write_file_atomic(path, encode_record(manifest),
                                   self.layout.new_tmp_path(owner, "manifest"))
+        return path
+
+    def write_item(self, record: ItemRecord, owner: str) -> Path:
+        self._ensure_scope_dir(record.run_id, record.item)
+        path = self.layout.item_record_path(record.run_id, record.item)
+        durable.write_file_atomic(path, encode_record(record),
+                                  self.layout.new_tmp_path(owner, "item"))
         return path
 
     def write_run(self, record: RunRecord, owner: str) -> Path:
@@ -58,17 +77,51 @@ class ManifestStore:
 
     # --- reading ---
 
-    def read(self, run_id: str, stage: str) -> StageManifest:
-        path = self.layout.manifest_path(run_id, stage)
+    def read(self, run_id: str, stage: str, item: str | None = None) -> StageManifest:
+        path = self.layout.manifest_path(run_id, stage, item)
         manifest: StageManifest = decode_record(path.read_bytes(), StageManifest, str(path))
-        check_manifest(manifest, run_id, stage, str(path))
+        check_manifest(manifest, run_id, stage, str(path), item)
         return manifest
 
-    def read_optional(self, run_id: str, stage: str) -> StageManifest | None:
+    def read_optional(self, run_id: str, stage: str, item: str | None = None) -> StageManifest | None:
         try:
-            return self.read(run_id, stage)
+            return self.read(run_id, stage, item)
         except FileNotFoundError:
             return None
+
+    def read_item(self, run_id: str, item: str) -> ItemRecord:
+        path = self.layout.item_record_path(run_id, item)
+        record: ItemRecord = decode_record(path.read_bytes(), ItemRecord, str(path))
+        if record.run_id != run_id or record.item != item:
+            raise CorruptRecordError(f"{path}: records run {record.run_id!r} item {record.item!r}",
+                                     path=str(path))
+        return record
+
+    def read_item_optional(self, run_id: str, item: str) -> ItemRecord | None:
+        try:
+            return self.read_item(run_id, item)
+        except FileNotFoundError:
+            return None
+
+    def items(self, run_id: str) -> list[str]:
+        """Item ids that have a folder in the run, sorted by folder name; others are strays."""
+        return sorted(item for item, ok in self._item_entries(run_id) if ok)
+
+    def item_strays(self, run_id: str) -> list[str]:
+        return sorted(name for name, ok in self._item_entries(run_id) if not ok)
+
+    def _item_entries(self, run_id: str) -> list[tuple[str, bool]]:
+        found = []
+        try:
+            entries = list(os.scandir(self.layout.items_dir(run_id)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            try:
+                found.append((item_id(entry.name), entry.is_dir(follow_symlinks=False)))
+            except InvalidNameError:
+                found.append((entry.name, False))
+        return [(name, ok) for name, ok in found]
 
     def read_run(self, run_id: str) -> RunRecord:
         path = self.layout.run_record_path(run_id)
@@ -100,21 +153,23 @@ class ManifestStore:
                 found.append((entry.name, entry.stat().st_mtime_ns))
         return [name for name, _ in sorted(found, key=lambda item: (item[1], item[0]))]
 
-    def stages(self, run_id: str) -> list[str]:
-        """Stage names that have a manifest file in the run (decodable or not), sorted."""
-        return sorted(name for name, ok in self._entries(run_id) if ok)
+    def stages(self, run_id: str, item: str | None = None) -> list[str]:
+        """Stage names that have a manifest file in the run or item (decodable or not), sorted."""
+        return sorted(name for name, ok in self._entries(run_id, item) if ok)
 
-    def strays(self, run_id: str) -> list[str]:
-        """Entries of a run folder that are neither the run record nor a stage manifest."""
-        return sorted(name for name, ok in self._entries(run_id) if not ok)
+    def strays(self, run_id: str, item: str | None = None) -> list[str]:
+        """Entries of a run or item folder that are neither its record nor a stage manifest."""
+        return sorted(name for name, ok in self._entries(run_id, item) if not ok)
 
-    def _entries(self, run_id: str) -> list[tuple[str, bool]]:
-        run_dir = self.layout.run_dir(run_id)
-        if not run_dir.is_dir():
+    def _entries(self, run_id: str, item: str | None = None) -> list[tuple[str, bool]]:
+        folder = self.layout.scope_dir(run_id, item)
+        if not folder.is_dir():
             return []
         found = []
-        for entry in os.scandir(run_dir):
-            if entry.name == "_run.json":
+        for entry in os.scandir(folder):
+            if entry.name == ("_run.json" if item is None else "_item.json"):
+                continue
+            if item is None and entry.name == ITEMS_DIR and entry.is_dir(follow_symlinks=False):
                 continue
             stage = entry.name[:-5] if entry.name.endswith(".json") else None
             try:
@@ -124,26 +179,33 @@ class ManifestStore:
             found.append((stage if ok else entry.name, ok))
         return found
 
-    def iter_manifests(self) -> Iterator[tuple[str, str, StageManifest | Exception]]:
-        """(run, stage, manifest or the error decoding it) for every manifest in the store."""
-        for run_id in self.runs():
-            for stage in self.stages(run_id):
-                try:
-                    yield run_id, stage, self.read(run_id, stage)
-                except (CorruptRecordError, InvalidNameError, OSError) as exc:
-                    yield run_id, stage, exc
-                except Exception as exc:  # FormatVersionError and friends
-                    yield run_id, stage, exc
+    def scopes(self, run_id: str) -> list[str | None]:
+        """The run itself (None), then each of its items."""
+        return [None, *self.items(run_id)]
+
+    def iter_manifests(self, run_ids: list[str] | None = None) -> Iterator[
+            tuple[str, str | None, str, StageManifest | Exception]]:
+        """(run, item, stage, manifest or the error decoding it) for every manifest in the
+        store (or in `run_ids`); item is None for a stage that runs once per run."""
+        for run_id in self.runs() if run_ids is None else run_ids:
+            for item in self.scopes(run_id):
+                for stage in self.stages(run_id, item):
+                    try:
+                        yield run_id, item, stage, self.read(run_id, stage, item)
+                    except Exception as exc:  # noqa: BLE001 - corrupt, newer format, unreadable
+                        yield run_id, item, stage, exc
 
 
-def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str) -> None:
+def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str,
+                   item: str | None = None) -> None:
     """The checks msgspec's types cannot express: names, digests, self-consistency."""
 
     def bad(message: str) -> CorruptRecordError:
         return CorruptRecordError(f"{where}: {message}", path=where)
 
-    if manifest.run_id != run_id or manifest.stage != stage:
-        raise bad(f"records run {manifest.run_id!r} stage {manifest.stage!r}")
+    if manifest.run_id != run_id or manifest.stage != stage or manifest.item != item:
+        raise bad(f"records run {manifest.run_id!r} stage {manifest.stage!r}"
+                  + (f" item {manifest.item!r}" if manifest.item is not None else ""))
     try:
         for name in manifest.outputs:
             validate_name(name, "output name")
@@ -167,12 +229,14 @@ def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str)
     for value in hashes:
         if not is_digest(value):
             raise bad(f"{value!r} is not a blake3 digest")
-    if manifest.status == "succeeded":
+    if manifest.status in ("succeeded", "degraded"):
         if manifest.output_hash != output_hash(manifest.outputs):
             raise bad("output_hash does not match its outputs")
-        if manifest.failure is not None:
-            raise bad("a succeeded manifest carries a failure")
-    elif manifest.output_hash is not None or manifest.outputs:
+    if manifest.status == "succeeded" and manifest.failure is not None:
+        raise bad("a succeeded manifest carries a failure")
+    if manifest.status == "degraded" and (manifest.failure is None or manifest.degraded_from is None):
+        raise bad("a degraded manifest must carry its failure and the run it fell back to")
+    if manifest.status == "failed" and (manifest.output_hash is not None or manifest.outputs):
         raise bad("a failed manifest carries outputs")
 
 
@@ -197,7 +261,7 @@ class CacheIndex:
         path = self.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash))
         if not path.parent.is_dir():
             durable.makedirs(path.parent)
-        entry = CacheEntry(run_id=manifest.run_id, stage=manifest.stage,
+        entry = CacheEntry(run_id=manifest.run_id, item=manifest.item, stage=manifest.stage,
                            input_hash=manifest.input_hash, config_hash=manifest.config_hash)
         durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))
 
@@ -206,7 +270,7 @@ class CacheIndex:
         path = self.layout.cache_entry_path(cache_key(input_hash, config_hash))
         try:
             entry: CacheEntry = decode_record(path.read_bytes(), CacheEntry, str(path))
-            manifest = self.manifests.read(entry.run_id, entry.stage)
+            manifest = self.manifests.read(entry.run_id, entry.stage, entry.item)
         except (OSError, CorruptRecordError, InvalidNameError):
             return None
         except Exception:  # a newer-format manifest: not ours to reuse

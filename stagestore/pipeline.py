@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidNameError, PipelineError, StageNotFoundError
-from .records import PipelineDef, PipelineMeta, StageSpec
+from .records import Check, PipelineDef, PipelineMeta, StageSpec
 from .layout import validate_name
 
 DEFAULT_PIPELINE_FILE = "stagestore.toml"
@@ -24,7 +24,7 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Placeholder(msgspec.Struct, frozen=True):
-    """A parsed `{...}` reference: kind is inputs, upstream, outputs, params or run_id."""
+    """A parsed `{...}` reference: kind is inputs, upstream, outputs, params, run_id or item."""
 
     kind: str
     name: str = ""
@@ -32,8 +32,8 @@ class Placeholder(msgspec.Struct, frozen=True):
 
     @property
     def text(self) -> str:
-        if self.kind == "run_id":
-            return "{run_id}"
+        if self.kind in ("run_id", "item"):
+            return "{" + self.kind + "}"
         if self.kind == "upstream":
             return f"{{upstream.{self.stage}.{self.name}}}"
         return f"{{{self.kind}.{self.name}}}"
@@ -41,15 +41,15 @@ class Placeholder(msgspec.Struct, frozen=True):
 
 def parse_placeholder(body: str) -> Placeholder:
     parts = body.split(".")
-    if parts == ["run_id"]:
-        return Placeholder("run_id")
+    if parts in (["run_id"], ["item"]):
+        return Placeholder(parts[0])
     if len(parts) == 2 and parts[0] in ("inputs", "outputs", "params") and parts[1]:
         return Placeholder(parts[0], parts[1])
     if len(parts) == 3 and parts[0] == "upstream" and parts[1] and parts[2]:
         return Placeholder("upstream", parts[2], parts[1])
     raise ValueError(
         f"unknown placeholder {{{body}}}: use {{inputs.NAME}}, {{upstream.STAGE.NAME}}, "
-        "{outputs.NAME}, {params.KEY} or {run_id} (write {{ and }} for literal braces)")
+        "{outputs.NAME}, {params.KEY}, {run_id} or {item} (write {{ and }} for literal braces)")
 
 
 def placeholders(text: str) -> list[Placeholder]:
@@ -109,6 +109,56 @@ def stage_input_paths(spec: StageSpec, workdir: Path) -> dict[str, str]:
     return paths
 
 
+def uses_item(spec: StageSpec) -> bool:
+    """The stage names `{item}` in its command or an input path, or says `per_item = true`."""
+    if spec.per_item:
+        return True
+    texts = [*command_template(spec), *spec.inputs.values()]
+    return any(ref.kind == "item" for text in texts for ref in _safe_placeholders(text))
+
+
+def _safe_placeholders(text: str) -> list[Placeholder]:
+    try:
+        return placeholders(text)
+    except ValueError:
+        return []
+
+
+def item_stages(stages: dict[str, StageSpec]) -> set[str]:
+    """Stages that run once per item: those using `{item}` and everything downstream of them."""
+    found: set[str] = set()
+    for name in topological_order(stages):
+        spec = stages[name]
+        if uses_item(spec) or any(up in found for up in spec.upstream):
+            found.add(name)
+    return found
+
+
+def render_item_path(relpath: str, item: str) -> str:
+    """An input path with `{item}` filled in (the only placeholder an input path may hold)."""
+    return render(relpath, lambda ref: item)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an integer or a string such as `512MiB` or `2 GB` (KiB: 1024, KB: 1000)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative: {value}")
+        return value
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (write bytes, or a number with B, KB, MB, GB, "
+                         "TB, KiB, MiB, GiB or TiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
 class Pipeline:
     """A validated pipeline: its definition, the file it came from and the stage graph."""
 
@@ -134,6 +184,9 @@ class Pipeline:
     def order(self) -> list[str]:
         """Stages in dependency order; ties keep the order of the file."""
         return topological_order(self.stages)
+
+    def item_stages(self) -> set[str]:
+        return item_stages(self.stages)
 
     def check_stage_names(self, names: Iterable[str]) -> None:
         for name in names:
@@ -287,6 +340,8 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
         _validate_stage(name, spec, stages, fail)
         if check_inputs:
             for input_name, relpath in spec.inputs.items():
+                if any(ref.kind == "item" for ref in _safe_placeholders(relpath)):
+                    continue  # checked per item, when the item starts
                 target = pipeline.input_path(relpath)
                 try:
                     mode = os.stat(target).st_mode
@@ -328,6 +383,13 @@ def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
     for input_name, relpath in spec.inputs.items():
         if not relpath.strip():
             raise fail(f"input {input_name!r} has an empty path", name, "inputs")
+        try:
+            refs = placeholders(relpath)
+        except ValueError as exc:
+            raise fail(f"input {input_name!r}: {exc}", name, "inputs") from None
+        if any(ref.kind != "item" for ref in refs):
+            raise fail(f"input {input_name!r}: an input path may hold only the {{item}} "
+                       "placeholder", name, "inputs")
     for up in spec.upstream:
         if up == name:
             raise fail("a stage cannot be its own upstream", name, "upstream")
@@ -354,15 +416,78 @@ def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
         raise fail(f"cannot split the command: {exc}", name, "cmd") from None
     if spec.cmd is not None and (not template or not template[0].strip()):
         raise fail("the command is empty", name, "cmd")
+    _check_templates(template, spec, stages, lambda problem: fail(problem, name, "cmd"))
+    _validate_failure_model(name, spec, stages, fail)
+
+
+def _check_templates(template: list[str], spec: StageSpec, stages: dict[str, StageSpec],
+                     fail: Callable[[str], PipelineError]) -> None:
     for arg in template:
         try:
             refs = placeholders(arg)
         except ValueError as exc:
-            raise fail(str(exc), name, "cmd") from None
+            raise fail(str(exc)) from None
         for ref in refs:
             problem = _check_placeholder(ref, spec, stages)
             if problem:
-                raise fail(problem, name, "cmd")
+                raise fail(problem)
+
+
+def _validate_failure_model(name: str, spec: StageSpec, stages: dict[str, StageSpec],
+                            fail: Callable[..., PipelineError]) -> None:
+    """`classify`, `checks` and `disk` (docs/failures.md)."""
+    from .failures import CLASS_NAME_RE
+
+    for index, rule in enumerate(spec.classify):
+        key = f"classify[{index}]"
+        if rule.match is None and rule.exit_code is None:
+            raise fail("a classify rule needs `match` (a regular expression searched in stderr), "
+                       "`exit_code`, or both", name, key)
+        if rule.match is not None:
+            try:
+                re.compile(rule.match)
+            except re.error as exc:
+                raise fail(f"`match` is not a valid regular expression: {exc}", name,
+                           f"{key}.match") from None
+        if not CLASS_NAME_RE.match(rule.class_):
+            raise fail(f"class {rule.class_!r} must be a CamelCase name ending in 'Failure', such "
+                       "as 'InfrastructureGateFailure' or 'BuildFailure'", name, f"{key}.class")
+    for index, check in enumerate(spec.checks):
+        key = f"checks[{index}]"
+        if (check.check is None) == (check.cmd is None):
+            raise fail("a check needs exactly one of `check` (nonempty, max_bytes, json) or `cmd`",
+                       name, key)
+        if check.output is not None and check.output not in spec.outputs:
+            raise fail(f"check names output {check.output!r}, which the stage does not declare "
+                       f"(outputs: {', '.join(spec.outputs) or 'none'})", name, f"{key}.output")
+        if check.check is not None and not spec.outputs:
+            raise fail(f"check {check.check!r} needs a declared output to check", name, key)
+        if (check.check == "max_bytes") != (check.limit is not None):
+            raise fail("`limit` goes with `check = \"max_bytes\"`, and max_bytes needs it",
+                       name, f"{key}.limit")
+        if check.limit is not None:
+            try:
+                parse_size(check.limit)
+            except ValueError as exc:
+                raise fail(str(exc), name, f"{key}.limit") from None
+        if check.cmd is not None:
+            try:
+                template = check_command(check)
+            except ValueError as exc:
+                raise fail(f"cannot split the check command: {exc}", name, f"{key}.cmd") from None
+            if not template or not template[0].strip():
+                raise fail("the check command is empty", name, f"{key}.cmd")
+            _check_templates(template, spec, stages, lambda p: fail(p, name, f"{key}.cmd"))
+    if spec.disk is not None:
+        try:
+            parse_size(spec.disk)
+        except ValueError as exc:
+            raise fail(str(exc), name, "disk") from None
+
+
+def check_command(check: Check) -> list[str]:
+    """A check's command as templates, split like a stage's (a string by shlex, a list as is)."""
+    return command_template(StageSpec(cmd=check.cmd))
 
 
 def _check_placeholder(ref: Placeholder, spec: StageSpec, stages: dict[str, StageSpec]) -> str | None:

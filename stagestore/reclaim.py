@@ -45,7 +45,7 @@ def _repair_cache_index(store: Store, forgotten: set[str], owner: str) -> None:
             stale.add(path)
     if not stale:
         return
-    for _run_id, _stage, manifest in store.manifests.iter_manifests():
+    for _run_id, _item, _stage, manifest in store.manifests.iter_manifests():
         if isinstance(manifest, Exception) or manifest.status != "succeeded":
             continue
         path = str(store.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash)))
@@ -87,10 +87,24 @@ def referenced_objects(store: Store) -> set[str]:
             for refs in record.inputs.values():
                 for ref in refs.values():
                     _refs_of(store, ref, live)
-    for run_id, stage, manifest in store.manifests.iter_manifests():
+        for item in store.manifests.items(run_id):
+            try:
+                item_record = store.manifests.read_item_optional(run_id, item)
+            except StagestoreError as exc:
+                raise StoreError(
+                    f"gc cannot read the record of run {run_id} item {item!r}: {exc.message}; it "
+                    "would not know which input snapshots that record references",
+                    hint="run `stagestore verify`, then `stagestore recover` or `stagestore "
+                         f"forget {run_id}`") from None
+            if item_record is not None:
+                for refs in item_record.inputs.values():
+                    for ref in refs.values():
+                        _refs_of(store, ref, live)
+    for run_id, item, stage, manifest in store.manifests.iter_manifests():
         if isinstance(manifest, Exception):
+            where = f"stage {stage}" if item is None else f"item {item!r} stage {stage}"
             raise StoreError(
-                f"gc cannot read the manifest of run {run_id} stage {stage}: {manifest}; it would "
+                f"gc cannot read the manifest of run {run_id} {where}: {manifest}; it would "
                 "not know which objects that manifest references",
                 hint="run `stagestore verify`, then `stagestore recover` or `stagestore forget "
                      f"{run_id}`")
@@ -144,7 +158,8 @@ def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
             durable.fsync_dir(folder)
         if not dry_run:
             for path, entry in _cache_entries(store):
-                if entry is None or not store.layout.manifest_path(entry.run_id, entry.stage).exists():
+                if entry is None or not store.layout.manifest_path(
+                        entry.run_id, entry.stage, entry.item).exists():
                     durable.unlink(path)
             _remove_stale_run_locks(store)
         return GcReport(dry_run=dry_run, objects_kept=kept, objects_removed=len(removed),

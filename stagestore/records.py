@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import msgspec
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
 TREE_SCHEMA_VERSION = 1
-RUN_SCHEMA_VERSION = 1
-CACHE_ENTRY_SCHEMA_VERSION = 1
+RUN_SCHEMA_VERSION = 2
+CACHE_ENTRY_SCHEMA_VERSION = 2
+ITEM_SCHEMA_VERSION = 1
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -44,6 +45,38 @@ class PipelineMeta(Record, kw_only=True):
     version: str = "1"
 
 
+Category = Literal["retryable", "recoverable", "fatal", "validation"]
+Domain = Literal["infrastructure", "build"]
+
+
+class ClassifyRule(Record, kw_only=True):
+    """One `[[stages.NAME.classify]]` table: a failure matching it gets this class and category.
+
+    `match` is a regular expression searched in the attempt's stderr, `exit_code` an exit code;
+    a rule needs at least one, and matches when all it has match.
+    """
+
+    match: str | None = None
+    exit_code: int | None = None
+    class_: str = msgspec.field(name="class")
+    category: Category
+
+
+class Check(Record, kw_only=True):
+    """One `[[stages.NAME.checks]]` table: a quality gate on a stage's outputs.
+
+    Built in (`check` = `nonempty`, `max_bytes` with `limit`, `json`) or a command (`cmd`).
+    `output` names the output checked (default: every output).  A non-`critical` check becomes
+    a recorded warning in sampling mode instead of a `ValidationFailure`.
+    """
+
+    check: Literal["nonempty", "max_bytes", "json"] | None = None
+    cmd: str | list[str] | None = None
+    output: str | None = None
+    limit: int | str | None = None
+    critical: bool = False
+
+
 class StageSpec(Record, kw_only=True):
     """One `[stages.NAME]` table: what a stage runs, reads and must produce."""
 
@@ -60,6 +93,12 @@ class StageSpec(Record, kw_only=True):
     retry_delay: float = 0.5
     allow_empty: list[str] = []
     description: str = ""
+    domain: Domain = "build"
+    classify: list[ClassifyRule] = []
+    checks: list[Check] = []
+    on_failure: Literal["fail", "skip", "use_last_good"] = "fail"
+    disk: int | str | None = None
+    per_item: bool = False
 
 
 class PipelineDef(Record, kw_only=True):
@@ -91,11 +130,29 @@ class ArtifactRef(Record, kw_only=True):
 
 
 class Failure(Record, kw_only=True):
-    """Why a stage failed: a class, a one-paragraph signal and the exit code if there was one."""
+    """Why a stage failed: class, category, one-paragraph signal, exit code if there was one.
+
+    `domain` is where the failure belongs: `infrastructure` when the stage is an infrastructure
+    stage or the class is one of the infrastructure classes, else `build`;
+    `taxonomy_eligible` is true exactly for `build` failures (docs/failures.md).
+    """
 
     class_: str = msgspec.field(name="class")
+    category: Category = "fatal"
+    domain: Domain = "build"
+    taxonomy_eligible: bool = False
     signal: str
     exit_code: int | None = None
+    rule: int | None = None
+
+
+class StageEvent(Record, kw_only=True):
+    """Something the runner did about a stage that is not its plain success: a retry, a
+    fallback, a skip, a check warning, a fast failure of an open circuit, a preflight refusal."""
+
+    at: datetime
+    kind: Literal["retry", "fallback", "skip", "warning", "circuit_open", "preflight"]
+    message: str
 
 
 class AttemptLog(Record, kw_only=True):
@@ -111,13 +168,15 @@ class AttemptLog(Record, kw_only=True):
 
 
 class StageManifest(Record, kw_only=True):
-    """`runs/<run_id>/<stage>.json`: the record of one stage in one run."""
+    """`runs/<run_id>/<stage>.json`, or `runs/<run_id>/items/<item>/<stage>.json` for a stage
+    that runs per item: the record of one stage in one run."""
 
     schema_version: int = MANIFEST_SCHEMA_VERSION
     stage: str
     run_id: str
+    item: str | None = None
     pipeline: PipelineRef
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "failed", "degraded"]
     input_hash: str
     config_hash: str
     output_hash: str | None
@@ -130,6 +189,9 @@ class StageManifest(Record, kw_only=True):
     attempts: int
     logs: list[AttemptLog] = []
     failure: Failure | None = None
+    degraded_from: str | None = None
+    events: list[StageEvent] = []
+    warnings: list[str] = []
 
 
 class TreeEntry(Record, kw_only=True):
@@ -149,7 +211,28 @@ class TreeListing(Record, kw_only=True):
     entries: list[TreeEntry]
 
 
-StageOutcome = Literal["succeeded", "cached", "failed", "skipped"]
+StageOutcome = Literal["succeeded", "cached", "failed", "skipped", "degraded"]
+
+
+class ExecutionOptions(Record, kw_only=True):
+    """How a run treats failures: `--execution-mode` and the limits that go with it."""
+
+    mode: Literal["production", "sampling"] = "production"
+    systemic_min_items: int = 20
+    systemic_threshold: float = 0.80
+    max_consecutive_failures: int | None = None
+
+
+class SystemicFailure(Record, kw_only=True):
+    """Why a sampling run aborted: too many items failed at one infrastructure stage."""
+
+    trigger_stage: str
+    processed_items: int
+    stage_failures: int
+    failure_ratio: float
+    threshold_ratio: float
+    item_samples: list[str]
+    dominant_failure_signals: list[str]
 
 
 class RunRecord(Record, kw_only=True):
@@ -166,6 +249,34 @@ class RunRecord(Record, kw_only=True):
     started_at: datetime
     finished_at: datetime | None = None
     outcomes: dict[str, StageOutcome] = {}
+    items: list[str] = []
+    execution: ExecutionOptions = ExecutionOptions()
+    systemic: SystemicFailure | None = None
+
+
+class FirstFailure(Record, kw_only=True):
+    """The first failure of an item: where, what, when."""
+
+    stage: str
+    failure: Failure
+    at: datetime
+
+
+class ItemRecord(Record, kw_only=True):
+    """`runs/<run_id>/items/<item>/_item.json`: one item of an item run.
+
+    Written when the item starts (`running`, with the snapshots of its own inputs), again the
+    moment its first failure happens, and when it ends.
+    """
+
+    schema_version: int = ITEM_SCHEMA_VERSION
+    run_id: str
+    item: str
+    status: Literal["running", "succeeded", "degraded", "failed"]
+    inputs: dict[str, dict[str, ArtifactRef]] = {}
+    first_failure: FirstFailure | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
 
 
 class CacheEntry(Record, kw_only=True):
@@ -173,6 +284,7 @@ class CacheEntry(Record, kw_only=True):
 
     schema_version: int = CACHE_ENTRY_SCHEMA_VERSION
     run_id: str
+    item: str | None = None
     stage: str
     input_hash: str
     config_hash: str
@@ -188,6 +300,7 @@ class StoreFormat(Record, kw_only=True):
 DOCUMENTS: dict[str, type[Record]] = {
     "stage-manifest": StageManifest,
     "run-record": RunRecord,
+    "item-record": ItemRecord,
     "tree-listing": TreeListing,
     "cache-entry": CacheEntry,
     "pipeline": PipelineDef,
@@ -201,11 +314,36 @@ _CURRENT_VERSIONS: dict[type[Record], int] = {
     TreeListing: TREE_SCHEMA_VERSION,
     RunRecord: RUN_SCHEMA_VERSION,
     CacheEntry: CACHE_ENTRY_SCHEMA_VERSION,
+    ItemRecord: ITEM_SCHEMA_VERSION,
 }
 
-# Upgraders from version N to N+1, per record type: `_UPGRADES[StageManifest][1]` would turn a
-# version-1 document (as a dict) into a version-2 one.  Empty while every type is at version 1.
-_UPGRADES: dict[type[Record], dict[int, Any]] = {}
+def _manifest_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added `item`, `degraded_from`, `events`, `warnings` and, in `failure`,
+    `category`, `domain`, `taxonomy_eligible` and `rule`; version-1 failures were classified by
+    class alone, so they get the category their class has now."""
+    from .failures import upgrade_failure
+
+    raw = dict(raw, schema_version=2)
+    if raw.get("failure") is not None:
+        raw["failure"] = upgrade_failure(raw["failure"])
+    raw["logs"] = [dict(log, failure=upgrade_failure(log["failure"])) if log.get("failure")
+                   else log for log in raw.get("logs", [])]
+    return raw
+
+
+def _run_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added `items`, `execution` and `systemic` (all defaulted) and the stage
+    fields of the failure model to the definition (defaulted too)."""
+    return dict(raw, schema_version=2)
+
+
+# Upgraders from version N to N+1, per record type: `_UPGRADES[StageManifest][1]` turns a
+# version-1 document (as a dict) into a version-2 one.
+_UPGRADES: dict[type[Record], dict[int, Any]] = {
+    StageManifest: {1: _manifest_1_to_2},
+    RunRecord: {1: _run_1_to_2},
+    CacheEntry: {1: lambda raw: dict(raw, schema_version=2)},  # added `item`
+}
 
 
 def encode_record(record: Record) -> bytes:

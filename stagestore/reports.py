@@ -6,31 +6,67 @@ from typing import Literal
 
 import msgspec
 
-from .records import ArtifactRef, Failure
+from .records import ArtifactRef, Failure, SystemicFailure
 
 
 class Report(msgspec.Struct, kw_only=True):
     """Base of every report: plain data, encoded as-is by `--json`."""
 
 
+class RunEvent(Report, kw_only=True):
+    """One progress line of a run (`--log-format json` prints these, one JSON object a line).
+
+    Events: start, cached, succeeded, failed, skipped, degraded, retry, note (a step of a long
+    stage), warning, fallback, circuit_open, item_start, item_end, systemic_abort."""
+
+    ts: str
+    run_id: str
+    item: str | None = None
+    stage: str | None = None
+    event: str
+    detail: str = ""
+
+
 class StageReport(Report, kw_only=True):
     stage: str
-    outcome: Literal["succeeded", "cached", "failed", "skipped"]
+    item: str | None = None
+    outcome: Literal["succeeded", "cached", "failed", "skipped", "degraded"]
     executed: bool = False
     cached_from: str | None = None
+    degraded_from: str | None = None
     attempts: int = 0
     duration_s: float = 0.0
     failure: Failure | None = None
     reason: str | None = None
+    warnings: list[str] = []
     nondeterministic: bool = False
     manifest: str | None = None
 
 
+class ItemReport(Report, kw_only=True):
+    item: str
+    status: Literal["succeeded", "degraded", "failed", "not_processed"]
+    first_failure_stage: str | None = None
+    failure: Failure | None = None
+    stages: list[StageReport] = []
+
+
+RunStatus = Literal["succeeded", "degraded", "failed", "aborted"]
+
+
 class RunReport(Report, kw_only=True):
+    """`status`: succeeded (exit 0), failed (a stage or item failed: exit 1), aborted (a
+    systemic failure stopped the run: exit 3), degraded (no failure, but a fallback was used:
+    `use_last_good` or `on_failure = "skip"`: exit 4)."""
+
     run_id: str
     pipeline: str
     ok: bool
+    status: RunStatus = "succeeded"
     stages: list[StageReport]
+    items: list[ItemReport] = []
+    processed: int = 0
+    systemic: SystemicFailure | None = None
     store: str
 
 
@@ -182,3 +218,54 @@ class AttemptOutput(Report, kw_only=True):
     exit_code: int | None
     stdout: str
     stderr: str
+
+
+# --- `stagestore report`: the failure taxonomy of a run ---
+
+
+class StageFailureRow(Report, kw_only=True):
+    stage: str
+    count: int
+    percent_of_processed: float
+
+
+class BuildFailureRow(Report, kw_only=True):
+    taxonomy_category: str
+    count: int
+    percent_of_build_failures: float
+
+
+class InfrastructureRow(Report, kw_only=True):
+    stage: str
+    count: int
+    percent_of_processed: float
+    dominant_signals: list[str]
+
+
+class FirstFailureRow(Report, kw_only=True):
+    item: str | None
+    first_failure_stage: str
+    stage_failure: str
+    failure_category: str
+    failure_signal: str
+    taxonomy_eligible: bool
+
+
+class FailureReport(Report, kw_only=True):
+    """`stagestore report RUN_ID`: what failed where, build failures apart from infrastructure.
+
+    Counted over processed items (an item run) or the run as one item (a plain run); only an
+    item's first failure counts, and only failed items (not degraded ones)."""
+
+    run_id: str
+    processed: int
+    succeeded: int
+    degraded: int
+    failed: int
+    stage_failures: list[StageFailureRow]
+    build_failures: list[BuildFailureRow]
+    infrastructure: list[InfrastructureRow]
+    first_failures: list[FirstFailureRow]
+    systemic: SystemicFailure | None
+    valid_for_trends: bool
+    complete: bool

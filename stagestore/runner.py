@@ -3,45 +3,41 @@
 A run first snapshots every workspace input it needs into the store and writes its run record
 (`runs/<run_id>/_run.json`: the pipeline definition and those snapshots), so that a rerun or a
 `recover` of the run sees exactly what the run started with.  Then each stage, once its upstream
-stages have succeeded:
+stages have succeeded, is processed by `stagework.StageWork`: reused if identical work exists,
+else executed with retries and fallbacks, its manifest written last.
 
-1. computes its input_hash (over its inputs' and upstream outputs' content hashes) and its
-   config_hash (over its definition as written);
-2. reuses a succeeded manifest with the same two keys, from this run or any other (unless
-   `force`), or else runs attempts until one succeeds or the retries are spent;
-3. writes its manifest last, after every object the manifest names is durable.
+An item run (`items`) first runs the stages that do not depend on the item, once, as a DAG; then
+takes every item, in the order given and up to `jobs` at a time, through the per-item stages in
+order, stopping an item at its first failure (recorded in its item record the moment it
+happens).  In sampling mode a systemic failure aborts the run.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import msgspec
+
 from . import durable, executor
-from .errors import CorruptRecordError, OutputError, PipelineError, UsageError
-from .executor import StageInputs, now
-from .keys import config_hash, input_hash, input_key
+from .errors import OutputError, PipelineError, UsageError
+from .executor import now
+from .failures import UPSTREAM_MISSING, runner_failure
 from .layout import run_owner, validate_name
-from .locking import OwnerLock, owner_locked, store_lock
-from .manifests import cache_key, output_hash
+from .locking import owner_locked, store_lock
 from .objects import SyncBatch
-from .pipeline import CODE_INPUT, Pipeline, code_path, stage_input_paths
-from .records import ArtifactRef, Failure, PipelineRef, RunRecord, StageManifest, StageSpec
-from .reports import RunReport, StageReport
+from .pipeline import Pipeline, item_stages, placeholders, render_item_path, stage_input_paths
+from .records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
+                      RunRecord, SystemicFailure)
+from .reports import ItemReport, RunEvent, RunReport, StageReport
+from .resilience import CircuitBreaker, SystemicDetector
+from .stagework import ProgressCallback, StageWork, work_owner  # noqa: F401 - re-exported
 from .store import Store
-from .trees import artifact_present, store_tree
-
-ProgressCallback = Callable[[str, str, str], None]
-"""`progress(event, stage, detail)`; events: start, cached, succeeded, failed, skipped, retry,
-note (a step of a long stage, such as storing a large output)."""
-
-
-def work_owner(keys: tuple[str, str]) -> str:
-    """The lock held while a stage with these keys executes: `work-<cache key hex>`."""
-    return "work-" + cache_key(*keys).removeprefix("blake3:")
+from .trees import store_tree
 
 
 def new_run_id() -> str:
@@ -50,32 +46,57 @@ def new_run_id() -> str:
 
 def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         stages: Iterable[str] = (), jobs: int = 1, force: bool = False,
+        items: list[str] | None = None, execution: ExecutionOptions | None = None,
         progress: ProgressCallback | None = None) -> RunReport:
-    """Run `stages` (all when empty) and whatever they need upstream, as run `run_id`."""
+    """Run `stages` (all when empty) and whatever they need upstream, as run `run_id`; with
+    `items`, every item through the stages that run per item (see `read_items`)."""
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    execution = check_execution(execution or ExecutionOptions())
     selected = pipeline.closure(list(stages) or pipeline.order())
+    per_item = [s for s in selected if s in pipeline.item_stages()]
+    if per_item and not items:
+        raise UsageError(f"stage {per_item[0]!r} runs once per item (it uses {{item}}, "
+                         "`per_item`, or an upstream stage that does)",
+                         hint="pass --items FILE with one item id a line")
+    if items and not per_item:
+        raise UsageError("--items was given, but no selected stage runs per item",
+                         hint="use {item} in a stage's cmd or input paths, or set per_item = true")
     run_id = validate_name(run_id, "run id") if run_id else new_run_id()
     owner = run_owner(run_id)
     with store_lock(store.layout, exclusive=False), \
             owner_locked(store.layout, owner, f"run {run_id!r}"):
-        record = _open_or_start_run(pipeline, store, run_id, selected, owner)
+        record = _open_or_start_run(pipeline, store, run_id, selected, owner, items or [],
+                                    execution)
         return Execution(store, record, selected, jobs=jobs, force=force, progress=progress).run()
+
+
+def check_execution(options: ExecutionOptions) -> ExecutionOptions:
+    if options.systemic_min_items < 1:
+        raise UsageError(f"--systemic-min-items must be at least 1, got {options.systemic_min_items}")
+    if not 0 <= options.systemic_threshold <= 1:
+        raise UsageError("--systemic-threshold must be a ratio from 0 to 1, got "
+                         f"{options.systemic_threshold}")
+    if options.max_consecutive_failures is not None and options.max_consecutive_failures < 1:
+        raise UsageError("--max-consecutive-failures must be at least 1, got "
+                         f"{options.max_consecutive_failures}")
+    return options
 
 
 def resume(store: Store, run_id: str, *, jobs: int = 1,
            progress: ProgressCallback | None = None) -> RunReport:
-    """Complete run `run_id` with the definition and inputs it recorded; caller holds locks."""
+    """Complete run `run_id` with the definition and inputs it recorded; caller holds locks.
+    Items that already ended (succeeded, degraded or failed) are kept as they are."""
     record = store.manifests.read_run(run_id)
     if record.finished_at is not None:
         record = _replace(record, finished_at=None)
         store.manifests.write_run(record, run_owner(run_id))
     return Execution(store, record, list(record.selected), jobs=jobs, force=False,
-                     progress=progress).run()
+                     progress=progress, resuming=True).run()
 
 
 def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: list[str],
-                       owner: str) -> RunRecord:
+                       owner: str, items: list[str], execution: ExecutionOptions) -> RunRecord:
     if store.manifests.layout.run_record_path(run_id).exists():
         record = store.manifests.read_run(run_id)
         if record.definition != pipeline.definition:
@@ -83,19 +104,25 @@ def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: 
                 f"run {run_id!r} was started from a different pipeline definition",
                 hint=f"use a new --run-id, or `stagestore recover --run-id {run_id}` to complete "
                      "it as it was defined")
+        if items != record.items:
+            raise UsageError(
+                f"run {run_id!r} was started with a different list of items",
+                hint=f"use a new --run-id, or `stagestore recover --run-id {run_id}` to complete "
+                     "it with its own items")
         inputs = dict(record.inputs)
         missing = [s for s in selected if s not in inputs]
         inputs.update(snapshot_inputs(pipeline, store, missing, owner))
         # finished_at goes back to None until this invocation finishes, so that a crash now
         # leaves the run marked as interrupted for verify and recover.
         record = _replace(record, inputs=inputs, selected=_merge(record.selected, selected, pipeline),
-                          finished_at=None)
+                          finished_at=None, execution=execution, systemic=None)
     else:
         record = RunRecord(
             run_id=run_id, pipeline=PipelineRef(name=pipeline.name, version=pipeline.version),
             pipeline_file=str(pipeline.path), workdir=str(pipeline.workdir),
             definition=pipeline.definition, selected=selected,
-            inputs=snapshot_inputs(pipeline, store, selected, owner), started_at=now())
+            inputs=snapshot_inputs(pipeline, store, selected, owner), started_at=now(),
+            items=items, execution=execution)
     store.manifests.write_run(record, owner)
     return record
 
@@ -106,20 +133,25 @@ def _merge(old: list[str], new: list[str], pipeline: Pipeline) -> list[str]:
 
 
 def _replace(record: RunRecord, **changes) -> RunRecord:  # noqa: ANN003
-    import msgspec
-
     return msgspec.structs.replace(record, **changes)
+
+
+def _item_input(relpath: str) -> bool:
+    return any(ref.kind == "item" for ref in placeholders(relpath))
 
 
 def snapshot_inputs(pipeline: Pipeline, store: Store, stages: Iterable[str],
                     owner: str) -> dict[str, dict[str, ArtifactRef]]:
-    """Copy every workspace input of `stages` into the store; each path once per run."""
+    """Copy every workspace input of `stages` into the store; each path once per run.  Input
+    paths holding `{item}` are snapshotted per item, when the item starts."""
     batch = SyncBatch()
     seen: dict[Path, ArtifactRef] = {}
     result: dict[str, dict[str, ArtifactRef]] = {}
     for stage in stages:
         refs: dict[str, ArtifactRef] = {}
         for name, relpath in stage_input_paths(pipeline.stages[stage], pipeline.workdir).items():
+            if _item_input(relpath):
+                continue
             path = pipeline.input_path(relpath)
             key = path.resolve()
             if key not in seen:
@@ -144,24 +176,63 @@ def _snapshot(store: Store, path: Path, owner: str, batch: SyncBatch, what: str)
 
 
 class Execution:
-    """One pass over a run's selected stages."""
+    """One pass over a run's selected stages, and its items."""
 
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
-                 force: bool, progress: ProgressCallback | None) -> None:
+                 force: bool, progress: ProgressCallback | None, resuming: bool = False) -> None:
         self.store = store
         self.record = record
         self.selected = selected
         self.jobs = jobs
-        self.force = force
-        self.progress = progress or (lambda event, stage, detail: None)
+        self.resuming = resuming
+        self.progress = progress
         self.owner = run_owner(record.run_id)
         self.stages = record.definition.stages
         self.workdir = Path(record.workdir)
+        per_item = item_stages(self.stages)
+        self.shared = [s for s in selected if s not in per_item]
+        self.item_order = [s for s in selected if s in per_item]
+        options = record.execution
+        self.sampling = options.mode == "sampling"
+        self.detector = SystemicDetector(options.systemic_min_items, options.systemic_threshold)
+        self.systemic: SystemicFailure | None = None
+        self._lock = threading.Lock()
+        self.work = StageWork(store, record, force=force, item_stages=per_item,
+                              breaker=CircuitBreaker(options.max_consecutive_failures),
+                              emit=self.emit)
+
+    def emit(self, event: str, stage: str | None = None, detail: str = "",
+             item: str | None = None) -> None:
+        if self.progress is not None:
+            self.progress(RunEvent(ts=now().isoformat(timespec="milliseconds"),
+                                   run_id=self.record.run_id, item=item, stage=stage,
+                                   event=event, detail=detail))
 
     def run(self) -> RunReport:
         executor.stopping.clear()
+        reports = self._run_shared()
+        items = self._run_items(reports) if self.item_order and self.record.items else []
+        ordered = [reports[s] for s in self.shared]
+        self._finish(ordered)
+        outcomes = {r.outcome for r in ordered} | {i.status for i in items}
+        if self.systemic is not None:
+            status = "aborted"
+        elif "failed" in outcomes:
+            status = "failed"
+        elif outcomes & {"degraded", "skipped"}:
+            status = "degraded"
+        else:
+            status = "succeeded"
+        return RunReport(run_id=self.record.run_id, pipeline=self.record.pipeline.name,
+                         ok=status == "succeeded", status=status, stages=ordered, items=items,
+                         processed=sum(i.status != "not_processed" for i in items),
+                         systemic=self.systemic, store=str(self.store.root))
+
+    # --- the stages that run once per run: a DAG, independent stages in parallel ---
+
+    def _run_shared(self) -> dict[str, StageReport]:
         reports: dict[str, StageReport] = {}
-        pending = list(self.selected)
+        pending = list(self.shared)
         running: dict[Future[StageReport], str] = {}
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="stage") as pool:
             try:
@@ -175,7 +246,7 @@ class Execution:
                             reports[stage] = self._skip(stage, blocked[0])
                         elif all(u in reports for u in ups) and len(running) < self.jobs:
                             pending.remove(stage)
-                            running[pool.submit(self.process, stage)] = stage
+                            running[pool.submit(self.work.process, stage)] = stage
                     if running:
                         done, _ = wait(running, return_when=FIRST_COMPLETED)
                         for future in done:
@@ -186,173 +257,145 @@ class Execution:
                 for future in running:
                     future.cancel()
                 raise
-        ordered = [reports[s] for s in self.selected]
-        self._finish(ordered)
-        return RunReport(run_id=self.record.run_id, pipeline=self.record.pipeline.name,
-                         ok=all(r.outcome in ("succeeded", "cached") for r in ordered),
-                         stages=ordered, store=str(self.store.root))
+        return reports
 
-    def _skip(self, stage: str, blocker: str) -> StageReport:
+    def _skip(self, stage: str, blocker: str, item: str | None = None) -> StageReport:
         """A stage whose upstream did not succeed: not run, and a manifest it has in this run
         from an earlier invocation is removed, since this run no longer records the upstream
         outputs it was made from."""
-        path = self.store.layout.manifest_path(self.record.run_id, stage)
+        path = self.store.layout.manifest_path(self.record.run_id, stage, item)
         if path.exists():
             durable.unlink(path)
             durable.fsync_dir(path.parent)
         reason = f"upstream stage {blocker!r} did not succeed"
-        self.progress("skipped", stage, reason)
-        return StageReport(stage=stage, outcome="skipped", reason=reason)
+        self.emit("skipped", stage, reason, item)
+        return StageReport(stage=stage, item=item, outcome="skipped", reason=reason)
 
     def _finish(self, reports: list[StageReport]) -> None:
         outcomes = dict(self.record.outcomes)
         outcomes.update({r.stage: r.outcome for r in reports})
-        self.record = _replace(self.record, outcomes=outcomes, finished_at=now())
+        self.record = _replace(self.record, outcomes=outcomes, finished_at=now(),
+                               systemic=self.systemic)
         self.store.manifests.write_run(self.record, self.owner)
 
-    # --- one stage ---
+    # --- items ---
 
-    def _inputs(self, stage: str, spec: StageSpec) -> tuple[StageInputs, dict[str, ArtifactRef], dict[str, str]]:
-        workspace = dict(self.record.inputs.get(stage, {}))
-        upstream: dict[str, dict[str, ArtifactRef]] = {}
-        upstream_hashes: dict[str, str] = {}
-        flat = {input_key("inputs", n): ref for n, ref in workspace.items()}
-        for up in spec.upstream:
-            manifest = self.store.manifests.read(self.record.run_id, up)
-            upstream[up] = dict(manifest.outputs)
-            upstream_hashes[up] = manifest.output_hash or ""
-            for n, ref in manifest.outputs.items():
-                flat[input_key("upstream", n, up)] = ref
-        # From the definition and the snapshot alone: the workspace may have changed since.
-        paths = {n: (code_path(spec, ref.kind) if n == CODE_INPUT else spec.inputs[n])
-                 for n, ref in workspace.items()}
-        basenames = {n: Path(p).name or n for n, p in paths.items()}
-        return StageInputs(workspace, upstream, basenames), flat, upstream_hashes
+    def _run_items(self, shared: dict[str, StageReport]) -> list[ItemReport]:
+        """Every item through the per-item stages.  The pool takes items in the order of the
+        list, so they start in that order (strictly one after another with jobs=1)."""
+        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="item") as pool:
+            futures = [pool.submit(self._item, item, shared) for item in self.record.items]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                executor.kill_all()
+                for future in futures:
+                    future.cancel()
+                raise
 
-    def process(self, stage: str) -> StageReport:
-        started = time.monotonic()
-        spec = self.stages[stage]
-        run_id = self.record.run_id
-        try:
-            inputs, flat, upstream_hashes = self._inputs(stage, spec)
-        except (FileNotFoundError, CorruptRecordError) as exc:
-            # An upstream manifest vanished or was damaged after its stage succeeded here.
-            failure = Failure(class_=executor.UPSTREAM_MISSING, signal=(
-                f"cannot read an upstream manifest: {getattr(exc, 'message', exc)}"))
-            self.progress("failed", stage, "")
-            return StageReport(stage=stage, outcome="failed", failure=failure,
-                               duration_s=round(time.monotonic() - started, 3))
-        keys = (input_hash(flat), config_hash(spec))
+    def _item(self, item: str, shared: dict[str, StageReport]) -> ItemReport:
+        if self.systemic is not None or executor.stopping.is_set():
+            return ItemReport(item=item, status="not_processed")
         manifests = self.store.manifests
-        path = str(manifests.layout.manifest_path(run_id, stage))
-
-        def report(outcome, manifest: StageManifest, **extra) -> StageReport:  # noqa: ANN001
-            rep = StageReport(stage=stage, outcome=outcome, cached_from=manifest.cached_from,
-                              attempts=manifest.attempts, failure=manifest.failure,
-                              duration_s=round(time.monotonic() - started, 3), manifest=path, **extra)
-            self.progress(outcome, stage, manifest.cached_from or "")
-            return rep
-
-        if self.force:
-            # An earlier result with the same keys, to tell whether the stage is deterministic.
-            previous = self.store.cache.lookup(*keys)
-            return self._execute(stage, spec, inputs, keys, flat, upstream_hashes, previous, report)
+        record = manifests.read_item_optional(self.record.run_id, item)
+        if record is not None and self.resuming and record.status != "running":
+            with self._lock:  # ended in an earlier invocation: kept as it is
+                self.detector.add(item, record.first_failure if record.status == "failed" else None)
+            return _item_report(record, [])
+        if record is None or record.status != "running":
+            record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
+                                inputs=self._snapshot_item(item), started_at=now())
+            manifests.write_item(record, self.owner)
+        self.emit("item_start", None, "", item)
         try:
-            existing = manifests.read_optional(run_id, stage)
-        except CorruptRecordError:  # damaged: redo the stage and replace it
-            existing = None
-        if existing is not None and existing.status == "succeeded" and \
-                (existing.input_hash, existing.config_hash) == keys and self._present(existing):
-            return report("cached" if existing.cached_from else "succeeded", existing)
-        reused = self._reuse(stage, spec, keys, flat, upstream_hashes)
-        if reused is not None:
-            return report("cached", reused)
-        # Identical work is done once: another process, or a stage of this run with the same
-        # keys, may be doing it right now.  Wait for it to finish, then look again.
-        lock = OwnerLock(self.store.layout, work_owner(keys))
-        if not lock.try_acquire():
-            self.progress("note", stage, "waiting for identical work in progress elsewhere")
-            while not lock.try_acquire():  # polled, so that an interrupt is not held up
-                if executor.stopping.wait(0.05):
-                    raise executor.Interrupted()
-        try:
-            reused = self._reuse(stage, spec, keys, flat, upstream_hashes)
-            if reused is not None:
-                return report("cached", reused)
-            return self._execute(stage, spec, inputs, keys, flat, upstream_hashes, None, report)
-        finally:
-            lock.release()
+            record, reports = self._item_stages(item, record, shared)
+        except executor.Interrupted:
+            if self.systemic is not None:
+                return ItemReport(item=item, status="not_processed")
+            raise
+        self.emit("item_end", None, record.status, item)
+        with self._lock:
+            self.detector.add(item, record.first_failure if record.status == "failed" else None)
+            if self.sampling and self.systemic is None:
+                self.systemic = self.detector.check()
+                if self.systemic is not None:
+                    s = self.systemic
+                    self.emit("systemic_abort", s.trigger_stage, (
+                        f"{s.stage_failures} of {s.processed_items} processed items failed at "
+                        f"infrastructure stage {s.trigger_stage!r} ({s.failure_ratio:.0%}, over "
+                        f"the threshold of {s.threshold_ratio:.0%}); aborting the run"), item)
+                    executor.kill_all()
+        return _item_report(record, reports)
 
-    def _reuse(self, stage: str, spec: StageSpec, keys: tuple[str, str],
-               flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str]) -> StageManifest | None:
-        """Record a cache hit as this run's manifest for the stage, if there is one."""
-        hit = self.store.cache.lookup(*keys)
-        if hit is None or not self._present(hit):
-            return None
-        manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="succeeded",
-                                  outputs=dict(hit.outputs), started_at=now(), attempts=0,
-                                  logs=[], failure=None, cached_from=hit.cached_from or hit.run_id)
-        self.store.manifests.write(manifest, self.owner)
-        return manifest
+    def _item_stages(self, item: str, record: ItemRecord, shared: dict[str, StageReport]
+                     ) -> tuple[ItemRecord, list[StageReport]]:
+        """The item's stages in order; it stops at its first failure, which is written to the
+        item record at once."""
+        done: dict[str, StageReport] = {}
+        status = "succeeded"
+        for stage in self.item_order:
+            spec = self.stages[stage]
+            blocker = next((u for u in spec.upstream if u in shared and
+                            shared[u].outcome in ("failed", "skipped")), None)
+            if blocker is not None:
+                failure = shared[blocker].failure or runner_failure(
+                    self.stages[blocker], UPSTREAM_MISSING,
+                    f"stage {blocker!r}, which runs once for all items, did not succeed")
+                first = FirstFailure(stage=blocker, failure=failure, at=now())
+                record = self._end_item(record, "failed", first)
+                return record, list(done.values())
+            skipped = next((u for u in spec.upstream if u in done and
+                            done[u].outcome in ("failed", "skipped")), None)
+            if skipped is not None:
+                done[stage] = self._skip(stage, skipped, item)
+                continue
+            report = self.work.process(stage, item, record.inputs.get(stage, {}))
+            done[stage] = report
+            if report.failure is not None and record.first_failure is None:
+                first = FirstFailure(stage=stage, failure=report.failure, at=now())
+                if report.outcome == "failed":
+                    return self._end_item(record, "failed", first), list(done.values())
+                record = msgspec.structs.replace(record, first_failure=first)
+                self.store.manifests.write_item(record, self.owner)
+            elif report.outcome == "failed":
+                return self._end_item(record, "failed", record.first_failure), list(done.values())
+            if report.outcome in ("degraded", "skipped"):
+                status = "degraded"
+        return self._end_item(record, status, record.first_failure), list(done.values())
 
-    def _execute(self, stage: str, spec: StageSpec, inputs: StageInputs, keys: tuple[str, str],
-                 flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str],
-                 previous: StageManifest | None, report: Callable[..., StageReport]) -> StageReport:
-        run_id = self.record.run_id
-        manifests = self.store.manifests
-        self.progress("start", stage, "")
-        started_at = now()
-        logs = []
-        result = None
-        attempts = 1 + spec.retries
-        for number in range(1, attempts + 1):
-            folder = manifests.layout.new_tmp_path(self.owner, f"{stage}.{number}")
-            result = executor.run_attempt(
-                objects=self.store.objects, owner=self.owner, folder=folder, workdir=self.workdir,
-                run_id=run_id, stage=stage, spec=spec, inputs=inputs, number=number,
-                note=lambda message: self.progress("note", stage, message))
-            logs.append(result.log)
-            if result.failure is None:
-                break
-            if number < attempts:
-                delay = executor.backoff(spec, number)
-                self.progress("retry", stage, f"attempt {number} failed "
-                              f"({result.failure.class_}); retrying in {delay:g}s")
-                if executor.stopping.wait(delay):
-                    raise executor.Interrupted()
-        assert result is not None
-        if result.failure is None:
-            assert result.outputs is not None
-            manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="succeeded",
-                                      outputs=result.outputs, started_at=started_at,
-                                      attempts=len(logs), logs=logs, failure=None, cached_from=None)
-            # The cache entry goes first, and only where no valid entry exists: a crash between
-            # the two writes then leaves an entry naming a manifest that does not exist (a miss),
-            # never a committed manifest the index cannot find.
-            if previous is None:
-                self.store.cache.record(manifest, self.owner)
-            manifests.write(manifest, self.owner)
-            nondeterministic = previous is not None and previous.output_hash != manifest.output_hash
-            return report("succeeded", manifest, nondeterministic=nondeterministic, executed=True)
-        manifest = self._manifest(stage, spec, keys, flat, upstream_hashes, status="failed",
-                                  outputs={}, started_at=started_at, attempts=len(logs), logs=logs,
-                                  failure=result.failure, cached_from=None)
-        manifests.write(manifest, self.owner)
-        return report("failed", manifest, executed=True)
+    def _end_item(self, record: ItemRecord, status: str, first: FirstFailure | None) -> ItemRecord:
+        record = msgspec.structs.replace(record, status=status, first_failure=first,
+                                         finished_at=now())
+        self.store.manifests.write_item(record, self.owner)
+        return record
 
-    def _present(self, manifest: StageManifest) -> bool:
-        """Every object the manifest's outputs need is in the store (the files of trees too)."""
-        return all(artifact_present(self.store.objects, ref) for ref in manifest.outputs.values())
+    def _snapshot_item(self, item: str) -> dict[str, dict[str, ArtifactRef]]:
+        """The item's own inputs (paths with `{item}`), stored as it starts.  One that does not
+        exist is left out; the stage that needs it fails with InputMissingFailure."""
+        batch = SyncBatch()
+        result: dict[str, dict[str, ArtifactRef]] = {}
+        for stage in self.item_order:
+            refs = {}
+            for name, relpath in self.stages[stage].inputs.items():
+                if not _item_input(relpath):
+                    continue
+                path = self.workdir / render_item_path(relpath, item)
+                if not (path.is_file() or path.is_dir()):
+                    continue
+                try:
+                    refs[name] = _snapshot(self.store, path, self.owner, batch,
+                                           f"item {item!r} stage {stage!r} input {name!r}")
+                except PipelineError:
+                    continue  # vanished meanwhile: the stage fails with InputMissingFailure
+            if refs:
+                result[stage] = refs
+        batch.flush()
+        return result
 
-    def _manifest(self, stage: str, spec: StageSpec, keys: tuple[str, str],
-                  flat: dict[str, ArtifactRef], upstream_hashes: dict[str, str], *,
-                  status: str, outputs: dict[str, ArtifactRef], started_at, attempts: int,  # noqa: ANN001
-                  logs: list, failure: Failure | None, cached_from: str | None) -> StageManifest:
-        return StageManifest(
-            stage=stage, run_id=self.record.run_id, pipeline=self.record.pipeline,
-            status=status,  # type: ignore[arg-type]
-            input_hash=keys[0], config_hash=keys[1],
-            output_hash=output_hash(outputs) if status == "succeeded" else None,
-            inputs=flat, upstream=upstream_hashes, outputs=outputs, started_at=started_at,
-            finished_at=now(), cached_from=cached_from, attempts=attempts, logs=logs,
-            failure=failure)
+
+def _item_report(record: ItemRecord, stages: list[StageReport]) -> ItemReport:
+    first = record.first_failure
+    status = "not_processed" if record.status == "running" else record.status
+    return ItemReport(item=record.item, status=status,  # type: ignore[arg-type]
+                      first_failure_stage=first.stage if first else None,
+                      failure=first.failure if first else None, stages=stages)

@@ -137,11 +137,11 @@ def test_a_newer_manifest_schema_is_refused_with_both_versions(ws):
     run(ws.load(), store, run_id="a")
     path = ws.store / "runs" / "a" / "count.json"
     raw = msgspec.json.decode(path.read_bytes())
-    raw["schema_version"] = 2
+    raw["schema_version"] = 3
     path.write_bytes(msgspec.json.encode(raw))
     result = ws.cli("show", "a", "count")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "schema_version 2" in result.stderr and "up to 1" in result.stderr
+    assert "schema_version 3" in result.stderr and "up to 2" in result.stderr
     kinds = [f.kind for f in verify(store).problems]
     assert "manifest_invalid" in kinds
 

@@ -161,21 +161,45 @@ def test_retries_with_attempts_recorded(ws):
         open(sys.argv[2], "w").write("ok")
     """)
     ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace(
-        'outputs = ["n"]', 'outputs = ["n"]\nretries = 2\nretry_delay = 0.05'))
+        'outputs = ["n"]', 'outputs = ["n"]\nretries = 2\nretry_delay = 0.05\n'
+        '[[stages.count.classify]]\nmatch = "transient"\nclass = "InfrastructureGateFailure"\n'
+        'category = "retryable"\n'))
     report = _run(ws, run_id="a")
     assert report.ok
     manifest = ws.open_store().manifests.read("a", "count")
     assert manifest.attempts == 2 and len(manifest.logs) == 2
-    assert manifest.logs[0].failure.class_ == "BuildFailure" and manifest.logs[1].failure is None
+    first = manifest.logs[0].failure
+    assert (first.class_, first.category, first.rule) == ("InfrastructureGateFailure", "retryable", 0)
+    assert manifest.logs[1].failure is None
+    assert [e.kind for e in manifest.events] == ["retry"]
+    assert "InfrastructureGateFailure" in manifest.events[0].message
 
 
 def test_persistent_failure_spends_all_retries(ws):
     ws.linear()
-    ws.write("steps/count.py", "import sys\nsys.exit(1)\n")
+    ws.write("steps/count.py", "import sys\nsys.exit(75)\n")
     ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace(
-        'outputs = ["n"]', 'outputs = ["n"]\nretries = 2\nretry_delay = 0.01'))
+        'outputs = ["n"]', 'outputs = ["n"]\nretries = 2\nretry_delay = 0.01\n'
+        '[[stages.count.classify]]\nexit_code = 75\nclass = "DependencyResolutionFailure"\n'
+        'category = "retryable"\n'))
     _run(ws, run_id="a")
-    assert ws.open_store().manifests.read("a", "count").attempts == 3
+    manifest = ws.open_store().manifests.read("a", "count")
+    assert manifest.attempts == 3 and [e.kind for e in manifest.events] == ["retry", "retry"]
+    assert manifest.failure.class_ == "DependencyResolutionFailure"
+    assert manifest.failure.domain == "infrastructure" and not manifest.failure.taxonomy_eligible
+
+
+def test_a_fatal_failure_is_not_retried(ws):
+    ws.linear()
+    ws.write("steps/count.py", "import sys\nsys.exit('compile error')\n")
+    ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace(
+        'outputs = ["n"]', 'outputs = ["n"]\nretries = 3\nretry_delay = 0.01'))
+    _run(ws, run_id="a")
+    manifest = ws.open_store().manifests.read("a", "count")
+    assert manifest.attempts == 1 and manifest.events == []
+    failure = manifest.failure
+    assert (failure.class_, failure.category, failure.domain, failure.taxonomy_eligible) == (
+        "BuildFailure", "fatal", "build", True)
 
 
 CALL_PIPELINE = """
