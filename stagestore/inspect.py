@@ -6,7 +6,7 @@ from .errors import StagestoreError
 from .keys import config_hash, input_hash, input_key
 from .layout import run_owner
 from .locking import owner_is_live
-from .pipeline import CODE_INPUT, Pipeline, stage_input_paths
+from .pipeline import CODE_INPUT, Pipeline, item_stages, stage_input_paths
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import (AttemptOutput, ContractsReport, RunDetail, RunsReport, RunSummary,
                       StageContract, StageRow, StageStatus, StatusReport)
@@ -23,9 +23,24 @@ def _state(store: Store, record: RunRecord) -> str:
         return "running"
     if record.finished_at is None:
         return "incomplete"
+    if record.systemic is not None:
+        return "aborted"
     if any(outcome in ("failed", "skipped") for outcome in record.outcomes.values()):
         return "failed"
+    if record.items and _items_failed(store, record):
+        return "failed"
     return "complete"
+
+
+def _items_failed(store: Store, record: RunRecord) -> bool:
+    for item in record.items:
+        try:
+            item_record = store.manifests.read_item_optional(record.run_id, item)
+        except StagestoreError:
+            return True
+        if item_record is not None and item_record.status == "failed":
+            return True
+    return False
 
 
 def list_runs(store: Store) -> RunsReport:
@@ -59,7 +74,11 @@ def _manifest_status(store: Store, run_id: str, stage: str) -> str:
 def show_run(store: Store, run_id: str) -> RunDetail:
     record = store.manifests.read_run(run_id)
     rows = []
+    per_item = item_stages(record.definition.stages)
     for stage in record.selected:
+        if stage in per_item:
+            rows.append(StageRow(stage=stage, status="per item"))
+            continue
         try:
             manifest = store.manifests.read_optional(run_id, stage)
         except StagestoreError:
@@ -72,25 +91,48 @@ def show_run(store: Store, run_id: str) -> RunDetail:
                              cached_from=manifest.cached_from, attempts=manifest.attempts,
                              output_hash=manifest.output_hash, outputs=dict(manifest.outputs),
                              failure=manifest.failure))
+    items: dict[str, int] = {}
+    for item in record.items:
+        try:
+            item_record = store.manifests.read_item_optional(run_id, item)
+            status = "not_processed" if item_record is None or item_record.status == "running" \
+                else item_record.status
+        except StagestoreError:
+            status = "invalid"
+        items[status] = items.get(status, 0) + 1
     return RunDetail(run_id=run_id, pipeline=record.pipeline.name, pipeline_file=record.pipeline_file,
                      started_at=_iso(record.started_at), finished_at=_iso(record.finished_at),
-                     state=_state(store, record), stages=rows)
+                     state=_state(store, record), stages=rows, items=items)
 
 
-def show_stage(store: Store, run_id: str, stage: str) -> StageManifest:
-    from .errors import StageNotFoundError
+def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -> StageManifest:
+    from .errors import StageNotFoundError, UsageError
+    from .layout import item_dirname
 
-    manifest = store.manifests.read_optional(run_id, stage)
+    if item is not None:
+        try:
+            item_dirname(item)
+        except StagestoreError as exc:
+            raise UsageError(str(exc)) from None
+    manifest = store.manifests.read_optional(run_id, stage, item)
     if manifest is None:
         if not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)
-        raise StageNotFoundError(f"run {run_id} has no manifest for stage {stage!r}; stages: "
-                                 + ", ".join(store.manifests.stages(run_id)))
+        if item is not None and item not in store.manifests.items(run_id):
+            raise StageNotFoundError(f"run {run_id} has no item {item!r}",
+                                     hint=f"`stagestore report {run_id}` lists failed items")
+        where = f"run {run_id}" + (f" item {item!r}" if item is not None else "")
+        known = store.manifests.stages(run_id, item)
+        hint = None
+        if item is None and store.manifests.items(run_id) and not known:
+            hint = "this stage runs per item: add --item ITEM"
+        raise StageNotFoundError(f"{where} has no manifest for stage {stage!r}; stages: "
+                                 + (", ".join(known) or "none"), hint=hint)
     return manifest
 
 
-def stage_logs(store: Store, run_id: str, stage: str) -> list[AttemptOutput]:
-    manifest = show_stage(store, run_id, stage)
+def stage_logs(store: Store, run_id: str, stage: str, item: str | None = None) -> list[AttemptOutput]:
+    manifest = show_stage(store, run_id, stage, item)
     out = []
     for log in manifest.logs:
         out.append(AttemptOutput(

@@ -9,7 +9,9 @@ Recover plans from verify's findings (it runs the same checks, re-hashing every 
    same content; manifests that name missing objects or disagree with their upstream are
    removed; then the run is completed with the definition and input snapshots it recorded
    when it started, reusing identical work, so every stage without a succeeded manifest
-   (missing, failed, damaged) is executed again.
+   (missing, failed, damaged) is executed again.  In an item run, items that had not ended are
+   taken through their stages; items that ended keep their outcome and first failure, unless
+   one of their manifests was damaged, in which case the item is taken again.
 
 A second call after a successful one finds nothing to do.  What cannot be completed (a stage
 that fails again, a snapshot whose content is gone) is reported, and the exit code says so.
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from . import durable
 from .errors import FormatVersionError, RunBusyError, StagestoreError
 from .layout import StoreLayout, run_owner
 from .locking import OwnerLock, owner_locked, store_lock
 from .objects import SyncBatch
-from .pipeline import CODE_INPUT, code_path
+from .pipeline import CODE_INPUT, code_path, item_stages, render_item_path
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import RecoverAction, RecoverReport, RunReport
 from .runner import ProgressCallback, resume
@@ -67,6 +71,7 @@ class _Recovery:
         self.unresolved: list[str] = []
         self.runs: list[RunReport] = []
         self._removed: set[str] = set()
+        self._shared: dict[str, StageManifest] = {}
 
     def act(self, action: str, done: str, planned: str, **where: str | None) -> None:
         self.actions.append(RecoverAction(action=action, message=planned if self.dry_run else done,
@@ -160,6 +165,11 @@ class _Recovery:
         todo = self._stages_to_redo(record)
         if todo is None:
             return
+        items = self._items_to_redo(record)
+        if items is None:
+            return
+        if items:
+            todo.append(f"{len(items)} item(s)")
         if not todo and record.finished_at is not None:
             return
         self.act("complete_run",
@@ -174,17 +184,26 @@ class _Recovery:
             if stage.outcome in ("failed", "skipped"):
                 why = stage.failure.signal.splitlines()[-1] if stage.failure else stage.reason
                 self.unresolved.append(f"run {run_id} stage {stage.stage}: {stage.outcome}: {why}")
+        for item in report.items:
+            if item.status == "failed" and item.stages:  # taken again now, and failed again
+                why = item.failure.signal.splitlines()[-1] if item.failure else ""
+                self.unresolved.append(f"run {run_id} item {item.item!r} stage "
+                                       f"{item.first_failure_stage}: failed: {why}")
 
-    def _restore_snapshots(self, record: RunRecord) -> bool:
-        """Re-copy missing input snapshots from the workspace if it still has that content."""
+    def _restore_snapshots(self, record: RunRecord, inputs: dict | None = None,
+                           item: str | None = None) -> bool:
+        """Re-copy missing input snapshots (of the run, or of one item) from the workspace if
+        it still has that content."""
         ok = True
         batch = SyncBatch()
-        for stage, refs in record.inputs.items():
+        for stage, refs in (record.inputs if inputs is None else inputs).items():
             for name, ref in refs.items():
                 if not self.missing(ref):
                     continue
                 spec = record.definition.stages[stage]
                 relpath = code_path(spec, ref.kind) if name == CODE_INPUT else spec.inputs[name]
+                if item is not None:
+                    relpath = render_item_path(relpath, item)
                 source = Path(record.workdir) / relpath
                 try:
                     found, listing = describe_artifact(source, f"input {name!r}")
@@ -213,37 +232,77 @@ class _Recovery:
         batch.flush()
         return ok
 
-    def _stages_to_redo(self, record: RunRecord) -> list[str] | None:
-        """Selected stages without a sound succeeded manifest; damaged manifests are removed."""
+    def _stages_to_redo(self, record: RunRecord, item: str | None = None,
+                        shared: dict[str, StageManifest] | None = None) -> list[str] | None:
+        """Selected stages (of the run, or of one item) without a sound succeeded manifest;
+        damaged manifests are removed."""
         manifests = self.store.manifests
+        per_item = item_stages(record.definition.stages)
         todo: list[str] = []
-        loaded: dict[str, StageManifest] = {}
+        loaded: dict[str, StageManifest] = dict(shared or {})
+        where = f"run {record.run_id}" + (f" item {item!r}" if item is not None else "")
         for stage in record.selected:
+            if (stage in per_item) != (item is not None):
+                continue
             try:
-                manifest = manifests.read_optional(record.run_id, stage)
+                manifest = manifests.read_optional(record.run_id, stage, item)
             except FormatVersionError as exc:
-                self.unresolved.append(f"run {record.run_id} stage {stage}: {exc.message}")
+                self.unresolved.append(f"{where} stage {stage}: {exc.message}")
                 return None
             except StagestoreError:
-                manifest = None
-            if manifest is None or manifest.status != "succeeded":
-                todo.append(stage)
-                continue
-            damage = self._damage(manifest, loaded)
+                manifest, damage = None, "it is not a valid manifest"
+            else:
+                if manifest is None or manifest.status != "succeeded":
+                    todo.append(stage)
+                    continue
+                damage = self._damage(manifest, loaded)
             if damage:
                 todo.append(stage)
-                path = manifests.layout.manifest_path(record.run_id, stage)
-                self.act("remove_manifest", f"removed manifest of run {record.run_id} stage "
+                path = manifests.layout.manifest_path(record.run_id, stage, item)
+                self.act("remove_manifest", f"removed manifest of {where} stage "
                          f"{stage} ({damage}); the stage runs again",
-                         f"would remove manifest of run {record.run_id} stage {stage} ({damage}) "
+                         f"would remove manifest of {where} stage {stage} ({damage}) "
                          "and run the stage again", run_id=record.run_id, stage=stage,
                          path=str(path))
                 if not self.dry_run:
                     durable.unlink(path)
                     durable.fsync_dir(path.parent)
-            else:
+            elif manifest is not None:
                 loaded[stage] = manifest
+        if item is None:
+            self._shared = loaded
         return todo
+
+    def _items_to_redo(self, record: RunRecord) -> list[str] | None:
+        """Items that did not end, and ended items whose manifests were damaged: those are set
+        back to `running` (keeping their input snapshots) so that `resume` takes them again.
+        Items that ended soundly are kept as they are, first failures included."""
+        if not record.items:
+            return []
+        manifests = self.store.manifests
+        redo = []
+        for item in record.items:
+            try:
+                item_record = manifests.read_item_optional(record.run_id, item)
+            except StagestoreError as exc:
+                self.unresolved.append(f"run {record.run_id} item {item!r}: {exc.message}")
+                return None
+            if item_record is None or item_record.status == "running":
+                if record.finished_at is None:
+                    redo.append(item)
+                continue
+            if not self._restore_snapshots(record, item_record.inputs, item):
+                return None
+            before = len(self.actions)
+            if self._stages_to_redo(record, item, self._shared) is None:
+                return None
+            if any(a.action == "remove_manifest" for a in self.actions[before:]):
+                redo.append(item)
+                if not self.dry_run:
+                    manifests.write_item(msgspec.structs.replace(
+                        item_record, status="running", first_failure=None, finished_at=None),
+                        run_owner(record.run_id))
+        return redo
 
     def _damage(self, manifest: StageManifest, loaded: dict[str, StageManifest]) -> str | None:
         for name, ref in manifest.outputs.items():

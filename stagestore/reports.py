@@ -81,6 +81,7 @@ class Finding(Report, kw_only=True):
     message: str
     run_id: str | None = None
     stage: str | None = None
+    item: str | None = None
     object: str | None = None
     path: str | None = None
 
@@ -181,7 +182,7 @@ class RunSummary(Report, kw_only=True):
     pipeline: str
     started_at: str | None
     finished_at: str | None
-    state: Literal["complete", "failed", "incomplete", "running", "unknown"]
+    state: Literal["complete", "failed", "incomplete", "running", "aborted", "unknown"]
     stages: dict[str, str]
 
 
@@ -211,6 +212,7 @@ class RunDetail(Report, kw_only=True):
     finished_at: str | None
     state: str
     stages: list[StageRow]
+    items: dict[str, int] = {}
 
 
 class AttemptOutput(Report, kw_only=True):
@@ -269,3 +271,62 @@ class FailureReport(Report, kw_only=True):
     systemic: SystemicFailure | None
     valid_for_trends: bool
     complete: bool
+
+
+# --- `stagestore doctor` and `stagestore stats` ---
+
+CheckStatus = Literal["ok", "warning", "problem"]
+
+
+class DoctorCheck(Report, kw_only=True):
+    """One health check: its name, how it came out, and one line saying what and what to do."""
+
+    name: str
+    status: CheckStatus
+    message: str
+
+
+class DoctorReport(Report, kw_only=True):
+    """`stagestore doctor`: `ok` is false when any check found a problem (warnings allowed)."""
+
+    ok: bool
+    checks: list[DoctorCheck]
+
+
+class LastFailure(Report, kw_only=True):
+    """The most recent failed or degraded manifest of a stage: where, what, when."""
+
+    run_id: str
+    item: str | None = None
+    class_: str = msgspec.field(name="class")
+    category: str
+    signal: str
+    at: str
+
+
+class StageStats(Report, kw_only=True):
+    """One stage over the runs examined.  `success_rate` is the percentage of its manifests
+    that succeeded (reuse included) or degraded; `p50_s`/`p95_s` are over executed manifests
+    only (nearest rank), null when none executed."""
+
+    stage: str
+    runs: int
+    manifests: int
+    executed: int
+    succeeded: int
+    failed: int
+    degraded: int
+    success_rate: float
+    p50_s: float | None
+    p95_s: float | None
+    retries: int
+    last_failure: LastFailure | None
+
+
+class StatsReport(Report, kw_only=True):
+    """`stagestore stats`: per stage, over `runs` (the run ids examined, oldest first)."""
+
+    last: int
+    runs: list[str]
+    stages: list[StageStats]
+    unreadable: int

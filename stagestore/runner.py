@@ -197,6 +197,8 @@ class Execution:
         self.detector = SystemicDetector(options.systemic_min_items, options.systemic_threshold)
         self.systemic: SystemicFailure | None = None
         self._lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._started = 0
         self.work = StageWork(store, record, force=force, item_stages=per_item,
                               breaker=CircuitBreaker(options.max_consecutive_failures),
                               emit=self.emit)
@@ -284,7 +286,8 @@ class Execution:
         """Every item through the per-item stages.  The pool takes items in the order of the
         list, so they start in that order (strictly one after another with jobs=1)."""
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="item") as pool:
-            futures = [pool.submit(self._item, item, shared) for item in self.record.items]
+            futures = [pool.submit(self._item, index, item, shared)
+                       for index, item in enumerate(self.record.items)]
             try:
                 return [future.result() for future in futures]
             except BaseException:
@@ -293,7 +296,25 @@ class Execution:
                     future.cancel()
                 raise
 
-    def _item(self, item: str, shared: dict[str, StageReport]) -> ItemReport:
+    def _wait_turn(self, index: int) -> None:
+        """Items start in list order: item `index` starts only after item `index - 1` has."""
+        with self._turn:
+            while self._started < index:
+                self._turn.wait(0.1)
+
+    def _take_turn(self, index: int) -> None:
+        with self._turn:
+            self._started = max(self._started, index + 1)
+            self._turn.notify_all()
+
+    def _item(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
+        self._wait_turn(index)
+        try:
+            return self._item_started(index, item, shared)
+        finally:
+            self._take_turn(index)  # a no-op once the item has started
+
+    def _item_started(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
         if self.systemic is not None or executor.stopping.is_set():
             return ItemReport(item=item, status="not_processed")
         manifests = self.store.manifests
@@ -307,6 +328,7 @@ class Execution:
                                 inputs=self._snapshot_item(item), started_at=now())
             manifests.write_item(record, self.owner)
         self.emit("item_start", None, "", item)
+        self._take_turn(index)
         try:
             record, reports = self._item_stages(item, record, shared)
         except executor.Interrupted:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from .errors import ObjectMissingError, RunNotFoundError, StagestoreError
 from .hashing import EMPTY_DIGEST, hash_file
 from .layout import StoreLayout, run_owner
+from .pipeline import item_stages
 from .locking import owner_is_live, store_lock
 from .objects import OBJECT_MODE
 from .records import ArtifactRef, RunRecord, StageManifest, TreeListing
@@ -25,6 +26,11 @@ from .trees import read_tree
 
 BytesProgress = Callable[[int, int], None]
 """`progress(bytes_done, bytes_total)` while objects are re-hashed."""
+
+
+def _where(run_id: str, stage: str | None, item: str | None) -> str:
+    return f"run {run_id}" + (f" item {item!r}" if item is not None else "") + (
+        f" stage {stage}" if stage else "")
 
 
 class _Refs:
@@ -83,43 +89,78 @@ class Verifier:
         try:
             record = manifests.read_run(run_id)
         except RunNotFoundError:
-            if manifests.stages(run_id):
+            if manifests.stages(run_id) or manifests.items(run_id):
                 self.find("run_record_missing", "problem",
                           f"run {run_id}: manifests exist but the run record _run.json is missing",
                           run_id=run_id, path=record_path)
         except StagestoreError as exc:
             self.find("run_record_invalid", "problem", exc.message, run_id=run_id, path=record_path)
-        for stray in manifests.strays(run_id):
+        for stray in manifests.item_strays(run_id):
             self.find("stray_file", "warning",
-                      f"run {run_id}: {stray} is neither a stage manifest nor the run record",
-                      run_id=run_id, path=str(self.layout.run_dir(run_id) / stray))
-        loaded: dict[str, StageManifest] = {}
-        for stage in manifests.stages(run_id):
-            path = str(self.layout.manifest_path(run_id, stage))
-            self.manifests_checked += 1
-            try:
-                loaded[stage] = manifests.read(run_id, stage)
-            except StagestoreError as exc:
-                self.find("manifest_invalid", "problem", exc.message, run_id=run_id, stage=stage,
-                          path=path)
-        for stage, manifest in loaded.items():
-            self.note_manifest(manifest)
-            self.check_upstream(run_id, stage, manifest, loaded)
+                      f"run {run_id}: items/{stray} is not an item folder", run_id=run_id,
+                      path=str(self.layout.items_dir(run_id) / stray))
+        shared = self.check_scope(run_id, None, {})
+        for item in manifests.items(run_id):
+            self.check_item(run_id, item, shared)
         if record is not None:
             for stage, refs in record.inputs.items():
                 for name, ref in refs.items():
                     self.note_ref(ref, run_id, None, f"input snapshot {stage}.{name}")
-            self.check_completeness(record, loaded)
+            self.check_completeness(record, shared)
+
+    def check_scope(self, run_id: str, item: str | None,
+                    shared: dict[str, StageManifest]) -> dict[str, StageManifest]:
+        """The manifests of the run (item None) or of one item; `shared` holds the run-level
+        ones an item's stages may name as upstream."""
+        manifests = self.store.manifests
+        for stray in manifests.strays(run_id, item):
+            self.find("stray_file", "warning",
+                      f"{_where(run_id, None, item)}: {stray} is neither a stage manifest nor "
+                      "its record", run_id=run_id, item=item,
+                      path=str(self.layout.scope_dir(run_id, item) / stray))
+        loaded: dict[str, StageManifest] = {}
+        for stage in manifests.stages(run_id, item):
+            path = str(self.layout.manifest_path(run_id, stage, item))
+            self.manifests_checked += 1
+            try:
+                loaded[stage] = manifests.read(run_id, stage, item)
+            except StagestoreError as exc:
+                self.find("manifest_invalid", "problem", exc.message, run_id=run_id, stage=stage,
+                          item=item, path=path)
+        for stage, manifest in loaded.items():
+            self.note_manifest(manifest)
+            self.check_upstream(run_id, stage, manifest, loaded, shared, item)
+        return loaded
+
+    def check_item(self, run_id: str, item: str, shared: dict[str, StageManifest]) -> None:
+        path = str(self.layout.item_record_path(run_id, item))
+        try:
+            record = self.store.manifests.read_item_optional(run_id, item)
+        except StagestoreError as exc:
+            self.find("item_record_invalid", "problem", exc.message, run_id=run_id, item=item,
+                      path=path)
+            record = None
+        loaded = self.check_scope(run_id, item, shared)
+        if record is None:
+            if loaded:
+                self.find("item_record_missing", "problem",
+                          f"run {run_id} item {item!r}: manifests exist but the item record "
+                          "_item.json is missing", run_id=run_id, item=item, path=path)
+            return
+        for stage, refs in record.inputs.items():
+            for name, ref in refs.items():
+                self.note_ref(ref, run_id, stage, f"item {item!r} input snapshot {name!r}")
 
     def note_manifest(self, manifest: StageManifest) -> None:
         run_id, stage = manifest.run_id, manifest.stage
+        label = stage if manifest.item is None else f"{stage} (item {manifest.item})"
         for name, ref in manifest.outputs.items():
-            self.note_ref(ref, run_id, stage, f"output {name!r}")
+            self.note_ref(ref, run_id, label, f"output {name!r}")
         for name, ref in manifest.inputs.items():
-            self.note_ref(ref, run_id, stage, f"input {name!r}")
+            self.note_ref(ref, run_id, label, f"input {name!r}")
         for log in manifest.logs:
-            self.refs.add(log.stdout, run_id, stage, f"attempt {log.attempt} stdout")
-            self.refs.add(log.stderr, run_id, stage, f"attempt {log.attempt} stderr")
+            self.refs.add(log.stdout, run_id, label, f"attempt {log.attempt} stdout")
+            self.refs.add(log.stderr, run_id, label, f"attempt {log.attempt} stderr")
 
     def note_ref(self, ref: ArtifactRef, run_id: str, stage: str | None, what: str) -> None:
         self.refs.add(ref.hash, run_id, stage, what)
@@ -146,36 +187,49 @@ class Verifier:
                 self.refs.add(entry.hash, run_id, stage, f"{what} file {entry.path!r}")
 
     def check_upstream(self, run_id: str, stage: str, manifest: StageManifest,
-                       loaded: dict[str, StageManifest]) -> None:
+                       loaded: dict[str, StageManifest], shared: dict[str, StageManifest],
+                       item: str | None) -> None:
+        where = _where(run_id, stage, item)
         for up, expected in manifest.upstream.items():
-            upstream = loaded.get(up)
+            upstream = loaded.get(up) or shared.get(up)
             if upstream is None:
-                if not self.layout.manifest_path(run_id, up).exists():
+                paths = [self.layout.manifest_path(run_id, up, item),
+                         self.layout.manifest_path(run_id, up)]
+                if not any(p.exists() for p in paths):
                     self.find("manifest_missing", "problem",
-                              f"run {run_id}: stage {stage} used upstream {up}, whose manifest is missing",
-                              run_id=run_id, stage=up)
+                              f"{where} used upstream {up}, whose manifest is missing",
+                              run_id=run_id, stage=up, item=item)
                 continue
             if upstream.output_hash != expected:
                 self.find("upstream_mismatch", "problem",
-                          f"run {run_id}: stage {stage} recorded upstream {up} output_hash "
+                          f"{where} recorded upstream {up} output_hash "
                           f"{expected}, but {up}'s manifest has {upstream.output_hash}",
-                          run_id=run_id, stage=stage)
+                          run_id=run_id, stage=stage, item=item)
             for name, ref in upstream.outputs.items():
                 mine = manifest.inputs.get(f"upstream.{up}.{name}")
                 if mine is not None and mine.hash != ref.hash:
                     self.find("upstream_mismatch", "problem",
-                              f"run {run_id}: stage {stage} read {up}.{name} as {mine.hash}, but "
-                              f"{up}'s manifest records {ref.hash}", run_id=run_id, stage=stage)
+                              f"{where} read {up}.{name} as {mine.hash}, but "
+                              f"{up}'s manifest records {ref.hash}", run_id=run_id, stage=stage,
+                              item=item)
 
     def check_completeness(self, record: RunRecord, loaded: dict[str, StageManifest]) -> None:
         run_id = record.run_id
         if owner_is_live(self.layout, run_owner(run_id)):
             return
+        per_item = item_stages(record.definition.stages)
         if record.finished_at is None:
-            missing = [s for s in record.selected if s not in loaded]
-            if missing:
+            missing = [s for s in record.selected if s not in loaded and s not in per_item]
+            unended = self._unended_items(record) if per_item & set(record.selected) else []
+            if missing or unended:
+                what = []
+                if missing:
+                    what.append(f"no manifest yet for {', '.join(missing)}")
+                if unended:
+                    what.append(f"{len(unended)} item(s) not ended ({', '.join(unended[:5])}"
+                                + (", ..." if len(unended) > 5 else "") + ")")
                 self.find("run_incomplete", "warning",
-                          f"run {run_id} was interrupted: no manifest yet for {', '.join(missing)}; "
+                          f"run {run_id} was interrupted: {'; '.join(what)}; "
                           f"`stagestore recover` completes it", run_id=run_id)
             return
         for stage, outcome in record.outcomes.items():
@@ -185,6 +239,17 @@ class Verifier:
                           f"run {run_id}: stage {stage} finished as {outcome} but its manifest is "
                           f"missing; `stagestore recover` restores it", run_id=run_id, stage=stage,
                           path=str(self.layout.manifest_path(run_id, stage)))
+
+    def _unended_items(self, record: RunRecord) -> list[str]:
+        unended = []
+        for item in record.items:
+            try:
+                item_record = self.store.manifests.read_item_optional(record.run_id, item)
+            except StagestoreError:
+                continue  # reported as item_record_invalid
+            if item_record is None or item_record.status == "running":
+                unended.append(item)
+        return unended
 
     # --- objects ---
 

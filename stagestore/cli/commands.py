@@ -71,8 +71,9 @@ def _live() -> bool:
 def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> None:
     """A content-addressed, crash-safe artifact store for pipelines of stages.
 
-    Exit codes: 0 success; 1 a stage failed or verify found a problem; 2 a usage or pipeline
-    error; 3 reserved for a systemic abort; 70 an internal error; 130 interrupted.
+    Exit codes: 0 success; 1 a stage or item failed, or verify or doctor found a problem; 2 a
+    usage or pipeline error; 3 a systemic abort; 4 a run completed degraded (a fallback was
+    used); 70 an internal error; 130 interrupted.
     """
     ctx.obj = Ctx(store_dir, quiet, debug)
 
@@ -86,27 +87,88 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 @click.option("-j", "--jobs", type=int, default=1, show_default=True,
               help="Independent stages run in parallel up to this many.")
 @click.option("--force", is_flag=True, help="Re-execute stages even when identical work exists.")
+@click.option("--items", "items_file", metavar="FILE",
+              help="Take every item listed in FILE (one id a line) through the stages that use "
+                   "{item}.")
+@click.option("--execution-mode", type=click.Choice(["production", "sampling"]),
+              default="production", show_default=True,
+              help="sampling: non-critical checks warn, systemic failures abort the run.")
+@click.option("--systemic-min-items", type=int, default=20, show_default=True, metavar="N",
+              help="Sampling mode: items processed before systemic detection starts.")
+@click.option("--systemic-threshold", type=float, default=0.80, show_default=True, metavar="R",
+              help="Sampling mode: abort when more than this ratio of processed items failed at "
+                   "one infrastructure stage.")
+@click.option("--max-consecutive-failures", type=int, default=None, metavar="N",
+              help="Item runs: after N failures of a stage in a row, fail later items fast at "
+                   "that stage until a probe item succeeds.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True,
+              help="json: every progress event as a JSON line on stderr (also when not a "
+                   "terminal).")
 @click.option("-q", "--quiet", "quiet_here", is_flag=True, help="No progress output.")
 @_json_option
 def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
-        stages: tuple[str, ...], jobs: int, force: bool, quiet_here: bool, as_json: bool) -> None:
+        stages: tuple[str, ...], jobs: int, force: bool, items_file: str | None,
+        execution_mode: str, systemic_min_items: int, systemic_threshold: float,
+        max_consecutive_failures: int | None, log_format: str, quiet_here: bool,
+        as_json: bool) -> None:
     """Run the pipeline's stages in dependency order, reusing identical work.
 
-    Prints the run id.  Exit 0 when every stage succeeded, 1 when a stage failed (its
-    downstream is not run; independent branches finish), 2 on a usage or pipeline error.
+    Prints the run id.  Exit 0 when every stage (and item) succeeded; 1 when a stage or an
+    item failed (its downstream is not run; independent branches and other items finish); 3
+    when a systemic failure aborted the run; 4 when it completed degraded (a fallback was
+    used); 2 on a usage or pipeline error.
     """
+    from ..items import read_items
     from ..pipeline import load_pipeline
+    from ..records import ExecutionOptions
     from ..runner import run as run_pipeline
     from ..store import Store
 
     pipeline = load_pipeline(pipeline_file)
     pipeline.check_stage_names(stages)  # before the store is created
+    items = read_items(items_file) if items_file is not None else None
+    execution = ExecutionOptions(mode=execution_mode,  # type: ignore[arg-type]
+                                 systemic_min_items=systemic_min_items,
+                                 systemic_threshold=systemic_threshold,
+                                 max_consecutive_failures=max_consecutive_failures)
     store = Store.create(_store_root(store_dir, str(pipeline.path)))
-    progress = render.RunProgress() if (_live() and not quiet_here) else None
+    quiet = quiet_here or _quiet()
+    if log_format == "json" and not quiet:
+        progress = render.JsonLogProgress()
+    else:
+        progress = render.RunProgress() if (_live() and not quiet_here) else None
     report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
-                          progress=progress)
+                          items=items, execution=execution, progress=progress)
     render.run_report(report, as_json=as_json)
-    raise SystemExit(0 if report.ok else 1)
+    raise SystemExit(RUN_EXIT_CODES[report.status])
+
+
+RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--csv", "csv_dir", metavar="DIR",
+              help="Also write each table as DIR/<table>.csv.")
+@_pipeline_option
+@_store_option
+@_json_option
+def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_dir: str | None,
+           as_json: bool) -> None:
+    """Failure tables of a run: by stage, build failures by class, infrastructure, per item.
+
+    Counts each failed item's first failure once.  Build failure percentages are over
+    taxonomy-eligible (build) failures only; infrastructure failures are counted apart.
+    """
+    from ..taxonomy import failure_report
+
+    result = failure_report(_open_store(store_dir, pipeline_file), run_id)
+    if csv_dir is not None:
+        for path in render.write_report_csv(result, csv_dir):
+            if not as_json:
+                click.echo(f"wrote {path}", err=True)
+    render.failure_report(result, as_json=as_json)
 
 
 @cli.command()
@@ -182,14 +244,19 @@ def diff(run_a: str, run_b: str, stage: str | None, pipeline_file: str | None,
     render.diff_report(report, as_json=as_json)
 
 
+_item_option = click.option("--item", metavar="ITEM",
+                            help="In an item run: the item whose stage to show.")
+
+
 @cli.command()
 @click.argument("run_id")
 @click.argument("stage", required=False)
+@_item_option
 @_pipeline_option
 @_store_option
 @_json_option
-def show(run_id: str, stage: str | None, pipeline_file: str | None, store_dir: str | None,
-         as_json: bool) -> None:
+def show(run_id: str, stage: str | None, item: str | None, pipeline_file: str | None,
+         store_dir: str | None, as_json: bool) -> None:
     """Show a run's stages, or with STAGE one stage's manifest (--json: the manifest itself)."""
     from ..inspect import show_run, show_stage
 
@@ -197,7 +264,7 @@ def show(run_id: str, stage: str | None, pipeline_file: str | None, store_dir: s
     if stage is None:
         render.run_detail(show_run(store, run_id), as_json=as_json)
     else:
-        render.manifest(show_stage(store, run_id, stage), as_json=as_json)
+        render.manifest(show_stage(store, run_id, stage, item), as_json=as_json)
 
 
 @cli.command()
@@ -249,15 +316,17 @@ def checkout(run_id: str, stage: str, dest: str, pipeline_file: str | None,
 @cli.command()
 @click.argument("run_id")
 @click.argument("stage")
+@_item_option
 @_pipeline_option
 @_store_option
 @_json_option
-def logs(run_id: str, stage: str, pipeline_file: str | None, store_dir: str | None,
-         as_json: bool) -> None:
+def logs(run_id: str, stage: str, item: str | None, pipeline_file: str | None,
+         store_dir: str | None, as_json: bool) -> None:
     """Print the stored stdout and stderr of each attempt of a stage."""
     from ..inspect import stage_logs
 
-    render.logs(stage_logs(_open_store(store_dir, pipeline_file), run_id, stage), as_json=as_json)
+    render.logs(stage_logs(_open_store(store_dir, pipeline_file), run_id, stage, item),
+                as_json=as_json)
 
 
 @cli.command()

@@ -29,27 +29,55 @@ def _size(n: int) -> str:
 
 
 class RunProgress:
-    """Per-stage status lines on a terminal, as stages start and finish."""
+    """Status lines as stages start and finish, each led by the run id and, in an item run,
+    the item (the correlation id): `[RUN_ID ITEM] STAGE  what happened`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._started: dict[str, float] = {}
+        self._started: dict[tuple[str | None, str | None], float] = {}
 
-    def __call__(self, event: str, stage: str, detail: str) -> None:
+    def __call__(self, event) -> None:  # noqa: ANN001 - a reports.RunEvent
+        key = (event.item, event.stage)
+        prefix = f"[{event.run_id}{' ' + event.item if event.item is not None else ''}]"
+        stage = event.stage or ""
         with self._lock:
-            if event == "start":
-                self._started[stage] = time.monotonic()
-                _err(f"  {stage:<20} running")
-            elif event in ("note", "retry"):
-                _err(f"  {stage:<20} {detail}")
+            if event.event == "start":
+                self._started[key] = time.monotonic()
+                _err(f"{prefix} {stage:<20} running")
+            elif event.event in ("note", "retry", "warning", "fallback", "circuit_open"):
+                label = "" if event.event == "note" else f"{event.event}: "
+                _err(f"{prefix} {stage:<20} {label}{event.detail}")
+            elif event.event == "item_start":
+                return
+            elif event.event == "item_end":
+                _err(f"{prefix} item {event.detail}")
+            elif event.event == "systemic_abort":
+                _err(f"{prefix} SYSTEMIC FAILURE: {event.detail}")
             else:
-                took = time.monotonic() - self._started.pop(stage, time.monotonic())
-                _err(f"  {stage:<20} " + {
-                    "cached": f"cached (from run {detail})" if detail else "cached",
+                took = time.monotonic() - self._started.pop(key, time.monotonic())
+                _err(f"{prefix} {stage:<20} " + {
+                    "cached": f"cached (from run {event.detail})" if event.detail else "cached",
                     "succeeded": f"succeeded in {took:.2f}s",
-                    "failed": f"FAILED after {took:.2f}s",
-                    "skipped": f"skipped: {detail}",
-                }.get(event, event))
+                    "failed": f"FAILED after {took:.2f}s" + (
+                        f": {event.detail}" if event.detail else ""),
+                    "skipped": f"skipped: {event.detail}",
+                    "degraded": f"DEGRADED: using the outputs of run {event.detail}",
+                }.get(event.event, event.event))
+
+
+class JsonLogProgress:
+    """`--log-format json`: every run event as one JSON object a line on stderr."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:  # noqa: ANN001 - a reports.RunEvent
+        import msgspec
+
+        line = msgspec.json.encode(event)
+        with self._lock:
+            sys.stderr.buffer.write(line + b"\n")
+            sys.stderr.flush()
 
 
 class BytesProgress:
@@ -79,20 +107,62 @@ def run_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         _json(report)
         return
     for stage in report.stages:
-        if stage.nondeterministic:
-            _err(f"warning: stage {stage.stage} is non-deterministic: a forced re-execution "
-                 "gave a different output hash for the same inputs and config")
-        if stage.outcome == "failed" and stage.failure is not None:
-            signal = stage.failure.signal.strip().splitlines()
-            _err(f"error: stage {stage.stage} failed ({stage.failure.class_}"
-                 + (f", exit code {stage.failure.exit_code}" if stage.failure.exit_code is not None
-                    else "") + "):")
-            for line in signal[-10:]:
-                _err(f"  | {line}")
-            _err(f"hint: `stagestore logs {report.run_id} {stage.stage}` shows its full output")
-        elif stage.outcome == "skipped":
-            _err(f"skipped: stage {stage.stage}: {stage.reason}")
+        _stage_outcome(report.run_id, stage)
+    if report.items:
+        _items_summary(report)
+    if report.systemic is not None:
+        s = report.systemic
+        _err(f"error: systemic failure: {s.stage_failures} of {s.processed_items} processed items "
+             f"failed at infrastructure stage {s.trigger_stage} ({s.failure_ratio:.0%} > "
+             f"{s.threshold_ratio:.0%}); the run was aborted and is invalid for trends")
+        for signal in s.dominant_failure_signals:
+            _err(f"  | {signal}")
+        _err(f"hint: fix stage {s.trigger_stage}, then run again; `stagestore report "
+             f"{report.run_id}` has the details")
+    elif report.status == "degraded":
+        _err("warning: the run completed DEGRADED: a fallback was used (see above); "
+             f"`stagestore report {report.run_id}` has the details")
     click.echo(report.run_id)
+
+
+def _stage_outcome(run_id: str, stage, item: str | None = None, verbose: bool = True) -> None:  # noqa: ANN001
+    where = f"stage {stage.stage}" + (f" (item {item})" if item is not None else "")
+    if stage.nondeterministic:
+        _err(f"warning: {where} is non-deterministic: a forced re-execution "
+             "gave a different output hash for the same inputs and config")
+    for warning in stage.warnings:
+        _err(f"warning: {where}: {warning}")
+    if stage.outcome == "failed" and stage.failure is not None:
+        failure = stage.failure
+        _err(f"error: {where} failed ({failure.class_}, {failure.category}"
+             + (f", exit code {failure.exit_code}" if failure.exit_code is not None else "") + ")"
+             + (":" if verbose else f": {failure.signal.strip().splitlines()[-1:] or ''}"))
+        if verbose:
+            for line in failure.signal.strip().splitlines()[-10:]:
+                _err(f"  | {line}")
+            item_arg = f" --item {item}" if item is not None else ""
+            _err(f"hint: `stagestore logs {run_id} {stage.stage}{item_arg}` shows its full output")
+    elif stage.outcome == "degraded":
+        _err(f"warning: {where} failed and fell back: {stage.reason}")
+    elif stage.outcome == "skipped":
+        _err(f"skipped: {where}: {stage.reason}")
+
+
+def _items_summary(report) -> None:  # noqa: ANN001
+    counts: dict[str, int] = {}
+    for item in report.items:
+        counts[item.status] = counts.get(item.status, 0) + 1
+    failed = [i for i in report.items if i.status == "failed"]
+    for item in failed[:10]:
+        f = item.failure
+        line = f.signal.strip().splitlines()[-1] if f and f.signal.strip() else ""
+        _err(f"failed: item {item.item} at stage {item.first_failure_stage} "
+             f"({f.class_ if f else '?'}): {line[:160]}")
+    if len(failed) > 10:
+        _err(f"... and {len(failed) - 10} more failed items")
+    _err(f"items: {report.processed} processed of {len(report.items)}: "
+         + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(counts.items()))
+         + f"; `stagestore report {report.run_id}` has the failure tables")
 
 
 def verify_report(report, *, as_json: bool) -> None:  # noqa: ANN001
@@ -156,6 +226,88 @@ def run_detail(detail, *, as_json: bool) -> None:  # noqa: ANN001
         click.echo(f"  {row.stage:<20} {row.status}{extra}" + (f"  -> {outs}" if outs else ""))
         if row.failure is not None:
             click.echo(f"    {row.failure.class_}: {row.failure.signal.strip().splitlines()[-1]}")
+    if detail.items:
+        click.echo("  items: " + ", ".join(f"{n} {status.replace('_', ' ')}"
+                                          for status, n in sorted(detail.items.items())))
+
+
+def failure_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    """`stagestore report`: the four tables, as text, or the report as JSON."""
+    if as_json:
+        _json(report)
+        return
+    click.echo(f"run {report.run_id}: {report.processed} processed, {report.succeeded} succeeded, "
+               f"{report.degraded} degraded, {report.failed} failed"
+               + ("" if report.valid_for_trends else "  (not valid for trend comparisons)"))
+    if report.systemic is not None:
+        s = report.systemic
+        click.echo(f"SYSTEMIC FAILURE at {s.trigger_stage}: {s.stage_failures} of "
+                   f"{s.processed_items} processed items ({s.failure_ratio:.2%} > "
+                   f"{s.threshold_ratio:.2%}); samples: {', '.join(s.item_samples)}")
+        for signal in s.dominant_failure_signals:
+            click.echo(f"  | {signal}")
+    for title, rows, columns in report_tables(report):
+        click.echo("")
+        click.echo(title)
+        if not rows:
+            click.echo("  (none)")
+            continue
+        table = [columns] + [[_cell(row[c]) for c in columns] for row in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+        for line in table:
+            click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def report_tables(report):  # noqa: ANN001, ANN201
+    """(title, rows as dicts, column names) for each table of a failure report."""
+    import msgspec
+
+    def rows(items):  # noqa: ANN001, ANN202
+        return [msgspec.to_builtins(item) for item in items]
+
+    return [
+        ("Stage failure distribution", rows(report.stage_failures),
+         ["stage", "count", "percent_of_processed"]),
+        ("Build failure distribution (taxonomy-eligible failures only)",
+         rows(report.build_failures), ["taxonomy_category", "count", "percent_of_build_failures"]),
+        ("Infrastructure gate summary", rows(report.infrastructure),
+         ["stage", "count", "percent_of_processed", "dominant_signals"]),
+        ("First failure per failed item", rows(report.first_failures),
+         ["item", "first_failure_stage", "stage_failure", "failure_category", "failure_signal",
+          "taxonomy_eligible"]),
+    ]
+
+
+def _cell(value) -> str:  # noqa: ANN001
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if value is None:
+        return "-"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def write_report_csv(report, folder: str) -> list[str]:  # noqa: ANN001
+    """One CSV file per table in `folder` (created if needed); returns the paths."""
+    import csv
+    import os
+
+    names = ["stage_failures.csv", "build_failures.csv", "infrastructure.csv",
+             "first_failures.csv"]
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for name, (_, rows, columns) in zip(names, report_tables(report)):
+        path = os.path.join(folder, name)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(["; ".join(map(str, row[c])) if isinstance(row[c], list)
+                                 else row[c] for c in columns])
+        written.append(path)
+    return written
 
 
 def manifest(record, *, as_json: bool) -> None:  # noqa: ANN001
