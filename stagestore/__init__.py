@@ -37,6 +37,8 @@ _API = {
     "show_stage": "stagestore.inspect",
     "stage_logs": "stagestore.inspect",
     "StagestoreError": "stagestore.errors",
+    "doctor": "stagestore.health",
+    "stage_stats": "stagestore.stats",
 }
 
 __all__ = sorted(_API)

@@ -399,3 +399,40 @@ def contracts(pipeline_file: str | None, as_json: bool) -> None:
 
     render.contracts_report(stage_contracts(load_pipeline(pipeline_file)), as_json=as_json)
 
+
+
+@cli.command()
+@_pipeline_option
+@_store_option
+@_json_option
+def doctor(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Check the store's health: format, free disk, filesystem, lock files, temps, runs.
+
+    One line per check: ok, warning or problem, with what to do.  Read-only: changes nothing.
+    Exit 0 when no check found a problem (warnings allowed), 1 when one did.
+    """
+    from ..health import doctor as check_store
+
+    report = check_store(_open_store(store_dir, pipeline_file))
+    render.doctor_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.option("--stage", metavar="NAME", help="Only this stage.")
+@click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="Look at the last N runs.")
+@_pipeline_option
+@_store_option
+@_json_option
+def stats(stage: str | None, last: int, pipeline_file: str | None, store_dir: str | None,
+          as_json: bool) -> None:
+    """Per stage over the last runs: success rate, failures, durations, retries, last failure.
+
+    Read from the run-level and per-item manifests.  Durations (p50, p95; nearest rank) are
+    of executed manifests only; reused ones count as succeeded.
+    """
+    from ..stats import stage_stats
+
+    report = stage_stats(_open_store(store_dir, pipeline_file), stage=stage, last=last)
+    render.stats_report(report, as_json=as_json)

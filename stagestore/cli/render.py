@@ -396,3 +396,52 @@ def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         for line in c.exit_criteria:
             click.echo(f"  exit: {line}")
         click.echo(f"  manifest: {c.manifest_path}")
+
+
+def doctor_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    for check in report.checks:
+        click.echo(f"{check.status:<8} {check.name:<11} {check.message}")
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths))]
+        click.echo("  ".join(cells).rstrip())
+
+
+def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    n = len(report.runs)
+    if not report.stages:
+        click.echo("no runs" if not n else f"no readable manifests in the last {n} runs")
+    else:
+        def secs(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}s"
+
+        rows = []
+        for s in report.stages:
+            last = s.last_failure
+            rows.append([s.stage, str(s.runs), str(s.manifests), str(s.executed), str(s.succeeded),
+                         str(s.failed), str(s.degraded), f"{s.success_rate:.1f}%", secs(s.p50_s),
+                         secs(s.p95_s), str(s.retries),
+                         f"{last.class_} (run {last.run_id})" if last else "-"])
+        _table(["STAGE", "RUNS", "MANIFESTS", "EXECUTED", "SUCCEEDED", "FAILED", "DEGRADED",
+                "SUCCESS", "P50", "P95", "RETRIES", "LAST FAILURE"], rows,
+               right=set(range(1, 11)))
+        for s in report.stages:
+            last = s.last_failure
+            if last is not None:
+                where = f"run {last.run_id}" + (f" item {last.item}" if last.item is not None else "")
+                click.echo(f"last failure of {s.stage}: {where} at {last.at}: {last.class_} "
+                           f"({last.category})" + (f": {last.signal}" if last.signal else ""))
+        click.echo(f"over the last {n} run{'s' if n != 1 else ''}")
+    if report.unreadable:
+        _err(f"warning: {report.unreadable} unreadable manifests skipped; "
+             "`stagestore verify` names them")
