@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 
+import msgspec
+
 from .errors import RunBusyError, RunNotFoundError, StagestoreError
 from .layout import FORMAT_VERSION, StoreLayout, run_owner, validate_name
 from .locking import owner_is_live, store_lock
@@ -45,8 +47,8 @@ def doctor(store: Store) -> DoctorReport:
         with store_lock(store.layout, exclusive=False, timeout=LOCK_TIMEOUT):
             checks += [_locks(store), _temps(store), _runs(store)]
     except RunBusyError:
-        message = ("not checked: `stagestore gc` holds the store lock; run `stagestore doctor` "
-                   "again when it has finished")
+        message = ("not checked: a `stagestore gc` holds or is waiting for the store lock; run "
+                   "`stagestore doctor` again when it has finished")
         checks += [DoctorCheck(name=name, status="warning", message=message)
                    for name in ("locks", "temps", "runs")]
     return DoctorReport(ok=all(c.status != "problem" for c in checks), checks=checks)
@@ -58,8 +60,6 @@ def _check(name: str, status: CheckStatus, message: str) -> DoctorCheck:
 
 def _format(store: Store) -> DoctorCheck:
     # Store.open has already refused a missing, foreign, invalid or newer format file.
-    import msgspec
-
     try:
         version = msgspec.json.decode(store.layout.format_file.read_bytes(), type=StoreFormat).version
     except (OSError, msgspec.MsgspecError) as exc:
@@ -190,11 +190,17 @@ def stale_lock_files(layout: StoreLayout) -> list[str]:
 
 def _locks(store: Store) -> DoctorCheck:
     stale = stale_lock_files(store.layout)
-    if stale:
-        n = len(stale)
-        return _check("locks", "warning", f"{n} stale lock file{'s' if n != 1 else ''} in "
-                      f"{store.layout.locks} (no process holds them); `stagestore gc` removes them")
-    return _check("locks", "ok", "no stale lock files")
+    # An idle work lock is expected after any run that executed a stage (it is reused by the
+    # next identical execution): counted, never a warning.  A run lock whose run is gone is.
+    idle = sum(name.startswith("work-") for name in stale)
+    runs = len(stale) - idle
+    note = f"; {idle} idle work lock{'s' if idle != 1 else ''}" if idle else ""
+    if runs:
+        return _check("locks", "warning", f"{runs} stale run lock file{'s' if runs != 1 else ''} "
+                      f"in {store.layout.locks} (no process holds them, and their runs are gone)"
+                      f"{note}; `stagestore gc` removes them")
+    return _check("locks", "ok", "no stale run locks" + (
+        f"{note} (`stagestore gc` removes them)" if idle else ""))
 
 
 def _tree_size(path: str) -> int:
@@ -221,7 +227,8 @@ def _temps(store: Store) -> DoctorCheck:
     n = len(orphans)
     size = sum(_tree_size(entry.path) for entry, _owner in orphans)
     return _check("temps", "warning", f"{n} orphaned temp{'s' if n != 1 else ''} "
-                  f"({human_size(size)}) in {store.layout.tmp}; `stagestore recover` removes them")
+                  f"({human_size(size)}) in {store.layout.tmp}; `stagestore recover` removes "
+                  + ("them" if n != 1 else "it"))
 
 
 def _listed(ids: list[str]) -> str:

@@ -400,7 +400,6 @@ def contracts(pipeline_file: str | None, as_json: bool) -> None:
     render.contracts_report(stage_contracts(load_pipeline(pipeline_file)), as_json=as_json)
 
 
-
 @cli.command()
 @_pipeline_option
 @_store_option
