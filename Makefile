@@ -8,7 +8,8 @@ DEMO   := .demo
 .PHONY: help venv demo test test-long schemas docs clean
 
 help:
-	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff"
+	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff;"
+	@echo "                then an item run and its failure report"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
 	@echo "make schemas    regenerate schemas/*.json from the record types"
@@ -51,6 +52,14 @@ demo: venv
 	@echo "== 7. the answers to the queries, checked out of the store"
 	$(STAGESTORE) checkout run-3 serve --to $(DEMO)/out -p $(DEMO)/workspace/stagestore.toml
 	@head -20 $(DEMO)/out/results
+	@echo "== 8. an item run: 12 items through fetch and build, in sampling mode, into its own store"
+	@echo "   (some items fail on purpose, so the run exits 1; see docs/failures.md)"
+	@cp -r examples/item-run $(DEMO)/item-run
+	$(STAGESTORE) run -p $(DEMO)/item-run/stagestore.toml --store $(DEMO)/item-store \
+		--items $(DEMO)/item-run/items.txt --run-id demo-items --execution-mode sampling --jobs 2 \
+		|| test $$? -eq 1
+	@echo "== 9. the failure report of that run: by stage, build failures by class, infrastructure, per item"
+	$(STAGESTORE) report demo-items --store $(DEMO)/item-store
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info
