@@ -23,8 +23,8 @@ def _state(store: Store, record: RunRecord) -> str:
         return "running"
     if record.finished_at is None:
         return "incomplete"
-    if record.systemic is not None:
-        return "aborted"
+    if record.status is not None:  # written by every run since run records version 2
+        return {"succeeded": "complete"}.get(record.status, record.status)
     if any(outcome in ("failed", "skipped") for outcome in record.outcomes.values()):
         return "failed"
     if record.items and _items_failed(store, record):

@@ -252,6 +252,7 @@ class RunRecord(Record, kw_only=True):
     items: list[str] = []
     execution: ExecutionOptions = ExecutionOptions()
     systemic: SystemicFailure | None = None
+    status: Literal["succeeded", "degraded", "failed", "aborted"] | None = None
 
 
 class FirstFailure(Record, kw_only=True):
@@ -266,7 +267,9 @@ class ItemRecord(Record, kw_only=True):
     """`runs/<run_id>/items/<item>/_item.json`: one item of an item run.
 
     Written when the item starts (`running`, with the snapshots of its own inputs), again the
-    moment its first failure happens, and when it ends.
+    moment a failure happens, and when it ends.  `first_failure` is the failure that stopped
+    the item (status `failed`); `fallbacks` are failures a fallback covered (`on_failure` =
+    `use_last_good` or `skip`), after which the item went on (status `degraded` at the end).
     """
 
     schema_version: int = ITEM_SCHEMA_VERSION
@@ -275,6 +278,7 @@ class ItemRecord(Record, kw_only=True):
     status: Literal["running", "succeeded", "degraded", "failed"]
     inputs: dict[str, dict[str, ArtifactRef]] = {}
     first_failure: FirstFailure | None = None
+    fallbacks: list[FirstFailure] = []
     started_at: datetime
     finished_at: datetime | None = None
 

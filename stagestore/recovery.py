@@ -178,7 +178,8 @@ class _Recovery:
                  else f"would record the end of run {run_id}", run_id=run_id)
         if self.dry_run:
             return
-        report = resume(self.store, run_id, jobs=self.jobs, progress=self.progress)
+        report = resume(self.store, run_id, jobs=self.jobs, progress=self.progress,
+                        items=items if record.items else None)
         self.runs.append(report)
         for stage in report.stages:
             if stage.outcome in ("failed", "skipped"):
@@ -288,8 +289,8 @@ class _Recovery:
                 self.unresolved.append(f"run {record.run_id} item {item!r}: {exc.message}")
                 return None
             if item_record is None or item_record.status == "running":
-                if record.finished_at is None:
-                    redo.append(item)
+                if record.finished_at is None and record.systemic is None:
+                    redo.append(item)  # not an aborted run's: it is continued
                 continue
             if not self._restore_snapshots(record, item_record.inputs, item):
                 return None

@@ -17,7 +17,7 @@ class RunEvent(Report, kw_only=True):
     """One progress line of a run (`--log-format json` prints these, one JSON object a line).
 
     Events: start, cached, succeeded, failed, skipped, degraded, retry, note (a step of a long
-    stage), warning, fallback, circuit_open, item_start, item_end, systemic_abort."""
+    stage), warning, fallback, circuit_open, item_start, item_end, systemic_abort, run_end (the last line: the status)."""
 
     ts: str
     run_id: str
@@ -182,7 +182,7 @@ class RunSummary(Report, kw_only=True):
     pipeline: str
     started_at: str | None
     finished_at: str | None
-    state: Literal["complete", "failed", "incomplete", "running", "aborted", "unknown"]
+    state: Literal["complete", "degraded", "failed", "incomplete", "running", "aborted", "unknown"]
     stages: dict[str, str]
 
 

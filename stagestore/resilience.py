@@ -34,12 +34,14 @@ class _Circuit:
     consecutive: int = 0
     open: bool = False
     probing: bool = False
+    fast_failed: int = 0  # since the circuit opened or the last probe was let through
     last_failure: str = ""
 
 
 class CircuitBreaker:
-    """Per stage: closed until `limit` failures in a row, then open.  While open, `admit` lets
-    one probe through at a time and fails the others fast; a probe's success closes it."""
+    """Per stage: closed until `limit` failures in a row, then open.  While open, items fail
+    fast; after every `limit` fast failures one probe item is let through (one at a time).  A
+    probe that succeeds closes the circuit; one that fails keeps it open for `limit` more."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
@@ -54,11 +56,13 @@ class CircuitBreaker:
             circuit = self._circuits.setdefault(stage, _Circuit())
             if not circuit.open:
                 return True, False, ""
-            if circuit.probing:
+            if circuit.probing or circuit.fast_failed < self.limit:
+                circuit.fast_failed += 1
                 return False, False, (
                     f"circuit open: stage {stage!r} failed {circuit.consecutive} times in a row "
                     f"(last: {circuit.last_failure}); failing fast until a probe item succeeds")
             circuit.probing = True
+            circuit.fast_failed = 0
             return True, True, ""
 
     def record(self, stage: str, ok: bool, probe: bool, failure_class: str = "") -> bool:
@@ -78,6 +82,7 @@ class CircuitBreaker:
             circuit.last_failure = failure_class
             if not circuit.open and circuit.consecutive >= self.limit:
                 circuit.open = True
+                circuit.fast_failed = 0
                 return True
             return False
 
@@ -87,17 +92,18 @@ class CircuitBreaker:
 
 @dataclass
 class SystemicDetector:
-    """Counts processed items and, per stage, the items whose first failure there belongs to
-    the infrastructure domain; `check` after every processed item."""
+    """Counts processed items and, per infrastructure stage (`domain = "infrastructure"`), the
+    failed items whose first failure happened there; `check` after every processed item."""
 
     min_items: int
     threshold: float
+    infrastructure_stages: set[str]
     processed: int = 0
     failures: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def add(self, item: str, first_failure: FirstFailure | None) -> None:
         self.processed += 1
-        if first_failure is not None and first_failure.failure.domain == "infrastructure":
+        if first_failure is not None and first_failure.stage in self.infrastructure_stages:
             self.failures.setdefault(first_failure.stage, []).append(
                 (item, signal_key(first_failure.failure.signal)))
 

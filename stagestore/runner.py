@@ -83,16 +83,18 @@ def check_execution(options: ExecutionOptions) -> ExecutionOptions:
     return options
 
 
-def resume(store: Store, run_id: str, *, jobs: int = 1,
+def resume(store: Store, run_id: str, *, jobs: int = 1, items: Iterable[str] | None = None,
            progress: ProgressCallback | None = None) -> RunReport:
     """Complete run `run_id` with the definition and inputs it recorded; caller holds locks.
-    Items that already ended (succeeded, degraded or failed) are kept as they are."""
+    Items that already ended (succeeded, degraded or failed) are kept as they are; with
+    `items`, only those of the others are taken (None: every item that has not ended)."""
     record = store.manifests.read_run(run_id)
     if record.finished_at is not None:
         record = _replace(record, finished_at=None)
         store.manifests.write_run(record, run_owner(run_id))
     return Execution(store, record, list(record.selected), jobs=jobs, force=False,
-                     progress=progress, resuming=True).run()
+                     progress=progress, resuming=True,
+                     redo=set(items) if items is not None else None).run()
 
 
 def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: list[str],
@@ -179,8 +181,10 @@ class Execution:
     """One pass over a run's selected stages, and its items."""
 
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
-                 force: bool, progress: ProgressCallback | None, resuming: bool = False) -> None:
+                 force: bool, progress: ProgressCallback | None, resuming: bool = False,
+                 redo: set[str] | None = None) -> None:
         self.store = store
+        self.redo = redo
         self.record = record
         self.selected = selected
         self.jobs = jobs
@@ -194,7 +198,9 @@ class Execution:
         self.item_order = [s for s in selected if s in per_item]
         options = record.execution
         self.sampling = options.mode == "sampling"
-        self.detector = SystemicDetector(options.systemic_min_items, options.systemic_threshold)
+        self.detector = SystemicDetector(
+            options.systemic_min_items, options.systemic_threshold,
+            {name for name, spec in self.stages.items() if spec.domain == "infrastructure"})
         self.systemic: SystemicFailure | None = None
         self._lock = threading.Lock()
         self._turn = threading.Condition()
@@ -206,7 +212,7 @@ class Execution:
     def emit(self, event: str, stage: str | None = None, detail: str = "",
              item: str | None = None) -> None:
         if self.progress is not None:
-            self.progress(RunEvent(ts=now().isoformat(timespec="milliseconds"),
+            self.progress(RunEvent(ts=now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                                    run_id=self.record.run_id, item=item, stage=stage,
                                    event=event, detail=detail))
 
@@ -215,7 +221,8 @@ class Execution:
         reports = self._run_shared()
         items = self._run_items(reports) if self.item_order and self.record.items else []
         ordered = [reports[s] for s in self.shared]
-        self._finish(ordered)
+        if self.systemic is None and self.resuming:
+            self.systemic = self.record.systemic  # repairing an aborted run does not unabort it
         outcomes = {r.outcome for r in ordered} | {i.status for i in items}
         if self.systemic is not None:
             status = "aborted"
@@ -225,6 +232,7 @@ class Execution:
             status = "degraded"
         else:
             status = "succeeded"
+        self._finish(ordered, status)
         return RunReport(run_id=self.record.run_id, pipeline=self.record.pipeline.name,
                          ok=status == "succeeded", status=status, stages=ordered, items=items,
                          processed=sum(i.status != "not_processed" for i in items),
@@ -273,11 +281,11 @@ class Execution:
         self.emit("skipped", stage, reason, item)
         return StageReport(stage=stage, item=item, outcome="skipped", reason=reason)
 
-    def _finish(self, reports: list[StageReport]) -> None:
+    def _finish(self, reports: list[StageReport], status: str) -> None:
         outcomes = dict(self.record.outcomes)
         outcomes.update({r.stage: r.outcome for r in reports})
         self.record = _replace(self.record, outcomes=outcomes, finished_at=now(),
-                               systemic=self.systemic)
+                               systemic=self.systemic, status=status)
         self.store.manifests.write_run(self.record, self.owner)
 
     # --- items ---
@@ -323,9 +331,14 @@ class Execution:
             with self._lock:  # ended in an earlier invocation: kept as it is
                 self.detector.add(item, record.first_failure if record.status == "failed" else None)
             return _item_report(record, [])
+        if self.resuming and self.redo is not None and item not in self.redo:
+            # Not asked for (an aborted run is repaired, never continued): it stays unprocessed.
+            return ItemReport(item=item, status="not_processed")
         if record is None or record.status != "running":
+            # The same run taken again keeps each item's snapshots, as it keeps the run's own.
+            inputs = record.inputs if record is not None else self._snapshot_item(item)
             record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
-                                inputs=self._snapshot_item(item), started_at=now())
+                                inputs=inputs, started_at=now())
             manifests.write_item(record, self.owner)
         self.emit("item_start", None, "", item)
         self._take_turn(index)
@@ -338,7 +351,7 @@ class Execution:
         self.emit("item_end", None, record.status, item)
         with self._lock:
             self.detector.add(item, record.first_failure if record.status == "failed" else None)
-            if self.sampling and self.systemic is None:
+            if self.sampling and self.systemic is None and self.record.systemic is None:
                 self.systemic = self.detector.check()
                 if self.systemic is not None:
                     s = self.systemic
@@ -351,39 +364,54 @@ class Execution:
 
     def _item_stages(self, item: str, record: ItemRecord, shared: dict[str, StageReport]
                      ) -> tuple[ItemRecord, list[StageReport]]:
-        """The item's stages in order; it stops at its first failure, which is written to the
-        item record at once."""
+        """The item's stages in order.  It stops at its first failure not covered by a
+        fallback; every failure is written to the item record the moment it happens."""
         done: dict[str, StageReport] = {}
         status = "succeeded"
         for stage in self.item_order:
             spec = self.stages[stage]
-            blocker = next((u for u in spec.upstream if u in shared and
-                            shared[u].outcome in ("failed", "skipped")), None)
-            if blocker is not None:
-                failure = shared[blocker].failure or runner_failure(
-                    self.stages[blocker], UPSTREAM_MISSING,
-                    f"stage {blocker!r}, which runs once for all items, did not succeed")
-                first = FirstFailure(stage=blocker, failure=failure, at=now())
-                record = self._end_item(record, "failed", first)
-                return record, list(done.values())
-            skipped = next((u for u in spec.upstream if u in done and
-                            done[u].outcome in ("failed", "skipped")), None)
+            root = next((r for r in (self._shared_root(u, shared) for u in spec.upstream
+                                     if u in shared) if r is not None), None)
+            if root is not None:  # a once-per-run stage this item needs failed
+                failure = shared[root].failure or runner_failure(
+                    self.stages[root], UPSTREAM_MISSING,
+                    f"stage {root!r}, which runs once for all items, did not succeed")
+                first = FirstFailure(stage=root, failure=failure, at=now())
+                return self._end_item(record, "failed", first), list(done.values())
+            skipped = next((u for u in spec.upstream if done.get(u, shared.get(u)) is not None
+                            and done.get(u, shared.get(u)).outcome in ("failed", "skipped")), None)
             if skipped is not None:
                 done[stage] = self._skip(stage, skipped, item)
+                status = "degraded"
                 continue
             report = self.work.process(stage, item, record.inputs.get(stage, {}))
             done[stage] = report
-            if report.failure is not None and record.first_failure is None:
-                first = FirstFailure(stage=stage, failure=report.failure, at=now())
-                if report.outcome == "failed":
-                    return self._end_item(record, "failed", first), list(done.values())
-                record = msgspec.structs.replace(record, first_failure=first)
-                self.store.manifests.write_item(record, self.owner)
-            elif report.outcome == "failed":
-                return self._end_item(record, "failed", record.first_failure), list(done.values())
+            if report.outcome == "failed":
+                failure = report.failure or runner_failure(spec, UPSTREAM_MISSING, report.reason or "")
+                first = FirstFailure(stage=stage, failure=failure, at=now())
+                return self._end_item(record, "failed", first), list(done.values())
             if report.outcome in ("degraded", "skipped"):
                 status = "degraded"
-        return self._end_item(record, status, record.first_failure), list(done.values())
+                if report.failure is not None:
+                    record = msgspec.structs.replace(record, fallbacks=[
+                        *record.fallbacks, FirstFailure(stage=stage, failure=report.failure,
+                                                        at=now())])
+                    self.store.manifests.write_item(record, self.owner)
+        return self._end_item(record, status, None), list(done.values())
+
+    @staticmethod
+    def _shared_root(stage: str, shared: dict[str, StageReport]) -> str | None:
+        """The once-per-run stage whose failure keeps `stage` from being usable, if any: the
+        stage itself when it failed, or the failed stage upstream of it when it was skipped for
+        that.  None when it is usable, or was skipped by its own `on_failure = "skip"`."""
+        report = shared[stage]
+        if report.outcome == "failed":
+            return stage
+        if report.outcome == "skipped" and report.failure is None and report.reason:
+            blocker = report.reason.split("'")[1] if "'" in report.reason else None
+            if blocker in shared:
+                return Execution._shared_root(blocker, shared)
+        return None
 
     def _end_item(self, record: ItemRecord, status: str, first: FirstFailure | None) -> ItemRecord:
         record = msgspec.structs.replace(record, status=status, first_failure=first,

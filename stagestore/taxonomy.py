@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .failures import signal_key
+from .failures import UPSTREAM_MISSING, runner_failure, signal_key
 from .records import Failure, RunRecord
 from .reports import (BuildFailureRow, FailureReport, FirstFailureRow, InfrastructureRow,
                       StageFailureRow)
@@ -82,6 +82,11 @@ def _run_outcome(store: Store, record: RunRecord):  # noqa: ANN202
     for stage in record.selected:
         manifest = store.manifests.read_optional(record.run_id, stage)
         if manifest is None:
+            if record.outcomes.get(stage) == "failed":  # failed before it could have a manifest
+                spec = record.definition.stages[stage]
+                return None, "failed", (stage, runner_failure(
+                    spec, UPSTREAM_MISSING, "failed before its manifest could be written "
+                    "(an upstream manifest was missing or unreadable)"))
             continue
         if manifest.failure is not None:
             skipped = any(event.kind == "skip" for event in manifest.events)

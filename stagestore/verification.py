@@ -125,7 +125,8 @@ class Verifier:
             try:
                 loaded[stage] = manifests.read(run_id, stage, item)
             except StagestoreError as exc:
-                self.find("manifest_invalid", "problem", exc.message, run_id=run_id, stage=stage,
+                message = exc.message if item is None else f"{_where(run_id, stage, item)}: {exc.message}"
+                self.find("manifest_invalid", "problem", message, run_id=run_id, stage=stage,
                           item=item, path=path)
         for stage, manifest in loaded.items():
             self.note_manifest(manifest)

@@ -140,7 +140,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         progress = render.RunProgress() if (_live() and not quiet_here) else None
     report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
                           items=items, execution=execution, progress=progress)
-    render.run_report(report, as_json=as_json)
+    render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     raise SystemExit(RUN_EXIT_CODES[report.status])
 
 

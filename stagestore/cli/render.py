@@ -102,9 +102,29 @@ class BytesProgress:
             sys.stderr.write("\n")
 
 
-def run_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noqa: ANN001
+    """The end of a run: stdout gets the run id (or the report with --json); stderr what went
+    wrong, as text, or with `--log-format json` as one final `run_end` event."""
+    if log_json:
+        import datetime
+
+        import msgspec
+
+        from ..reports import RunEvent
+
+        failed = [i.item for i in report.items if i.status == "failed"]
+        event = RunEvent(
+            ts=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"), run_id=report.run_id, event="run_end",
+            detail=f"{report.status}: {report.processed} items processed, {len(failed)} failed"
+            if report.items else report.status)
+        sys.stderr.buffer.write(msgspec.json.encode(event) + b"\n")
+        sys.stderr.flush()
     if as_json:
         _json(report)
+        return
+    if log_json:
+        click.echo(report.run_id)
         return
     for stage in report.stages:
         _stage_outcome(report.run_id, stage)
@@ -279,6 +299,8 @@ def report_tables(report):  # noqa: ANN001, ANN201
 
 
 def _cell(value) -> str:  # noqa: ANN001
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, list):
         return "; ".join(str(v) for v in value)
     if isinstance(value, float):
@@ -287,6 +309,14 @@ def _cell(value) -> str:  # noqa: ANN001
         return "-"
     text = str(value).replace("\n", " ")
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _csv_cell(value):  # noqa: ANN001, ANN202
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "; ".join(map(str, value))
+    return value
 
 
 def write_report_csv(report, folder: str) -> list[str]:  # noqa: ANN001
@@ -304,8 +334,7 @@ def write_report_csv(report, folder: str) -> list[str]:  # noqa: ANN001
             writer = csv.writer(f)
             writer.writerow(columns)
             for row in rows:
-                writer.writerow(["; ".join(map(str, row[c])) if isinstance(row[c], list)
-                                 else row[c] for c in columns])
+                writer.writerow([_csv_cell(row[c]) for c in columns])
         written.append(path)
     return written
 
