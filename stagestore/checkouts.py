@@ -12,22 +12,22 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import CheckoutError, InvalidNameError, StageNotFoundError, StagestoreError
+from .errors import CheckoutError, InvalidNameError, StagestoreError
 from .layout import contained, validate_name
 from .store import Store
 from .trees import copy_out, materialize, read_tree
 
 
-def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]) -> list[str]:
-    """Materialise each output of (run, stage) as `dest/NAME`; returns the paths written."""
-    manifest = store.manifests.read_optional(run_id, stage)
-    if manifest is None:
-        if not store.manifests.has_run(run_id):
-            store.manifests.read_run(run_id)
-        raise StageNotFoundError(f"run {run_id} has no manifest for stage {stage!r}",
-                                 hint=f"`stagestore show {run_id}` lists its stages")
-    if manifest.status != "succeeded":
-        raise CheckoutError(f"run {run_id} stage {stage} did not succeed; it has no outputs")
+def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str],
+             item: str | None = None) -> list[str]:
+    """Materialise each output of (run, stage[, item]) as `dest/NAME`; returns the paths
+    written.  A degraded stage's outputs (those of the run it fell back to) are checked out."""
+    from .inspect import show_stage
+
+    manifest = show_stage(store, run_id, stage, item)
+    if manifest.status == "failed":
+        where = f"run {run_id} stage {stage}" + (f" item {item!r}" if item is not None else "")
+        raise CheckoutError(f"{where} did not succeed; it has no outputs")
     root = Path(dest)
     try:
         root.mkdir(parents=True, exist_ok=True)

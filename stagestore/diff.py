@@ -9,10 +9,26 @@ from .store import Store
 from .trees import read_tree
 
 
-def _manifests(store: Store, run_id: str) -> dict[str, StageManifest]:
+Key = tuple[str | None, str]  # (item, stage); item None for a stage that runs once per run
+
+
+def _manifests(store: Store, run_id: str, item: str | None) -> dict[Key, StageManifest]:
+    """Every manifest of the run, run-level and per item (or only those of `item`)."""
     if not store.manifests.has_run(run_id):
         store.manifests.read_run(run_id)  # raises RunNotFoundError with its hint
-    return {stage: store.manifests.read(run_id, stage) for stage in store.manifests.stages(run_id)}
+    scopes = [None, *store.manifests.items(run_id)] if item is None else [None, item]
+    return {(scope, stage): store.manifests.read(run_id, stage, scope)
+            for scope in scopes for stage in store.manifests.stages(run_id, scope)}
+
+
+def _items_order(store: Store, run_ids: tuple[str, str]) -> list[str]:
+    order: list[str] = []
+    for run_id in run_ids:
+        try:
+            order += [i for i in store.manifests.read_run(run_id).items if i not in order]
+        except Exception:  # noqa: BLE001 - the order is cosmetic
+            pass
+    return order
 
 
 def _stage_order(store: Store, run_ids: tuple[str, str], names: set[str]) -> list[str]:
@@ -25,29 +41,39 @@ def _stage_order(store: Store, run_ids: tuple[str, str], names: set[str]) -> lis
     return [s for s in order if s in names] + sorted(names - set(order))
 
 
-def diff_runs(store: Store, run_a: str, run_b: str, *, stage: str | None = None) -> DiffReport:
-    a = _manifests(store, run_a)
-    b = _manifests(store, run_b)
-    names = set(a) | set(b)
+def diff_runs(store: Store, run_a: str, run_b: str, *, stage: str | None = None,
+              item: str | None = None) -> DiffReport:
+    """Stage by stage; in item runs, also each item's stages (matched by item id)."""
+    a = _manifests(store, run_a, item)
+    b = _manifests(store, run_b, item)
+    keys = set(a) | set(b)
+    names = {name for _, name in keys}
     if stage is not None:
         if stage not in names:
             raise StageNotFoundError(
                 f"stage {stage!r} has no manifest in run {run_a} or {run_b}; stages: "
                 + ", ".join(sorted(names)))
         names = {stage}
+    stage_order = _stage_order(store, (run_a, run_b), names)
+    item_order = _items_order(store, (run_a, run_b))
+    scopes = [None] + [i for i in item_order if any(k[0] == i for k in keys)] + sorted(
+        {k[0] for k in keys if k[0] is not None} - set(item_order))
     stages = []
-    for name in _stage_order(store, (run_a, run_b), names):
-        ma, mb = a.get(name), b.get(name)
-        if ma is None or mb is None:
-            present = mb if ma is None else ma
-            assert present is not None
-            stages.append(StageDiff(
-                stage=name, change="added" if ma is None else "removed", config_changed=False,
-                inputs_changed=False, outputs_changed=False,
-                outputs=[OutputChange(output=o, change="added" if ma is None else "removed")
-                         for o in sorted(present.outputs)]))
-            continue
-        stages.append(_diff_stage(store, name, ma, mb))
+    for scope in scopes:
+        for name in stage_order:
+            ma, mb = a.get((scope, name)), b.get((scope, name))
+            if ma is None and mb is None:
+                continue
+            if ma is None or mb is None:
+                present = mb if ma is None else ma
+                assert present is not None
+                stages.append(StageDiff(
+                    stage=name, item=scope, change="added" if ma is None else "removed",
+                    config_changed=False, inputs_changed=False, outputs_changed=False,
+                    outputs=[OutputChange(output=o, change="added" if ma is None else "removed")
+                             for o in sorted(present.outputs)]))
+                continue
+            stages.append(_diff_stage(store, name, ma, mb))
     return DiffReport(run_a=run_a, run_b=run_b, stages=stages)
 
 
@@ -71,7 +97,7 @@ def _diff_stage(store: Store, name: str, ma: StageManifest, mb: StageManifest) -
     inputs_changed = ma.input_hash != mb.input_hash
     outputs_changed = ma.output_hash != mb.output_hash or ma.status != mb.status
     change = "changed" if (config_changed or inputs_changed or outputs_changed) else "unchanged"
-    return StageDiff(stage=name, change=change, config_changed=config_changed,
+    return StageDiff(stage=name, item=ma.item, change=change, config_changed=config_changed,
                      inputs_changed=inputs_changed, outputs_changed=outputs_changed,
                      changed_inputs=changed_inputs, outputs=outputs)
 

@@ -124,8 +124,8 @@ def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -
         where = f"run {run_id}" + (f" item {item!r}" if item is not None else "")
         known = store.manifests.stages(run_id, item)
         hint = None
-        if item is None and store.manifests.items(run_id) and not known:
-            hint = "this stage runs per item: add --item ITEM"
+        if item is None and store.manifests.items(run_id):
+            hint = "in an item run, a stage that runs per item needs --item ITEM"
         raise StageNotFoundError(f"{where} has no manifest for stage {stage!r}; stages: "
                                  + (", ".join(known) or "none"), hint=hint)
     return manifest

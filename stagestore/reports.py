@@ -125,6 +125,7 @@ class OutputChange(Report, kw_only=True):
 
 class StageDiff(Report, kw_only=True):
     stage: str
+    item: str | None = None
     change: Literal["added", "removed", "unchanged", "changed"]
     config_changed: bool
     inputs_changed: bool

@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from .records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, P
                       RunRecord, SystemicFailure)
 from .reports import ItemReport, RunEvent, RunReport, StageReport
 from .resilience import CircuitBreaker, SystemicDetector
-from .stagework import ProgressCallback, StageWork, work_owner  # noqa: F401 - re-exported
+from .stagework import ProgressCallback, StageWork
 from .store import Store
 from .trees import store_tree
 

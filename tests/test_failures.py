@@ -15,7 +15,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stagestore.records import ExecutionOptions
+from stagestore import failures as F
+from stagestore.records import ClassifyRule, ExecutionOptions, Failure, StageSpec
 from stagestore.runner import run
 from stagestore.taxonomy import failure_report
 
@@ -706,3 +707,62 @@ def test_json_check(ws, text, ok):
         assert report.stages[0].failure.class_ == "ValidationFailure"
         assert report.stages[0].failure.signal.startswith(
             "check 'json' on output 'o': o is not valid JSON")
+
+
+# --- the classification table and the upgrade of version-1 records -------------------------------
+
+
+
+@pytest.mark.parametrize("class_, exit_code, category, domain", [
+    (F.TIMEOUT, None, "retryable", "build"),
+    (F.DISK_FULL, None, "retryable", "infrastructure"),
+    (F.OUTPUT_MISSING, None, "fatal", "build"),
+    (F.INPUT_EMPTY, None, "validation", "build"),
+    (F.LAUNCH, None, "fatal", "infrastructure"),
+    (F.CIRCUIT_OPEN, None, "fatal", "infrastructure"),
+    (F.KILLED, -9, "retryable", "build"),   # killed from outside: may well pass next time
+    (F.KILLED, -11, "fatal", "build"),      # crashed on its own: will crash again
+    (F.BUILD_FAILURE, 1, "fatal", "build"),  # an unknown failure is fatal
+])
+def test_runner_classes_have_the_categories_that_fit_them(class_, exit_code, category, domain):
+    failure = F.classify(StageSpec(cmd="x"), Failure(class_=class_, signal="s", exit_code=exit_code))
+    assert (failure.class_, failure.category, failure.domain) == (class_, category, domain)
+    assert failure.taxonomy_eligible is (domain == "build")
+
+
+def test_rules_match_in_order_and_an_infrastructure_stage_changes_the_default_class():
+    rules = [ClassifyRule(exit_code=2, match="quota", class_="InfrastructureGateFailure",
+                          category="retryable"),
+             ClassifyRule(match="quota", class_="DependencyResolutionFailure", category="fatal")]
+    spec = StageSpec(cmd="x", classify=rules)
+    raw = Failure(class_=F.BUILD_FAILURE, signal="s", exit_code=1)
+    second = F.classify(spec, raw, "disk quota exceeded")
+    assert (second.class_, second.rule) == ("DependencyResolutionFailure", 1)  # exit 1 != 2
+    first = F.classify(spec, Failure(class_=F.BUILD_FAILURE, signal="s", exit_code=2), "quota")
+    assert (first.class_, first.category, first.rule) == ("InfrastructureGateFailure", "retryable", 0)
+    infra = F.classify(StageSpec(cmd="x", domain="infrastructure"), raw, "other")
+    assert (infra.class_, infra.category, infra.domain, infra.taxonomy_eligible) == (
+        "InfrastructureGateFailure", "fatal", "infrastructure", False)
+    # Rules never reclassify the runner's own failures.
+    timeout = F.classify(spec, Failure(class_=F.TIMEOUT, signal="s"), "quota")
+    assert (timeout.class_, timeout.rule) == (F.TIMEOUT, None)
+
+
+def test_a_version_1_manifest_is_upgraded_when_read(ws):
+    ws.linear()
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    path = ws.store / "runs" / "a" / "count.json"
+    raw = msgspec.json.decode(path.read_bytes())
+    for key in ("item", "degraded_from", "events", "warnings"):
+        raw.pop(key, None)
+    raw["schema_version"] = 1
+    raw["status"] = "failed"
+    raw["outputs"], raw["output_hash"] = {}, None
+    raw["failure"] = {"class": "SignalFailure", "signal": "killed by signal SIGKILL", "exit_code": -9}
+    os.chmod(path, 0o644)
+    path.write_bytes(msgspec.json.encode(raw))
+    manifest = store.manifests.read("a", "count")
+    assert manifest.schema_version == 2 and manifest.item is None and manifest.events == []
+    assert (manifest.failure.category, manifest.failure.domain) == ("retryable", "build")
+    assert manifest.failure.taxonomy_eligible is True

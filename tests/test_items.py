@@ -487,3 +487,68 @@ def test_a_json_logged_plain_run_prints_only_json_on_stderr(ws):
         (None, "run_end")]
     assert all(set(e) == EVENT_KEYS and e["item"] is None for e in events)
     assert proc.stdout == "j\n"
+
+
+# --- inspecting item runs: show, logs, checkout and diff take an item -------------------------
+
+INSPECTED = """
+[pipeline]
+name = "inspected"
+
+[stages.shared]
+cmd = ["sh", "-c", "echo once > {outputs.o}"]
+outputs = ["o"]
+
+[stages.per]
+upstream = ["shared"]
+inputs = { src = "data/{item}.txt" }
+cmd = ["sh", "-c", "echo {item} >&2; cat {inputs.src} {upstream.shared.o} > {outputs.o}"]
+outputs = ["o"]
+"""
+
+
+def test_show_logs_checkout_and_diff_name_the_item(ws):
+    ws.pipeline(INSPECTED)
+    ws.write("data/a.txt", "alpha\n")
+    ws.write("data/gcc/12.txt", "twelve\n")
+    _items(ws, ["a", "gcc/12"])
+    assert ws.cli("run", "--items", "items.txt", "--run-id", "r1").returncode == 0
+    shown = json.loads(ws.cli("show", "r1", "per", "--item", "gcc/12", "--json").stdout)
+    assert (shown["item"], shown["stage"], shown["status"]) == ("gcc/12", "per", "succeeded")
+    logs = ws.cli("logs", "r1", "per", "--item", "gcc/12")
+    assert logs.returncode == 0 and "gcc/12" in logs.stdout
+    out = ws.root / "out"
+    assert ws.cli("checkout", "r1", "per", "--item", "gcc/12", "--to", str(out)).returncode == 0
+    assert (out / "o").read_text() == "twelve\nonce\n"
+    # Without --item, a per-item stage is not found, and the error says what to add.
+    missing = ws.cli("show", "r1", "per")
+    assert missing.returncode == 2 and "--item" in missing.stderr and "Traceback" not in missing.stderr
+    unknown = ws.cli("show", "r1", "per", "--item", "nosuch")
+    assert unknown.returncode == 2 and "no item 'nosuch'" in unknown.stderr
+    # A second run where one item's input changed: diff names that item and why.
+    ws.write("data/a.txt", "ALPHA\n")
+    assert ws.cli("run", "--items", "items.txt", "--run-id", "r2").returncode == 0
+    diff = json.loads(ws.cli("diff", "r1", "r2", "--json").stdout)
+    changes = {(s["item"], s["stage"]): (s["change"], s["changed_inputs"]) for s in diff["stages"]}
+    assert changes == {
+        (None, "shared"): ("unchanged", []),
+        ("a", "per"): ("changed", ["inputs.src"]),
+        ("gcc/12", "per"): ("unchanged", [])}
+    only = json.loads(ws.cli("diff", "r1", "r2", "--item", "gcc/12", "--json").stdout)
+    assert {(s["item"], s["stage"]) for s in only["stages"]} == {(None, "shared"), ("gcc/12", "per")}
+
+
+def test_runs_and_show_tell_an_item_run_with_failed_items(ws):
+    ws.pipeline(INSPECTED)
+    ws.write("data/a.txt", "alpha\n")
+    _items(ws, ["a", "b"])  # b has no data file: it fails with InputMissingFailure
+    assert ws.cli("run", "--items", "items.txt", "--run-id", "r1").returncode == 1
+    runs = json.loads(ws.cli("runs", "--json").stdout)["runs"]
+    assert [(r["run_id"], r["state"]) for r in runs] == [("r1", "failed")]
+    detail = json.loads(ws.cli("show", "r1", "--json").stdout)
+    assert detail["items"] == {"failed": 1, "succeeded": 1}
+    assert {row["stage"]: row["status"] for row in detail["stages"]} == {
+        "shared": "succeeded", "per": "per item"}
+    record = ws.open_store().manifests.read_item("r1", "b")
+    assert record.first_failure.failure.class_ == "InputMissingFailure"
+    assert "data/b.txt" in record.first_failure.failure.signal

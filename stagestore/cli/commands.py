@@ -232,15 +232,20 @@ def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | N
 @click.argument("run_a")
 @click.argument("run_b")
 @click.option("--stage", metavar="NAME", help="Only this stage.")
+@click.option("--item", metavar="ITEM", help="In item runs: only this item (and the stages that "
+              "run once).")
 @_pipeline_option
 @_store_option
 @_json_option
-def diff(run_a: str, run_b: str, stage: str | None, pipeline_file: str | None,
+def diff(run_a: str, run_b: str, stage: str | None, item: str | None, pipeline_file: str | None,
          store_dir: str | None, as_json: bool) -> None:
-    """What changed between two runs, per stage, and why (config, inputs, outputs)."""
+    """What changed between two runs, per stage, and why (config, inputs, outputs).
+
+    In item runs each item's stages are compared too, matched by item id."""
     from ..diff import diff_runs
 
-    report = diff_runs(_open_store(store_dir, pipeline_file), run_a, run_b, stage=stage)
+    report = diff_runs(_open_store(store_dir, pipeline_file), run_a, run_b, stage=stage,
+                       item=item)
     render.diff_report(report, as_json=as_json)
 
 
@@ -302,14 +307,16 @@ def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> N
 @click.argument("stage")
 @click.option("--to", "dest", required=True, metavar="DIR",
               help="Folder to write each output into, as DIR/NAME.")
+@_item_option
 @_pipeline_option
 @_store_option
-def checkout(run_id: str, stage: str, dest: str, pipeline_file: str | None,
+def checkout(run_id: str, stage: str, dest: str, item: str | None, pipeline_file: str | None,
              store_dir: str | None) -> None:
     """Copy a stage's outputs out of the store as DIR/NAME; never writes outside DIR."""
     from ..checkouts import checkout as checkout_outputs
 
-    for path in checkout_outputs(_open_store(store_dir, pipeline_file), run_id, stage, dest):
+    for path in checkout_outputs(_open_store(store_dir, pipeline_file), run_id, stage, dest,
+                                 item=item):
         click.echo(path)
 
 

@@ -223,7 +223,8 @@ def diff_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     for stage in report.stages:
         why = [w for w, flag in (("config", stage.config_changed), ("inputs", stage.inputs_changed),
                                  ("outputs", stage.outputs_changed)) if flag]
-        click.echo(f"  {stage.stage:<20} {stage.change}" + (f" ({', '.join(why)})" if why else ""))
+        label = stage.stage if stage.item is None else f"{stage.stage} [{stage.item}]"
+        click.echo(f"  {label:<20} {stage.change}" + (f" ({', '.join(why)})" if why else ""))
         if stage.changed_inputs:
             click.echo(f"    inputs changed: {', '.join(stage.changed_inputs)}")
         for output in stage.outputs:
