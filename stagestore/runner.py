@@ -90,7 +90,7 @@ def resume(store: Store, run_id: str, *, jobs: int = 1, items: Iterable[str] | N
     `items`, only those of the others are taken (None: every item that has not ended)."""
     record = store.manifests.read_run(run_id)
     if record.finished_at is not None:
-        record = _replace(record, finished_at=None)
+        record = _replace(record, finished_at=None, status=None)
         store.manifests.write_run(record, run_owner(run_id))
     return Execution(store, record, list(record.selected), jobs=jobs, force=False,
                      progress=progress, resuming=True,
@@ -117,7 +117,7 @@ def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: 
         # finished_at goes back to None until this invocation finishes, so that a crash now
         # leaves the run marked as interrupted for verify and recover.
         record = _replace(record, inputs=inputs, selected=_merge(record.selected, selected, pipeline),
-                          finished_at=None, execution=execution, systemic=None)
+                          finished_at=None, execution=execution, systemic=None, status=None)
     else:
         record = RunRecord(
             run_id=run_id, pipeline=PipelineRef(name=pipeline.name, version=pipeline.version),
