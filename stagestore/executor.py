@@ -31,7 +31,8 @@ from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INP
                        KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, VALIDATION,
                        classify)
 from .objects import ObjectStore, SyncBatch
-from .pipeline import CODE_INPUT, Placeholder, check_command, command_template, parse_size, render
+from .pipeline import CODE_INPUT
+from .syntax import Placeholder, check_command, command_template, parse_size, render
 from .records import ArtifactRef, AttemptLog, Check, Failure, StageSpec
 from .trees import materialize, read_tree, store_tree
 

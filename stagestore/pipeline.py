@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,77 +12,14 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidNameError, PipelineError, StageNotFoundError
-from .records import Check, PipelineDef, PipelineMeta, StageSpec
 from .layout import validate_name
+from .records import PipelineDef, PipelineMeta, StageSpec
+from .syntax import Placeholder, check_command, command_template, parse_size, placeholders
 
-DEFAULT_PIPELINE_FILE = "stagestore.toml"
-
-_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _CALL_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-
-class Placeholder(msgspec.Struct, frozen=True):
-    """A parsed `{...}` reference: kind is inputs, upstream, outputs, params, run_id or item."""
-
-    kind: str
-    name: str = ""
-    stage: str = ""
-
-    @property
-    def text(self) -> str:
-        if self.kind in ("run_id", "item"):
-            return "{" + self.kind + "}"
-        if self.kind == "upstream":
-            return f"{{upstream.{self.stage}.{self.name}}}"
-        return f"{{{self.kind}.{self.name}}}"
-
-
-def parse_placeholder(body: str) -> Placeholder:
-    parts = body.split(".")
-    if parts in (["run_id"], ["item"]):
-        return Placeholder(parts[0])
-    if len(parts) == 2 and parts[0] in ("inputs", "outputs", "params") and parts[1]:
-        return Placeholder(parts[0], parts[1])
-    if len(parts) == 3 and parts[0] == "upstream" and parts[1] and parts[2]:
-        return Placeholder("upstream", parts[2], parts[1])
-    raise ValueError(
-        f"unknown placeholder {{{body}}}: use {{inputs.NAME}}, {{upstream.STAGE.NAME}}, "
-        "{outputs.NAME}, {params.KEY}, {run_id} or {item} (write {{ and }} for literal braces)")
-
-
-def placeholders(text: str) -> list[Placeholder]:
-    found = []
-    for match in _PLACEHOLDER_RE.finditer(text):
-        if match.group(1) is not None:
-            found.append(parse_placeholder(match.group(1)))
-    leftover = _PLACEHOLDER_RE.sub("", text)
-    if "{" in leftover or "}" in leftover:
-        raise ValueError(f"unbalanced brace in {text!r} (write {{{{ and }}}} for literal braces)")
-    return found
-
-
-def render(text: str, resolve: Callable[[Placeholder], str]) -> str:
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "{{":
-            return "{"
-        if match.group(0) == "}}":
-            return "}"
-        return resolve(parse_placeholder(match.group(1)))
-
-    return _PLACEHOLDER_RE.sub(substitute, text)
-
-
-def command_template(spec: StageSpec) -> list[str]:
-    """The stage's command as a list of templates, before placeholders are filled in."""
-    if spec.cmd is None:
-        return []
-    if isinstance(spec.cmd, list):
-        return list(spec.cmd)
-    if spec.shell:
-        return [spec.cmd]
-    return shlex.split(spec.cmd)
-
+DEFAULT_PIPELINE_FILE = "stagestore.toml"
 
 CODE_INPUT = "_code"
 """The implicit input of a `call` stage: the source of the module it calls, when that module
@@ -132,31 +68,6 @@ def item_stages(stages: dict[str, StageSpec]) -> set[str]:
         if uses_item(spec) or any(up in found for up in spec.upstream):
             found.add(name)
     return found
-
-
-def render_item_path(relpath: str, item: str) -> str:
-    """An input path with `{item}` filled in (the only placeholder an input path may hold)."""
-    return render(relpath, lambda ref: item)
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an integer or a string such as `512MiB` or `2 GB` (KiB: 1024, KB: 1000)."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative: {value}")
-        return value
-    match = _SIZE_RE.match(value)
-    if match is None:
-        raise ValueError(f"not a size: {value!r} (write bytes, or a number with B, KB, MB, GB, "
-                         "TB, KiB, MiB, GiB or TiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 class Pipeline:
@@ -484,10 +395,6 @@ def _validate_failure_model(name: str, spec: StageSpec, stages: dict[str, StageS
         except ValueError as exc:
             raise fail(str(exc), name, "disk") from None
 
-
-def check_command(check: Check) -> list[str]:
-    """A check's command as templates, split like a stage's (a string by shlex, a list as is)."""
-    return command_template(StageSpec(cmd=check.cmd))
 
 
 def _check_placeholder(ref: Placeholder, spec: StageSpec, stages: dict[str, StageSpec]) -> str | None:

@@ -28,7 +28,8 @@ from .errors import FormatVersionError, RunBusyError, StagestoreError
 from .layout import StoreLayout, run_owner
 from .locking import OwnerLock, owner_locked, store_lock
 from .objects import SyncBatch
-from .pipeline import CODE_INPUT, code_path, item_stages, render_item_path
+from .pipeline import CODE_INPUT, code_path, item_stages
+from .syntax import render_item_path
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import RecoverAction, RecoverReport, RunReport
 from .runner import ProgressCallback, resume

@@ -30,13 +30,14 @@ from .failures import UPSTREAM_MISSING, runner_failure
 from .layout import run_owner, validate_name
 from .locking import owner_locked, store_lock
 from .objects import SyncBatch
-from .pipeline import Pipeline, item_stages, placeholders, render_item_path, stage_input_paths
+from .pipeline import Pipeline, item_stages, stage_input_paths
 from .records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
                       RunRecord, SystemicFailure)
 from .reports import ItemReport, RunEvent, RunReport, StageReport
 from .resilience import CircuitBreaker, SystemicDetector
 from .stagework import ProgressCallback, StageWork
 from .store import Store
+from .syntax import placeholders, render_item_path
 from .trees import store_tree
 
 

@@ -31,7 +31,8 @@ from .failures import (CIRCUIT_OPEN, INFRASTRUCTURE_GATE, INPUT_MISSING, UPSTREA
 from .keys import config_hash, input_hash, input_key
 from .locking import OwnerLock
 from .manifests import cache_key, output_hash
-from .pipeline import CODE_INPUT, code_path, parse_size, render_item_path
+from .pipeline import CODE_INPUT, code_path
+from .syntax import parse_size, render_item_path
 from .records import (ArtifactRef, AttemptLog, Failure, RunRecord, StageEvent, StageManifest,
                       StageSpec)
 from .reports import RunEvent, StageReport
