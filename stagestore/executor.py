@@ -6,10 +6,11 @@ An attempt gets a fresh folder `tmp/<owner>~<random>~<stage>.<attempt>/` holding
 * `out/`: where the command must create each declared output (`STAGESTORE_OUT`),
 * `stdout`, `stderr`: what the command printed.
 
-The command runs in its own process group (so a timeout kills all of it) with the parent-death
-signal set (so it dies with a killed runner).  On success each declared output is moved into
-`objects/` by rename; nothing is copied except files with other hard links.  The folder is
-removed whatever happens; if the runner dies first, the folder is an orphan for `recover`.
+The command runs through `processes.run_group` (its own process group, the parent-death
+signal).  Then the stage's checks run (`gates`), and a failure gets its class and category
+(`failures.classify`).  On success each declared output is moved into `objects/` by rename;
+nothing is copied except files with other hard links.  The folder is removed whatever happens;
+if the runner dies first, the folder is an orphan for `recover`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 from datetime import UTC, datetime
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +27,13 @@ from pathlib import Path
 from . import durable
 from .errors import OutputError, StagestoreError
 from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INPUT_MODIFIED,
-                       KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, VALIDATION,
-                       classify)
+                       KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, classify)
+from .gates import run_checks
 from .objects import ObjectStore, SyncBatch
+from .processes import run_group
 from .pipeline import CODE_INPUT
-from .syntax import Placeholder, check_command, command_template, parse_size, render
-from .records import ArtifactRef, AttemptLog, Check, Failure, StageSpec
+from .syntax import Placeholder, command_template, render
+from .records import ArtifactRef, AttemptLog, Failure, StageSpec
 from .trees import materialize, read_tree, store_tree
 
 LARGE_OUTPUT = 64 << 20  # outputs this big get a progress note while they are hashed and stored
@@ -64,59 +64,6 @@ class AttemptResult:
         self.outputs = outputs
         self.failure = failure  # classified: class, category, domain
         self.warnings = warnings  # failed non-critical checks, in sampling mode
-
-
-# --- child process control -------------------------------------------------------------------
-
-_live_lock = threading.Lock()
-_live: set[subprocess.Popen] = set()
-# Set while the runner is being interrupted: no new attempt starts, and an attempt whose process
-# we killed is not recorded as the stage's own failure.
-stopping = threading.Event()
-
-
-class Interrupted(Exception):
-    """The runner is stopping; the attempt in hand is abandoned, not recorded."""
-
-
-def kill_all() -> None:
-    """Kill every stage process group still running (the runner is being interrupted)."""
-    stopping.set()
-    with _live_lock:
-        procs = list(_live)
-    for proc in procs:
-        _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _child_setup_factory():  # noqa: ANN202
-    """A preexec function setting PR_SET_PDEATHSIG on Linux, or None elsewhere.
-
-    The signal fires when the *thread* that forked the child exits; each attempt forks and waits
-    in the same worker thread, so the child cannot outlive its waiter.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    pr_set_pdeathsig = 1
-    sigkill = int(signal.SIGKILL)
-
-    def setup() -> None:
-        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
-
-    return setup
-
-
-_child_setup = _child_setup_factory()
 
 
 # --- one attempt ---------------------------------------------------------------------------
@@ -263,7 +210,7 @@ class Attempt:
                 # Checked whatever the exit code: a failing stage may have damaged an input too.
                 failure = self._inputs_unchanged() or failure
             if failure is None:
-                failure, warnings = self._run_checks(values)
+                failure, warnings = run_checks(self, values, _tail_lines)
             if failure is None:
                 outputs, failure = self._commit_outputs(batch)
         except OSError as exc:
@@ -277,80 +224,6 @@ class Attempt:
                          exit_code=exit_code, started_at=started, finished_at=now(), failure=failure)
         return AttemptResult(log, outputs if failure is None else None, failure, warnings)
 
-    # --- quality gates ---
-
-    def _run_checks(self, values: dict[str, str]) -> tuple[Failure | None, list[str]]:
-        """Every check on the outputs as they lie in out/, before anything is committed.  A
-        failed check is a ValidationFailure, except a non-critical one in sampling mode, which
-        becomes a warning."""
-        warnings: list[str] = []
-        for index, check in enumerate(self.spec.checks):
-            problem = self._check(index, check, values)
-            if problem is None:
-                continue
-            if self.sampling and not check.critical:
-                warnings.append(problem)
-            else:
-                return Failure(class_=VALIDATION, signal=problem), warnings
-        return None, warnings
-
-    def _check(self, index: int, check: Check, values: dict[str, str]) -> str | None:
-        if check.cmd is not None:
-            return self._check_command(index, check, values)
-        for name in [check.output] if check.output else self.spec.outputs:
-            path = self.out_dir / name
-            what = f"check {check.check!r} on output {name!r}"
-            if not os.path.lexists(path):
-                return None  # reported as OutputMissingFailure by the commit
-            files = _files_under(path)
-            if check.check == "nonempty" and not any(os.path.getsize(f) for f in files):
-                return f"{what}: " + ("the file is empty" if path.is_file()
-                                      else "the folder holds no non-empty file")
-            if check.check == "max_bytes":
-                limit = parse_size(check.limit or 0)
-                total = sum(os.path.getsize(f) for f in files)
-                if total > limit:
-                    return f"{what}: {total} bytes, over the limit of {limit}"
-            if check.check == "json":
-                import msgspec
-
-                for file in files if path.is_file() else [f for f in files if f.suffix == ".json"]:
-                    try:
-                        msgspec.json.decode(file.read_bytes())
-                    except msgspec.DecodeError as exc:
-                        where = name if file == path else f"{name}/{file.relative_to(path)}"
-                        return f"{what}: {where} is not valid JSON: {exc}"
-        return None
-
-    def _check_command(self, index: int, check: Check, values: dict[str, str]) -> str | None:
-        argv = self.argv(values, check_command(check))
-        stderr_path = self.folder / f"check-{index}.stderr"
-        with open(stderr_path, "wb") as err:
-            try:
-                proc = subprocess.Popen(argv, cwd=self.workdir, env=self.environment(),
-                                        stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                        start_new_session=True, preexec_fn=_child_setup)
-            except OSError as exc:
-                return f"check {index} cannot start {argv[0]!r}: {exc.strerror}"
-            with _live_lock:
-                _live.add(proc)
-            try:
-                code = proc.wait(timeout=self.spec.timeout)
-            except subprocess.TimeoutExpired:
-                code = None
-            finally:
-                _kill_group(proc)
-                proc.wait()
-                with _live_lock:
-                    _live.discard(proc)
-        if stopping.is_set():
-            raise Interrupted()
-        if code == 0:
-            return None
-        tail = _tail_lines(stderr_path)
-        ended = "timed out" if code is None else f"exited with code {code}"
-        return f"check command `{' '.join(argv)[:200]}` {ended}" + (f": {tail}" if tail else "")
-
     def _entry_check(self) -> Failure | None:
         for name, ref in self.inputs.workspace.items():
             if ref.kind == "tree" and name not in self.spec.allow_empty and name != CODE_INPUT:
@@ -362,32 +235,16 @@ class Attempt:
         return None
 
     def _spawn(self, argv: list[str]) -> tuple[int | None, Failure | None]:
-        if stopping.is_set():
-            raise Interrupted()
         with os.fdopen(durable.create_exclusive(self.stdout_path), "wb") as out, \
                 os.fdopen(durable.create_exclusive(self.stderr_path), "wb") as err:
             try:
-                proc = subprocess.Popen(
-                    argv, cwd=self.workdir, env=self.environment(), stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True, preexec_fn=_child_setup)
+                code = run_group(argv, cwd=self.workdir, env=self.environment(), stdout=out,
+                                 stderr=err, timeout=self.spec.timeout)
             except OSError as exc:
                 return None, Failure(class_=LAUNCH, signal=f"cannot start {argv[0]!r}: {exc.strerror}")
-            with _live_lock:
-                _live.add(proc)
-            try:
-                try:
-                    code = proc.wait(timeout=self.spec.timeout)
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc)
-                    proc.wait()
-                    return None, Failure(class_=TIMEOUT, signal=(
-                        f"timed out after {self.spec.timeout:g}s; the stage's process group was killed"))
-            finally:
-                _kill_group(proc)  # nothing the stage started may outlive it
-                with _live_lock:
-                    _live.discard(proc)
-        if stopping.is_set():
-            raise Interrupted()
+        if code is None:
+            return None, Failure(class_=TIMEOUT, signal=(
+                f"timed out after {self.spec.timeout:g}s; the stage's process group was killed"))
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             return code, Failure(class_=KILLED, signal=self._signal(f"killed by signal {name}"),
@@ -472,12 +329,6 @@ def _tail_lines(path: Path) -> str:
     """The last non-blank lines of a log: what a failure's `signal` shows."""
     lines = [line.rstrip() for line in _read_tail(path, 64 * 1024).splitlines() if line.strip()]
     return "\n".join(lines[-SIGNAL_LINES:])[-SIGNAL_CHARS:]
-
-
-def _files_under(path: Path) -> list[Path]:
-    if not path.is_dir():
-        return [path]
-    return sorted(Path(root) / name for root, _, names in os.walk(path) for name in names)
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int]:

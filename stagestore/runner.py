@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import durable, executor
+from . import durable, processes
 from .errors import OutputError, PipelineError, UsageError
 from .executor import now
 from .failures import UPSTREAM_MISSING, runner_failure
@@ -218,7 +218,7 @@ class Execution:
                                    event=event, detail=detail))
 
     def run(self) -> RunReport:
-        executor.stopping.clear()
+        processes.stopping.clear()
         reports = self._run_shared()
         items = self._run_items(reports) if self.item_order and self.record.items else []
         ordered = [reports[s] for s in self.shared]
@@ -264,7 +264,7 @@ class Execution:
                             stage = running.pop(future)
                             reports[stage] = future.result()
             except BaseException:
-                executor.kill_all()
+                processes.kill_all()
                 for future in running:
                     future.cancel()
                 raise
@@ -300,7 +300,7 @@ class Execution:
             try:
                 return [future.result() for future in futures]
             except BaseException:
-                executor.kill_all()
+                processes.kill_all()
                 for future in futures:
                     future.cancel()
                 raise
@@ -324,7 +324,7 @@ class Execution:
             self._take_turn(index)  # a no-op once the item has started
 
     def _item_started(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
-        if self.systemic is not None or executor.stopping.is_set():
+        if self.systemic is not None or processes.stopping.is_set():
             return ItemReport(item=item, status="not_processed")
         manifests = self.store.manifests
         record = manifests.read_item_optional(self.record.run_id, item)
@@ -345,7 +345,7 @@ class Execution:
         self._take_turn(index)
         try:
             record, reports = self._item_stages(item, record, shared)
-        except executor.Interrupted:
+        except processes.Interrupted:
             if self.systemic is not None:
                 return ItemReport(item=item, status="not_processed")
             raise
@@ -360,7 +360,7 @@ class Execution:
                         f"{s.stage_failures} of {s.processed_items} processed items failed at "
                         f"infrastructure stage {s.trigger_stage!r} ({s.failure_ratio:.0%}, over "
                         f"the threshold of {s.threshold_ratio:.0%}); aborting the run"), item)
-                    executor.kill_all()
+                    processes.kill_all()
         return _item_report(record, reports)
 
     def _item_stages(self, item: str, record: ItemRecord, shared: dict[str, StageReport]

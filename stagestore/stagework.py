@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import executor
+from . import executor, processes
 from .errors import CorruptRecordError
 from .executor import StageInputs, now
 from .failures import (CIRCUIT_OPEN, INFRASTRUCTURE_GATE, INPUT_MISSING, UPSTREAM_MISSING,
@@ -161,8 +161,8 @@ class StageWork:
         if not lock.try_acquire():
             self.emit("note", stage, "waiting for identical work in progress elsewhere", item)
             while not lock.try_acquire():  # polled, so that an interrupt is not held up
-                if executor.stopping.wait(0.05):
-                    raise executor.Interrupted()
+                if processes.stopping.wait(0.05):
+                    raise processes.Interrupted()
         try:
             reused = self._reuse(context)
             if reused is not None:
@@ -263,8 +263,8 @@ class StageWork:
                        f"{delay:g}s")
             events.append(StageEvent(at=now(), kind="retry", message=message))
             self.emit("retry", c.stage, message, c.item)
-            if executor.stopping.wait(delay):
-                raise executor.Interrupted()
+            if processes.stopping.wait(delay):
+                raise processes.Interrupted()
         raise AssertionError("unreachable")
 
     def _fail(self, c: _Context, failure: Failure, started_at, logs: list[AttemptLog],  # noqa: ANN001
