@@ -138,10 +138,26 @@ def temp_dir(path: str | os.PathLike[str]) -> None:
     os.mkdir(path)
 
 
+_LINK_RETRIES = 5
+
+
 def temp_link(source: str | os.PathLike[str], link_path: str | os.PathLike[str]) -> None:
-    """Hard-link an object into a temporary read-only view."""
+    """Hard-link an object into a temporary read-only view.
+
+    Another writer may rename a fresh copy over the object at this very moment (committing the
+    same content replaces the object, see `ObjectStore.commit_file`).  Linux's link(2) then
+    fails with ENOENT when the inode it resolved has just lost its last name, although the path
+    exists all along; so ENOENT is retried while the source path exists.
+    """
     _op("link", link_path)
-    os.link(source, link_path)
+    for attempt in range(_LINK_RETRIES):
+        try:
+            os.link(source, link_path)
+            return
+        except FileNotFoundError:
+            if attempt == _LINK_RETRIES - 1 or not os.path.exists(source) \
+                    or not os.path.isdir(os.path.dirname(link_path)):
+                raise
 
 
 def write_temp(path: str | os.PathLike[str], data: bytes) -> None:

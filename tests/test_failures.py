@@ -600,7 +600,9 @@ def test_a_hundred_item_sampling_run_keeps_the_denominators_apart(ws):
     assert (report.status, report.systemic, report.processed) == ("failed", None, 100), [
         (i.item, i.status, i.failure) for i in report.items if i.status != "succeeded"]
     failed = {i.item for i in report.items if i.status == "failed"}
-    assert failed == set(gate_fails) | set(validation) | set(build)
+    assert failed == set(gate_fails) | set(validation) | set(build), [
+        (i.item, i.first_failure_stage, i.failure) for i in report.items
+        if i.status == "failed" and i.item not in set(gate_fails) | set(validation) | set(build)]
     taxonomy = failure_report(ws.open_store(), "h")
     assert (taxonomy.processed, taxonomy.failed, taxonomy.succeeded) == (100, 25, 75)
     eligible = [r for r in taxonomy.first_failures if r.taxonomy_eligible]
