@@ -5,7 +5,8 @@ a store goes through this module, so that
 
 * the write ordering that docs/format.md argues about lives in one place, and
 * a test can install a hook (`set_fault_hook`) that sees every operation before it happens: to
-  count them, to raise an `OSError` at the Nth, or to end the process there.
+  count them, to raise an `OSError` at the Nth, or to end the process there; and a recorder
+  (`set_recorder`) that also gets the source of renames and links, to model a power loss.
 
 Functions take the path they act on even where the OS call needs only a descriptor, so the hook
 can say where it is.
@@ -23,6 +24,8 @@ from pathlib import Path
 
 FaultHook = Callable[[str, str], None]
 _hook: FaultHook | None = None
+Recorder = Callable[[str, str, "str | None"], None]
+_recorder: Recorder | None = None
 
 _COPY_CHUNK = 8 << 20
 
@@ -34,9 +37,20 @@ def set_fault_hook(hook: FaultHook | None) -> FaultHook | None:
     return previous
 
 
-def _op(name: str, path: str | os.PathLike[str]) -> None:
+def set_recorder(recorder: Recorder | None) -> Recorder | None:
+    """Install `recorder(op, path, src)`, called before every durable operation right after the
+    fault hook (`src` is the source of a rename or link, else None); returns the previous.  The
+    power-loss tests use it to keep a model of what a crash could leave on disk."""
+    global _recorder
+    previous, _recorder = _recorder, recorder
+    return previous
+
+
+def _op(name: str, path: str | os.PathLike[str], src: str | os.PathLike[str] | None = None) -> None:
     if _hook is not None:
         _hook(name, os.fspath(path))
+    if _recorder is not None:
+        _recorder(name, os.fspath(path), os.fspath(src) if src is not None else None)
 
 
 def create_exclusive(path: str | os.PathLike[str], mode: int = 0o644) -> int:
@@ -78,7 +92,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    _op("rename", dst)
+    _op("rename", dst, src)
     os.rename(src, dst)
 
 
@@ -149,7 +163,7 @@ def temp_link(source: str | os.PathLike[str], link_path: str | os.PathLike[str])
     fails with ENOENT when the inode it resolved has just lost its last name, although the path
     exists all along; so ENOENT is retried while the source path exists.
     """
-    _op("link", link_path)
+    _op("link", link_path, source)
     for attempt in range(_LINK_RETRIES):
         try:
             os.link(source, link_path)

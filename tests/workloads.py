@@ -1,0 +1,116 @@
+"""The reference workloads of the reliability suites (issue 4), as cheap shell pipelines.
+
+* `linear`: three stages in a row (a folder output, then two file outputs).
+* `fanout`: one source, two stages that produce identical content, and a stage joining them
+  (identical objects committed twice, by two stages of one run).
+* `tree50`: one stage producing a 50-file tree with an empty file and an empty folder.
+
+`make(name, folder)` writes the workspace (data and `stagestore.toml`) into `folder` and returns
+the loaded pipeline.  `STAGES[name]` lists the stages, and `sentinel(folder)` creates the
+folder outside the store that nothing may touch (invariant 10).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from stagestore.pipeline import Pipeline, load_pipeline
+
+LINEAR = """
+[pipeline]
+name = "linear"
+
+[stages.make]
+cmd = "cp -r {inputs.src} {outputs.out} && echo made"
+shell = true
+inputs = { src = "data" }
+outputs = ["out"]
+
+[stages.count]
+upstream = ["make"]
+cmd = "ls {upstream.make.out} | wc -l > {outputs.n}"
+shell = true
+outputs = ["n"]
+
+[stages.report]
+upstream = ["count"]
+cmd = "echo files=$(cat {upstream.count.n}) > {outputs.text}"
+shell = true
+outputs = ["text"]
+"""
+
+FANOUT = """
+[pipeline]
+name = "fanout"
+
+[stages.source]
+cmd = "cat {inputs.src} > {outputs.text}"
+shell = true
+inputs = { src = "data/source.txt" }
+outputs = ["text"]
+
+[stages.left]
+upstream = ["source"]
+cmd = "tr a-z A-Z < {upstream.source.text} > {outputs.upper}"
+shell = true
+outputs = ["upper"]
+
+[stages.right]
+upstream = ["source"]
+cmd = "tr a-z A-Z < {upstream.source.text} > {outputs.upper}; echo right >&2"
+shell = true
+outputs = ["upper"]
+
+[stages.join]
+upstream = ["left", "right"]
+cmd = "cat {upstream.left.upper} {upstream.right.upper} > {outputs.both}"
+shell = true
+outputs = ["both"]
+"""
+
+TREE50 = """
+[pipeline]
+name = "tree50"
+
+[stages.tree]
+cmd = "mkdir -p {outputs.tree}/sub/deeper {outputs.tree}/empty-folder && for i in $(seq 1 48); do echo line $i > {outputs.tree}/sub/f$i.txt; done && echo top > {outputs.tree}/top.txt && : > {outputs.tree}/sub/deeper/empty.txt"
+shell = true
+outputs = ["tree"]
+"""
+
+TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50}
+STAGES = {
+    "linear": ("make", "count", "report"),
+    "fanout": ("source", "left", "right", "join"),
+    "tree50": ("tree",),
+}
+
+
+def make(name: str, folder: Path) -> Pipeline:
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "linear":
+        for i in range(2):
+            _write(folder / "data" / f"f{i}.txt", f"file {i}\n")
+    elif name == "fanout":
+        _write(folder / "data" / "source.txt", "hello fan-out\n")
+    _write(folder / "stagestore.toml", textwrap.dedent(TOML[name]))
+    return load_pipeline(folder / "stagestore.toml")
+
+
+def sentinel(folder: Path) -> Path:
+    """A folder beside the workspace holding a file, a read-only file, a symlink and a subfolder."""
+    root = folder / "sentinel"
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    _write(root / "note.txt", "do not touch\n")
+    _write(root / "sub" / "ro.txt", "read-only\n")
+    (root / "sub" / "ro.txt").chmod(0o444)
+    link = root / "link"
+    if not link.is_symlink():
+        link.symlink_to("note.txt")
+    return root
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
