@@ -29,6 +29,7 @@ from .errors import OutputError, StagestoreError
 from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INPUT_MODIFIED,
                        KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, classify)
 from .gates import run_checks
+from .hashing import hash_file
 from .objects import ObjectStore, SyncBatch
 from .processes import run_group
 from .pipeline import CODE_INPUT
@@ -90,7 +91,7 @@ class Attempt:
         self.out_dir = folder / "out"
         self.stdout_path = folder / "stdout"
         self.stderr_path = folder / "stderr"
-        self._linked: dict[Path, tuple[int, int, int]] = {}
+        self._linked: dict[Path, tuple[str, tuple[int, int, int, int]]] = {}
 
     # paths the command sees
 
@@ -99,15 +100,15 @@ class Attempt:
             listing = read_tree(self.objects, ref.hash)
             materialize(listing, self.objects, dest, link=True)
             for entry in listing.entries:
-                if entry.kind == "file" and not entry.executable:
-                    self._watch(dest / entry.path)
+                if entry.kind == "file" and not entry.executable and entry.hash is not None:
+                    self._watch(dest / entry.path, entry.hash)
         else:
             durable.temp_link(self.objects.path(ref.hash), dest)
-            self._watch(dest)
+            self._watch(dest, ref.hash)
         return dest
 
-    def _watch(self, path: Path) -> None:
-        self._linked[path] = _fingerprint(path)
+    def _watch(self, path: Path, digest: str) -> None:
+        self._linked[path] = (digest, _fingerprint(path))
 
     def prepare(self) -> dict[str, str]:
         """Lay out the attempt folder; returns the placeholder values."""
@@ -262,11 +263,21 @@ class Attempt:
         return _read_tail(self.stderr_path, limit)
 
     def _inputs_unchanged(self) -> Failure | None:
-        for path, before in self._linked.items():
+        """Whether the stage wrote into an input it was handed (a hard link to an object: as
+        root, mode 0444 does not stop it).  A changed size, mtime or mode is a write.  A changed
+        ctime alone may be one that put the mtime back (`touch -d`), or only another attempt
+        linking the same object into its own view: the file is then hashed again."""
+        for path, (digest, before) in self._linked.items():
             try:
-                changed = _fingerprint(path) != before
+                after = _fingerprint(path)
             except FileNotFoundError:
                 continue  # the stage removed its own link: the object behind it is untouched
+            changed = after[:3] != before[:3]
+            if not changed and after[3] != before[3]:
+                try:
+                    changed = hash_file(path, after[0]) != digest
+                except OSError:
+                    changed = True
             if changed:
                 return Failure(class_=INPUT_MODIFIED, signal=(
                     f"the stage modified a read-only input it was handed ({path.name}); the "
@@ -331,12 +342,11 @@ def _tail_lines(path: Path) -> str:
     return "\n".join(lines[-SIGNAL_LINES:])[-SIGNAL_CHARS:]
 
 
-def _fingerprint(path: Path) -> tuple[int, int, int]:
-    """What a write through a hard link changes, read through this attempt's own link (the
-    object's path may meanwhile name a fresh copy of the same content).  Not ctime: another
-    attempt linking the same object into its view changes the inode's ctime, not its bytes."""
+def _fingerprint(path: Path) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, mode, ctime_ns), read through this attempt's own link (the object's
+    path may meanwhile name a fresh copy of the same content)."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_mode
+    return st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns
 
 
 def run_attempt(**kwargs) -> AttemptResult:  # noqa: ANN003
