@@ -336,3 +336,17 @@ def test_doctor_does_not_wait_for_gc(ran, monkeypatch):
     assert report.ok and list(checks) == CHECKS
     for name in ("locks", "temps", "runs"):
         assert checks[name][0] == "warning" and checks[name][1].startswith("not checked: ")
+
+
+def test_run_warns_once_when_the_store_is_on_a_network_filesystem(tmp_path, monkeypatch, capsys):
+    from stagestore.cli.commands import _warn_network_filesystem
+
+    store = Store.create(tmp_path / "store")
+    _mounts(tmp_path, monkeypatch, ["/dev/vda / ext4 rw 0 0",
+                                    f"server:/export {os.path.realpath(tmp_path)} nfs4 rw 0 0"])
+    _warn_network_filesystem(store)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "nfs4" in err and "reliability.md" in err
+    _mounts(tmp_path, monkeypatch, ["/dev/vda / ext4 rw 0 0"])
+    _warn_network_filesystem(store)
+    assert capsys.readouterr().err == ""

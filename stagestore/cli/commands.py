@@ -133,6 +133,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
                                  systemic_threshold=systemic_threshold,
                                  max_consecutive_failures=max_consecutive_failures)
     store = Store.create(_store_root(store_dir, str(pipeline.path)))
+    _warn_network_filesystem(store)
     quiet = quiet_here or _quiet()
     if log_format == "json" and not quiet:
         progress = render.JsonLogProgress()
@@ -145,6 +146,18 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
 
 
 RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+
+
+def _warn_network_filesystem(store) -> None:  # noqa: ANN001
+    """One warning line when the store is on a network or FUSE filesystem (docs/reliability.md:
+    their locks, renames and fsync are weaker than the store's guarantees assume)."""
+    from ..health import is_network_filesystem, mount_of
+
+    found = mount_of(store.root)
+    if found is not None and is_network_filesystem(found[0]):
+        click.echo(f"warning: the store {store.root} is on a {found[0]} filesystem (mounted at "
+                   f"{found[1]}); its locks, renames and fsync may not give the guarantees in "
+                   "docs/reliability.md; prefer a local disk", err=True)
 
 
 @cli.command()
