@@ -76,3 +76,47 @@ def test_the_audit_catches_a_write_outside_the_seam(ws):
         _watch["root"] = None
     assert len(_watch["violations"]) == 1 and "sneaky" in _watch["violations"][0]
     _watch["violations"].clear()
+
+
+def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
+    """The failure model's writes too: item records, degraded manifests, the systemic abort."""
+    from stagestore.health import doctor
+    from stagestore.records import ExecutionOptions
+    from stagestore.stats import stage_stats
+    from stagestore.taxonomy import failure_report
+
+    ws.pipeline("""
+        [pipeline]
+        name = "seam-items"
+
+        [stages.gate]
+        domain = "infrastructure"
+        cmd = ["sh", "-c", "case {item} in bad*) echo 'gate: down' >&2; exit 1;; esac; echo {item} > {outputs.o}"]
+        outputs = ["o"]
+
+        [stages.build]
+        upstream = ["gate"]
+        cmd = ["sh", "-c", "test -e FAIL && exit 1; cat {upstream.gate.o} > {outputs.o}"]
+        outputs = ["o"]
+        on_failure = "use_last_good"
+    """)
+    store = ws.open_store()
+    _watch["root"] = str(store.root)
+    try:
+        run(ws.load(), store, run_id="a", items=["x", "y", "bad1"])
+        (ws.root / "FAIL").write_text("")
+        degraded = run(ws.load(), store, run_id="b", items=["x", "y", "bad1"])
+        aborted = run(ws.load(), store, run_id="c", items=["bad1", "bad2", "bad3"],
+                      execution=ExecutionOptions(mode="sampling", systemic_min_items=2))
+        assert [i.status for i in degraded.items] == ["degraded", "degraded", "failed"]
+        assert aborted.status == "aborted"
+        failure_report(store, "c")
+        doctor(store)
+        stage_stats(store)
+        recover(store)
+        verify(store)
+        forget(store, ["a"])
+        gc(store)
+    finally:
+        _watch["root"] = None
+    assert _watch["violations"] == []
