@@ -96,7 +96,7 @@ def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
 
         [stages.build]
         upstream = ["gate"]
-        cmd = ["sh", "-c", "test -e FAIL && exit 1; cat {upstream.gate.o} > {outputs.o}"]
+        cmd = ["sh", "-c", "cat {upstream.gate.o} > {outputs.o}"]
         outputs = ["o"]
         on_failure = "use_last_good"
     """)
@@ -104,7 +104,8 @@ def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
     _watch["root"] = str(store.root)
     try:
         run(ws.load(), store, run_id="a", items=["x", "y", "bad1"])
-        (ws.root / "FAIL").write_text("")
+        ws.pipeline_file.write_text(ws.pipeline_file.read_text().replace(
+            'cat {upstream.gate.o} > {outputs.o}', 'exit 1'))
         degraded = run(ws.load(), store, run_id="b", items=["x", "y", "bad1"])
         aborted = run(ws.load(), store, run_id="c", items=["bad1", "bad2", "bad3"],
                       execution=ExecutionOptions(mode="sampling", systemic_min_items=2))
