@@ -28,40 +28,55 @@ def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]
     if manifest.status == "failed":
         where = f"run {run_id} stage {stage}" + (f" item {item!r}" if item is not None else "")
         raise CheckoutError(f"{where} did not succeed; it has no outputs")
+    # Everything that can be refused is refused before DEST is touched: the output names and
+    # the paths inside every tree.
+    trees = {}
+    for name, ref in manifest.outputs.items():
+        try:
+            validate_name(name, "output name")
+            if ref.kind == "tree":
+                trees[name] = read_tree(store.objects, ref.hash)
+        except InvalidNameError as exc:
+            raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
     root = Path(dest)
+    created = not os.path.lexists(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckoutError(f"cannot create {root}: {exc.strerror}") from None
     if not root.is_dir():
         raise CheckoutError(f"{root} is not a folder")
-    targets = {}
-    for name in manifest.outputs:
-        try:
-            validate_name(name, "output name")
-            targets[name] = contained(root, name)
-        except InvalidNameError as exc:
-            raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
-        if os.path.lexists(targets[name]):
-            raise CheckoutError(f"{targets[name]} already exists",
-                                hint="check out into an empty folder, or remove it first")
     written: list[Path] = []
     try:
+        targets = {}
+        for name in manifest.outputs:
+            try:
+                targets[name] = contained(root, name)
+            except InvalidNameError as exc:
+                raise CheckoutError(f"refusing to check out {name!r}: {exc}") from None
+            if os.path.lexists(targets[name]):
+                raise CheckoutError(f"{targets[name]} already exists",
+                                    hint="check out into an empty folder, or remove it first")
         for name, ref in manifest.outputs.items():
-            _checkout_one(store, ref, root, name, targets[name])
+            _checkout_one(store, ref, trees.get(name), root, name, targets[name])
             written.append(targets[name])
     except BaseException:
         for path in written:  # all outputs or none
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if created:
+            try:
+                root.rmdir()
+            except OSError:
+                pass
         raise
     return [str(path) for path in written]
 
 
-def _checkout_one(store: Store, ref, root: Path, name: str, target: Path) -> None:  # noqa: ANN001
+def _checkout_one(store: Store, ref, tree, root: Path, name: str, target: Path) -> None:  # noqa: ANN001
     staging = root / f".{name}.stagestore-{secrets.token_hex(4)}"
     try:
-        if ref.kind == "tree":
-            materialize(read_tree(store.objects, ref.hash), store.objects, staging, link=False)
+        if tree is not None:
+            materialize(tree, store.objects, staging, link=False)
         else:
             copy_out(store.objects.path(ref.hash), staging, 0o644)
         os.rename(staging, target)

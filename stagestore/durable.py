@@ -122,25 +122,37 @@ def discard(path: str | os.PathLike[str]) -> None:
         pass
 
 
+# Folders whose own entry this process has made durable, by (path, device, inode). A folder
+# found already there may have been made by a process that died before it synced the parent
+# (or by another thread that has not synced it yet), so the first time this process uses it,
+# it syncs the parent itself; after that, once is enough.
+_DURABLE_DIRS: set[tuple[str, int, int]] = set()
+
+
 def mkdir(path: str | os.PathLike[str]) -> bool:
-    """Create a folder and make its entry durable; returns whether it was created."""
+    """Make sure a folder exists and its entry is durable; returns whether it was created."""
     path = Path(path)
+    created = True
     try:
         _op("mkdir", path)
         os.mkdir(path)
     except FileExistsError:
-        if not path.is_dir():
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
             raise
-        return False
+        created = False
+        if (str(path), st.st_dev, st.st_ino) in _DURABLE_DIRS:
+            return False
     fsync_dir(path.parent)
-    return True
+    if created:
+        st = os.stat(path)
+    _DURABLE_DIRS.add((str(path), st.st_dev, st.st_ino))
+    return created
 
 
 def makedirs(path: str | os.PathLike[str]) -> None:
-    """Create a folder and any missing parents, each made durable."""
+    """Make sure a folder and its missing parents exist, each entry durable (see `mkdir`)."""
     path = Path(path)
-    if path.is_dir():
-        return
     if not path.parent.is_dir():
         makedirs(path.parent)
     mkdir(path)

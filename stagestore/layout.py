@@ -96,6 +96,10 @@ def _percent_decode(name: str) -> str:
     return data.decode("utf-8")
 
 
+# `C:foo` is a drive-relative path on Windows: joined to a folder it leaves that folder.
+_DRIVE_RE = re.compile(r"[A-Za-z]:")
+
+
 def validate_relpath(path: object, what: str = "path") -> str:
     """A relative path inside a tree: `/`-separated plain components, no `.`, `..` or empties."""
     if not isinstance(path, str) or not path:
@@ -113,6 +117,9 @@ def validate_relpath(path: object, what: str = "path") -> str:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise InvalidNameError(f"invalid {what} {path!r}: empty, '.' or '..' component")
+        if _DRIVE_RE.match(part):
+            raise InvalidNameError(f"invalid {what} {path!r}: a component starts with a drive "
+                                   "prefix such as 'C:'")
         if len(part.encode("utf-8")) > _MAX_COMPONENT_BYTES:
             raise InvalidNameError(f"invalid {what} {path!r}: a component is over 255 bytes")
     return path

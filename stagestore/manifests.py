@@ -31,8 +31,7 @@ class ManifestStore:
 
     def _ensure_run_dir(self, run_id: str) -> Path:
         run_dir = self.layout.run_dir(run_id)
-        if not run_dir.is_dir():
-            durable.mkdir(run_dir)
+        durable.mkdir(run_dir)
         return run_dir
 
     def _ensure_scope_dir(self, run_id: str, item: str | None) -> Path:
@@ -40,11 +39,13 @@ class ManifestStore:
         if item is None:
             return self.layout.run_dir(run_id)
         scope = self.layout.scope_dir(run_id, item)
-        if not scope.is_dir():
-            if not scope.parent.is_dir():
-                durable.mkdir(scope.parent)
-            durable.mkdir(scope)
+        durable.mkdir(scope.parent)
+        durable.mkdir(scope)
         return scope
+
+    def sync_scope(self, run_id: str, item: str | None) -> None:
+        """Make the entries of a run's (or an item's) folder durable, and the folder's own."""
+        durable.fsync_dir(self._ensure_scope_dir(run_id, item))
 
     def write(self, manifest: StageManifest, owner: str) -> Path:
         self._ensure_scope_dir(manifest.run_id, manifest.item)
@@ -259,8 +260,7 @@ class CacheIndex:
         if manifest.status != "succeeded":
             return
         path = self.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash))
-        if not path.parent.is_dir():
-            durable.makedirs(path.parent)
+        durable.makedirs(path.parent)
         entry = CacheEntry(run_id=manifest.run_id, item=manifest.item, stage=manifest.stage,
                            input_hash=manifest.input_hash, config_hash=manifest.config_hash)
         durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))

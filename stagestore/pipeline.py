@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -124,31 +125,47 @@ class Pipeline:
 
 
 def topological_order(stages: dict[str, StageSpec]) -> list[str]:
+    """Stages in waves: first every stage with no upstream, then every stage whose upstream
+    stages are all placed, and so on; file order within a wave. O(stages + edges) but for the
+    sort of each wave."""
     position = {name: i for i, name in enumerate(stages)}
-    remaining = {name: set(spec.upstream) for name, spec in stages.items()}
+    waiting = {name: len(set(spec.upstream) & stages.keys()) for name, spec in stages.items()}
+    downstream: dict[str, list[str]] = {name: [] for name in stages}
+    for name, spec in stages.items():
+        for up in set(spec.upstream) & stages.keys():
+            downstream[up].append(name)
+    wave = [name for name, count in waiting.items() if count == 0]
     order: list[str] = []
-    while remaining:
-        ready = sorted((n for n, deps in remaining.items() if not deps), key=position.__getitem__)
-        if not ready:
-            raise _cycle_error(remaining)
-        for name in ready:
-            del remaining[name]
-            order.append(name)
-        for deps in remaining.values():
-            deps.difference_update(ready)
+    while wave:
+        wave.sort(key=position.__getitem__)
+        order.extend(wave)
+        following = []
+        for name in wave:
+            for down in downstream[name]:
+                waiting[down] -= 1
+                if waiting[down] == 0:
+                    following.append(down)
+        wave = following
+    if len(order) < len(stages):
+        placed = set(order)
+        raise _cycle_error({name: set(spec.upstream) - placed for name, spec in stages.items()
+                            if name not in placed})
     return order
 
 
 def _cycle_error(remaining: dict[str, set[str]]) -> PipelineError:
-    # Walk upstream edges from any stage left until a stage repeats: that is a cycle.
+    # Every stage left waits on another stage left; walk upstream edges from any of them until
+    # a stage repeats: that is a cycle.
     start = next(iter(remaining))
     path = [start]
+    seen = {start: 0}
     while True:
-        nxt = sorted(remaining[path[-1]])[0]
-        if nxt in path:
-            cycle = path[path.index(nxt):] + [nxt]
+        nxt = min(remaining[path[-1]])
+        if nxt in seen:
+            cycle = path[seen[nxt]:] + [nxt]
             return PipelineError("dependency cycle: " + " -> ".join(reversed(cycle)),
                                  stage=cycle[0], key="upstream")
+        seen[nxt] = len(path)
         path.append(nxt)
 
 
@@ -181,11 +198,22 @@ _AT_RE = re.compile(r" - at `\$([^`]*)`$")
 
 def _decode(data: bytes, file: str) -> PipelineDef:
     try:
+        data.decode("utf-8")  # msgspec's own message for this names no line
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise PipelineError(f"{file}: invalid TOML: not UTF-8 (line {line})", path=file,
+                            hint="save the file as UTF-8") from None
+    try:
         top = msgspec.toml.decode(data, type=_TopLevel)
     except msgspec.ValidationError as exc:
         raise PipelineError(f"{file}: {_with_key(str(exc), '')}", path=file) from None
     except msgspec.DecodeError as exc:
         raise PipelineError(f"{file}: invalid TOML: {exc}{_toml_context(data, str(exc))}",
+                            path=file) from None
+    except ValueError as exc:  # tomllib: an integer of more digits than int() may parse
+        raise PipelineError(f"{file}: invalid TOML: {exc}", path=file) from None
+    except RecursionError:
+        raise PipelineError(f"{file}: invalid TOML: arrays or tables nested too deeply",
                             path=file) from None
     stages = {}
     for name, table in top.stages.items():
@@ -315,12 +343,12 @@ def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
     for key in spec.env:
         if not _ENV_RE.match(key):
             raise fail(f"invalid environment variable name {key!r}", name, "env")
-    if spec.timeout is not None and spec.timeout <= 0:
-        raise fail("timeout must be a positive number of seconds", name, "timeout")
+    if spec.timeout is not None and not 0 < spec.timeout < math.inf:  # NaN too
+        raise fail("timeout must be a positive, finite number of seconds", name, "timeout")
     if spec.retries < 0:
         raise fail("retries must be 0 or more", name, "retries")
-    if spec.retry_delay < 0:
-        raise fail("retry_delay must be 0 or more", name, "retry_delay")
+    if not 0 <= spec.retry_delay < math.inf:  # NaN too
+        raise fail("retry_delay must be a finite number of seconds, 0 or more", name, "retry_delay")
     try:
         template = command_template(spec)
     except ValueError as exc:
@@ -360,6 +388,9 @@ def _validate_failure_model(name: str, spec: StageSpec, stages: dict[str, StageS
             except re.error as exc:
                 raise fail(f"`match` is not a valid regular expression: {exc}", name,
                            f"{key}.match") from None
+            except (OverflowError, RecursionError):
+                raise fail("`match` is too large or nested too deeply for Python's re module",
+                           name, f"{key}.match") from None
         if not CLASS_NAME_RE.match(rule.class_):
             raise fail(f"class {rule.class_!r} must be a CamelCase name ending in 'Failure', such "
                        "as 'InfrastructureGateFailure' or 'BuildFailure'", name, f"{key}.class")

@@ -355,6 +355,20 @@ def encode_record(record: Record) -> bytes:
     return msgspec.json.format(msgspec.json.encode(record, order="deterministic"), indent=2) + b"\n"
 
 
+# One decoder per record type, built at import: msgspec builds a type's decoding plan on its
+# first use, and two threads doing that at once for the same type have crashed the interpreter
+# (SIGSEGV, seen with `run -j 2`); prebuilt decoders are also faster.
+_PROBE_DECODER = msgspec.json.Decoder(VersionProbe)
+_RAW_DECODER = msgspec.json.Decoder()
+_DECODERS: dict[type[Record], msgspec.json.Decoder] = {
+    type_: msgspec.json.Decoder(type_) for type_ in _CURRENT_VERSIONS}
+
+# What a malformed document can raise besides msgspec's own errors: bad UTF-8, nesting deeper
+# than the interpreter's recursion limit, and (in an upgrader) a field of the wrong shape.
+_MALFORMED = (msgspec.ValidationError, msgspec.DecodeError, KeyError, TypeError, AttributeError,
+              ValueError, RecursionError)
+
+
 def decode_record(data: bytes, type_: type[Record], where: str) -> Any:
     """Decode a versioned record: refuse newer versions, upgrade older ones, then validate.
 
@@ -366,9 +380,10 @@ def decode_record(data: bytes, type_: type[Record], where: str) -> Any:
     what = type_.__name__
     current = _CURRENT_VERSIONS[type_]
     try:
-        version = msgspec.json.decode(data, type=VersionProbe).schema_version
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise CorruptRecordError(f"{where}: not a valid {what}: {exc}", path=where) from None
+        version = _PROBE_DECODER.decode(data).schema_version
+    except _MALFORMED as exc:
+        raise CorruptRecordError(f"{where}: not a valid {what}: {_reason(exc)}",
+                                 path=where) from None
     if version > current:
         raise FormatVersionError(
             f"{where}: {what} has schema_version {version}, but this stagestore reads only "
@@ -377,10 +392,19 @@ def decode_record(data: bytes, type_: type[Record], where: str) -> Any:
         raise CorruptRecordError(f"{where}: invalid schema_version {version}", path=where)
     try:
         if version < current:
-            raw = msgspec.json.decode(data)
+            raw = _RAW_DECODER.decode(data)
             while raw["schema_version"] < current:
                 raw = _UPGRADES[type_][raw["schema_version"]](raw)
             return msgspec.convert(raw, type_)
-        return msgspec.json.decode(data, type=type_)
-    except (msgspec.ValidationError, msgspec.DecodeError, KeyError) as exc:
-        raise CorruptRecordError(f"{where}: not a valid {what}: {exc}", path=where) from None
+        return _DECODERS[type_].decode(data)
+    except _MALFORMED as exc:
+        raise CorruptRecordError(f"{where}: not a valid {what}: {_reason(exc)}",
+                                 path=where) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 at byte {exc.start}"
+    return str(exc) or type(exc).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -14,12 +15,22 @@ def render_schemas() -> dict[str, bytes]:
     """File name -> schema bytes, one per record type (stable output, for a drift test)."""
     out = {}
     for name, type_ in DOCUMENTS.items():
-        schema = msgspec.json.schema(type_)
+        schema = _clean_descriptions(msgspec.json.schema(type_))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["title"] = type_.__name__
         encoded = msgspec.json.encode(schema, order="sorted")
         out[f"{name}.schema.json"] = msgspec.json.format(encoded, indent=2) + b"\n"
     return out
+
+
+def _clean_descriptions(node: object) -> object:
+    """Docstrings dedented as `inspect.cleandoc` does: msgspec 0.23 does it, 0.22 did not."""
+    if isinstance(node, dict):
+        return {key: inspect.cleandoc(value) if key == "description" and isinstance(value, str)
+                else _clean_descriptions(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(value) for value in node]
+    return node
 
 
 def write_schemas(out_dir: str | os.PathLike[str]) -> list[str]:

@@ -151,6 +151,9 @@ class StageWork:
             existing = None
         if existing is not None and existing.status == "succeeded" and \
                 (existing.input_hash, existing.config_hash) == keys and self._usable(existing):
+            # Written by a process that may have died before it synced the folder: make the
+            # manifest durable before reporting the stage done.
+            self.store.manifests.sync_scope(run_id, item)
             return report("cached" if existing.cached_from else "succeeded", existing)
         reused = self._reuse(context)
         if reused is not None:

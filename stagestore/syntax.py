@@ -102,6 +102,12 @@ def parse_size(value: int | str) -> int:
     if match is None:
         raise ValueError(f"not a size: {value!r} (write bytes, or a number with B, KB, MB, GB, "
                          "TB, KiB, MiB, GiB or TiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not size < _MAX_SIZE:
+        raise ValueError(f"size {value!r} is too large (at most 1 EiB)")
+    return int(size)
+
+
+_MAX_SIZE = float(2 ** 60)
 
 

@@ -276,10 +276,9 @@ def _stress(tmp_path: Path, writers: int, chains: int, length: int, jobs: int) -
         _check_outputs(store, f"w{w}", expected[f"w{w}"])
 
 
-# The writers run with `--jobs 1`: with more, a writer's worker threads can crash it with
-# SIGSEGV the first time they decode a record type side by side (the xfail BUG test below; seen
-# here as a writer exiting -11).  Raise JOBS to 2 once that is fixed.
-JOBS = 1
+# Two jobs per writer: worker threads decoding records side by side once crashed a writer with
+# SIGSEGV (the regression test below).
+JOBS = 2
 
 
 def test_four_writers_fifty_stages_with_gc_and_recover_beside_them(tmp_path):
@@ -315,14 +314,10 @@ for thread in threads:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: stagestore/records.py:384 (and :369) decode with msgspec.json.decode(data, type=T), "
-    "whose type information msgspec (0.22.0 here) builds lazily on the first call and not "
-    "safely across threads: when `run --jobs N` worker threads (stagework.process -> "
-    "manifests.read / cache.lookup) decode a record type for the first time side by side, "
-    "the process dies with SIGSEGV.  Seen as a writer of the stress test exiting -11 with -j 2.  "
-    "Building msgspec.json.Decoder(T) for every record type once at import (single-threaded) "
-    "makes it go away (0 crashes in 150 runs vs about 1 in 7)"))
+# Regression (fixed): records.py decoded with msgspec.json.decode(data, type=T), whose type
+# information msgspec (0.22.0 here) builds lazily on first use and not safely across threads;
+# `run --jobs N` worker threads decoding a record type for the first time side by side died with
+# SIGSEGV (about 1 try in 7).  Decoders are now built once at import.
 def test_worker_threads_decoding_a_record_type_for_the_first_time_do_not_crash(tmp_path):
     root = tmp_path / "ws"
     root.mkdir()

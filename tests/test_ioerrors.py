@@ -145,13 +145,13 @@ def fault_point(w: IoLinear, kind: str, mode: str, n: int) -> None:
     events: list[tuple[str, str, str | None]] = []
     injector = Injector(code, n, not once, only, events)
     fds_before = invariants.open_fds()
-    report, raised = None, None
+    report = None
     durable.set_fault_hook(injector)
     durable.set_recorder(lambda op, path, src: events.append((op, path, src)))
     try:
         report = run(w.pipeline, store, run_id="a")
     except (StagestoreError, OSError) as exc:
-        raised = exc
+        assert str(exc), f"{type(exc).__name__} without a message"
     finally:
         durable.set_fault_hook(None)
         durable.set_recorder(None)

@@ -26,13 +26,12 @@ Fast tier:
   {synced, all} x {dropped, torn, garbage}; and once killed then rerun with the same run id;
 * the model on tiny hand-written sequences, and two mutations of the seam (a missing folder
   fsync, a missing data fsync) that the checker must catch;
-* five strict xfails, one per bug found (see their reasons).
+* five regression tests, one per bug this suite found (all fixed; see their comments).
 
 Long tier (`-m slow`): every workload, every prefix x {synced, all, swap} x {dropped, torn,
 garbage, mix}, plus random reorderings (`random` x {mix, dropped}, several draws per prefix);
-and `linear` (then recover, then a rerun) and `fanout` (then recover) killed at every operation
-except the known-bug points (`STAGESTORE_POWERLOSS_SKIP_KNOWN=0` includes them), each followed by
-every prefix x {synced, all, swap} x {dropped, torn, garbage}.
+and `linear` (then recover, then a rerun) and `fanout` (then recover) killed at every operation,
+each followed by every prefix x {synced, all, swap} x {dropped, torn, garbage}.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import pytest
 
 import powerloss
 import workloads
-from invariants import InvariantError, check_rerun, check_reported_kept, check_store, outputs_of
+from invariants import check_rerun, check_reported_kept, check_store, outputs_of
 from powerloss import Recording, recording, seed_for
 from stagestore import durable
 from stagestore.recovery import recover
@@ -58,8 +57,6 @@ from stagestore.store import Store
 
 SEED = int(os.environ.get("STAGESTORE_POWERLOSS_SEED", "1729"))
 RANDOM_DRAWS = int(os.environ.get("STAGESTORE_POWERLOSS_DRAWS", "4"))
-# 0: also crash at the points of the known bugs (to check a fix; see `_known_bug`)
-SKIP_KNOWN = os.environ.get("STAGESTORE_POWERLOSS_SKIP_KNOWN", "1") != "0"
 WORKERS = int(os.environ.get("STAGESTORE_POWERLOSS_WORKERS", str(min(2, os.cpu_count() or 1))))
 
 
@@ -515,13 +512,11 @@ def _first_prefix_reporting(rec: Recording, stage: str, after: int) -> int:
                 if sum(1 for e in rec.state(p).reported if e[2] == stage) > before)
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantError, reason=(
-    "BUG: durable.mkdir (stagestore/durable.py:131-134) returns without fsyncing the parent "
-    "when the folder already exists, so a shard folder created by a process killed between its "
-    "mkdir and the fsync of objects/ is never made durable by the process that later commits "
-    "into it (objects.py:64 `_shard`); a power loss then loses objects that a reported stage's "
-    "manifest names"))
-def test_bug_shard_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
+# Regression (fixed): durable.mkdir (stagestore/durable.py:131-134) returns without fsyncing the
+# parent when the folder already exists, so a shard folder created by a process killed between its
+# mkdir and the fsync of objects/ is never made durable by the process that later commits into it
+# (objects.py:64 `_shard`); a power loss then loses objects that a reported stage's manifest names
+def test_regression_shard_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
     clean = recorded("linear")
     ops = clean.rec.ops
     report_manifest = next(i for i, o in enumerate(ops) if o[:2] == ("rename", "runs/a/report.json"))
@@ -545,12 +540,11 @@ def test_bug_shard_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_pa
     assert any(p.startswith(shard + "/") for p in image.files)
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantError, reason=(
-    "BUG: a run folder created by a process killed between `mkdir runs/<id>` and the fsync of "
-    "runs/ is reused by a rerun of the same run id without ever fsyncing runs/ "
-    "(manifests.py:34 `_ensure_run_dir` skips an existing folder; durable.py:131-134 would "
-    "not sync it either), so after the rerun reports success a power loss loses the whole run"))
-def test_bug_run_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
+# Regression (fixed): a run folder created by a process killed between `mkdir runs/<id>` and the
+# fsync of runs/ is reused by a rerun of the same run id without ever fsyncing runs/
+# (manifests.py:34 `_ensure_run_dir` skips an existing folder; durable.py:131-134 would not sync
+# it either), so after the rerun reports success a power loss loses the whole run
+def test_regression_run_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
     clean = recorded("linear")
     ops = clean.rec.ops
     point = next(i for i in range(len(ops)) if _mkdir_then_parent_sync(ops, i)
@@ -565,12 +559,11 @@ def test_bug_run_folder_left_by_a_crash_is_never_made_durable(recorded, tmp_path
     assert image.has("runs/a/_run.json")
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantError, reason=(
-    "BUG: with --jobs 2, a stage that commits into a shard folder another thread has just "
-    "created, before that thread's fsync of objects/, finds it existing (durable.py:131-134 "
-    "returns without fsyncing the parent) and is reported successful while the shard's entry "
-    "is not durable; a power loss then loses the object its manifest names"))
-def test_bug_concurrent_commit_into_a_shard_not_yet_durable(tmp_path):
+# Regression (fixed): with --jobs 2, a stage that commits into a shard folder another thread has
+# just created, before that thread's fsync of objects/, finds it existing (durable.py:131-134
+# returns without fsyncing the parent) and is reported successful while the shard's entry is not
+# durable; a power loss then loses the object its manifest names
+def test_regression_concurrent_commit_into_a_shard_not_yet_durable(tmp_path):
     """fanout with two jobs: `left` and `right` produce the same bytes, so the same object in
     the same new shard folder.  The hook holds `right` between its `mkdir objects/xx` and the
     fsync of objects/ until `left` has committed into objects/xx and been reported."""
@@ -623,12 +616,11 @@ def _manifest_then_folder_sync(ops: list, index: int) -> bool:
             and ops[index][1].startswith("runs/"))
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantError, reason=(
-    "BUG: a stage whose manifest a killed process renamed into the run folder but did not "
-    "fsync the folder for is reported `succeeded` by recover (or a rerun) from that existing "
-    "manifest (stagestore/stagework.py:152-154) without making its entry durable; a power loss "
-    "then loses a manifest reported successful"))
-def test_bug_reused_manifest_whose_entry_is_not_durable(recorded, tmp_path):
+# Regression (fixed): a stage whose manifest a killed process renamed into the run folder but did
+# not fsync the folder for is reported `succeeded` by recover (or a rerun) from that existing
+# manifest (stagestore/stagework.py:152-154) without making its entry durable; a power loss then
+# loses a manifest reported successful
+def test_regression_reused_manifest_whose_entry_is_not_durable(recorded, tmp_path):
     clean = recorded("linear")
     ops = clean.rec.ops
     point = next(i for i in range(len(ops)) if _manifest_then_folder_sync(ops, i)
@@ -645,13 +637,11 @@ def test_bug_reused_manifest_whose_entry_is_not_durable(recorded, tmp_path):
     check_reported_kept(Store.open(store_dir), state.reported)
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantError, reason=(
-    "BUG: a cache shard folder created by a process killed before the fsync of cache/ is "
-    "reused without ever being made durable (stagestore/manifests.py:262-263 skips an "
-    "existing folder, durable.py:131-134); after a power loss the cache entry is gone, recover "
-    "does not rebuild it and verify does not notice, so one more run executes the stage again "
-    "(invariant 5)"))
-def test_bug_cache_shard_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
+# Regression (fixed): a cache shard folder created by a process killed before the fsync of cache/
+# is reused without ever being made durable (stagestore/manifests.py:262-263 skips an existing
+# folder, durable.py:131-134); after a power loss the cache entry is gone, recover does not
+# rebuild it and verify does not notice, so one more run executes the stage again (invariant 5)
+def test_regression_cache_shard_left_by_a_crash_is_never_made_durable(recorded, tmp_path):
     clean = recorded("linear")
     ops = clean.rec.ops
     point = next(i for i in range(len(ops)) if _mkdir_then_parent_sync(ops, i)
@@ -668,26 +658,15 @@ def test_bug_cache_shard_left_by_a_crash_is_never_made_durable(recorded, tmp_pat
     check_rerun(r.pipeline, store, r.reference)
 
 
-def _known_bug(ops: list, point: int, then: str) -> bool:
-    """Crash points that hit one of the bugs of the xfail tests above: the killed process
-    created a folder under objects/, runs/ or cache/ and did not fsync its parent, or renamed a
-    manifest into its run folder and did not fsync the folder."""
-    return (_mkdir_then_parent_sync(ops, point) and ops[point][1] in ("objects", "runs", "cache")
-            or _manifest_then_folder_sync(ops, point))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,then", [("linear", "recover"), ("linear", "rerun"),
                                        ("fanout", "recover")])
 def test_powerloss_long_after_a_crash_at_every_operation(recorded, tmp_path, scratch, name, then):
-    """The workload killed at every operation (but the known-bug points), then recover or a
+    """The workload killed at every operation, then recover or a
     rerun; then a power loss at every prefix of what follows."""
     clean = recorded(name)
-    summaries, failures, skipped = [], [], []
+    summaries, failures = [], []
     for point in range(clean.rec.k):
-        if SKIP_KNOWN and _known_bug(clean.rec.ops, point, then):
-            skipped.append(point)
-            continue
         r = Recorded(name, tmp_path / f"crash-{point}", crash=point, then=then,
                      reference=clean.reference)
         checker = Checker(r, scratch)
@@ -696,5 +675,5 @@ def test_powerloss_long_after_a_crash_at_every_operation(recorded, tmp_path, scr
         failures += checker.failures
         shutil.rmtree(tmp_path / f"crash-{point}", ignore_errors=True)
     print("\n".join(summaries))
-    print(f"{name} then {then}: {len(summaries)} crash points, skipped (known bug) {skipped}")
+    print(f"{name} then {then}: {len(summaries)} crash points")
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:8])

@@ -10,9 +10,7 @@ import sys
 import time
 
 import msgspec
-import pytest
 
-from stagestore import durable
 from stagestore.layout import StoreLayout
 from stagestore.locking import OwnerLock
 from stagestore.recovery import recover
@@ -222,142 +220,7 @@ def test_killed_runner_cli_exit_and_recover_cli(ws, tmp_path):
     assert ws.cli("recover").stdout.strip() == "nothing to recover"
 
 
-# --- crash injection at every durable operation -----------------------------------------
-
-# The linear workload with shell commands instead of Python scripts: the same shape (a folder
-# output, then two file outputs), at a fraction of the cost per crash point.
-SHELL_LINEAR = """
-[pipeline]
-name = "linear-sh"
-
-[stages.make]
-cmd = "cp -r {inputs.src} {outputs.out} && echo made"
-shell = true
-inputs = { src = "data" }
-outputs = ["out"]
-
-[stages.count]
-upstream = ["make"]
-cmd = "ls {upstream.make.out} | wc -l > {outputs.n}"
-shell = true
-outputs = ["n"]
-
-[stages.report]
-upstream = ["count"]
-cmd = "echo files=$(cat {upstream.count.n}) > {outputs.text}"
-shell = true
-outputs = ["text"]
-"""
-
-
-def _shell_workload(ws, files: int):
-    for i in range(files):
-        ws.write(f"data/f{i}.txt", f"file {i}\n")
-    ws.pipeline(SHELL_LINEAR)
-    return ws.load()
-
-
-def _in_child(workload, crash_at: int | None, count_file=None) -> int:
-    """Run `workload` in a forked child; end it with os._exit right before operation N."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        seen = 0
-
-        def hook(op: str, path: str) -> None:
-            nonlocal seen
-            seen += 1
-            if crash_at is not None and seen == crash_at:
-                os._exit(99)
-
-        durable.set_fault_hook(hook)
-        code = 0
-        try:
-            workload()
-        except BaseException:  # noqa: BLE001
-            code = 1
-        if count_file is not None:
-            count_file.write_text(str(seen))
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def test_crash_at_every_durable_operation_of_a_run_then_recover(ws, tmp_path):
-    """End the runner before each write, fsync, rename, mkdir and unlink in turn; after recover
-    verify must be clean, no temp left, outputs identical, and a rerun must execute nothing."""
-    pipeline = _shell_workload(ws, files=2)
-    reference = Store.create(tmp_path / "reference")
-    run(pipeline, reference, run_id="a")
-    expected = _outputs(reference, "a")
-
-    count_file = tmp_path / "count"
-    probe = Store.create(tmp_path / "probe")
-    assert _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file) == 0
-    total = int(count_file.read_text())
-    assert total > 30  # the workload really goes through the seam
-
-    for n in range(1, total + 1):
-        root = tmp_path / f"s{n}"
-        store = Store.create(root)
-        code = _in_child(lambda: run(pipeline, store, run_id="a"), n)
-        assert code == 99, f"crash point {n}/{total} was not reached (exit {code})"
-        started = store.layout.run_record_path("a").exists()
-        report = recover(store)
-        assert report.ok, (n, report.unresolved)
-        try:
-            _assert_clean(store)
-            if started:  # recover alone completes a run that recorded its start
-                assert _outputs(store, "a") == expected
-            rerun = run(pipeline, store, run_id="a")
-            assert not any(s.executed for s in rerun.stages) or not started
-            assert _outputs(store, "a") == expected
-            again = run(pipeline, store, run_id="b")
-            assert {s.outcome for s in again.stages} == {"cached"}
-            _assert_clean(store)
-        except AssertionError as exc:
-            raise AssertionError(f"after a crash before operation {n}/{total}: {exc}") from None
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.mark.parametrize("errno_name", ["EIO", "ENOSPC"])
-def test_an_io_error_at_each_operation_surfaces_and_recovers(ws, tmp_path, errno_name):
-    import errno as errno_mod
-
-    pipeline = _shell_workload(ws, files=1)
-    reference = Store.create(tmp_path / "reference")
-    run(pipeline, reference, run_id="a")
-    expected = _outputs(reference, "a")
-    code = getattr(errno_mod, errno_name)
-    count_file = tmp_path / "count"
-    probe = Store.create(tmp_path / "probe")
-    _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file)
-    total = int(count_file.read_text())
-    for n in range(1, total + 1):
-        store = Store.create(tmp_path / f"e{n}")
-        seen = 0
-
-        def hook(op: str, path: str) -> None:
-            nonlocal seen
-            seen += 1
-            if seen == n:
-                raise OSError(code, os.strerror(code), path)
-
-        durable.set_fault_hook(hook)
-        try:
-            report = run(pipeline, store, run_id="a")
-            succeeded = report.ok
-        except OSError:
-            succeeded = False
-        finally:
-            durable.set_fault_hook(None)
-        if succeeded:
-            # An error the runner absorbed must have been a cleanup step, never a lost write.
-            assert verify(store).ok, n
-        assert recover(store).ok, n
-        _assert_clean(store)
-        run(pipeline, store, run_id="a")
-        assert _outputs(store, "a") == expected, n
-        shutil.rmtree(tmp_path / f"e{n}", ignore_errors=True)
+# Crash points and I/O errors at every durable operation: test_crashpoints.py, test_ioerrors.py.
 
 
 def test_orphan_detection_uses_the_owner_lock(tmp_path):
@@ -407,41 +270,6 @@ def test_recover_restores_a_lost_input_snapshot_from_an_unchanged_workspace(ws):
     ws.write("steps/count.py", "# edited since\n")
     report = recover(store)
     assert not report.ok and "no longer holds that content" in report.unresolved[0]
-
-
-@pytest.mark.slow
-def test_crash_in_run_then_crash_in_recover_then_recover(ws, tmp_path):
-    """Nested: end the run before operation N, then end recover before each of its operations
-    M in turn, then recover again: the store must end clean with the reference outputs."""
-    pipeline = _shell_workload(ws, files=2)
-    reference = Store.create(tmp_path / "reference")
-    run(pipeline, reference, run_id="a")
-    expected = _outputs(reference, "a")
-    count_file = tmp_path / "count"
-    probe = Store.create(tmp_path / "probe")
-    _in_child(lambda: run(pipeline, probe, run_id="a"), None, count_file)
-    total = int(count_file.read_text())
-    for n in range(1, total + 1, 7):
-        base = tmp_path / f"base{n}"
-        store = Store.create(base)
-        assert _in_child(lambda: run(pipeline, store, run_id="a"), n) == 99
-        counted = tmp_path / f"count{n}"
-        shutil.copytree(base, counted, symlinks=True)
-        _in_child(lambda: recover(Store.open(counted)), None, count_file)
-        recover_ops = int(count_file.read_text())
-        shutil.rmtree(counted)
-        for m in [*range(1, recover_ops + 1), None]:  # None: the first recover is not cut short
-            root = tmp_path / f"s{n}-{m}"
-            shutil.copytree(base, root, symlinks=True)
-            nested = Store.open(root)
-            _in_child(lambda: recover(nested), m)
-            report = recover(nested)
-            assert report.ok, (n, m, report.unresolved)
-            _assert_clean(nested)
-            run(pipeline, nested, run_id="a")
-            assert _outputs(nested, "a") == expected, (n, m)
-            shutil.rmtree(root)
-        shutil.rmtree(base)
 
 
 def test_ctrl_c_stops_the_run_records_no_false_failure_and_recover_completes(ws, tmp_path):
