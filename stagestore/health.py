@@ -19,7 +19,7 @@ import msgspec
 from .errors import RunBusyError, RunNotFoundError, StagestoreError
 from .layout import FORMAT_VERSION, StoreLayout, run_owner, validate_name
 from .locking import owner_is_live, store_lock
-from .records import StoreFormat
+from .records import STORE_FORMAT_DECODER
 from .reports import CheckStatus, DoctorCheck, DoctorReport
 from .resilience import PREFLIGHT_MARGIN, free_bytes, human_size
 from .store import Store
@@ -61,7 +61,7 @@ def _check(name: str, status: CheckStatus, message: str) -> DoctorCheck:
 def _format(store: Store) -> DoctorCheck:
     # Store.open has already refused a missing, foreign, invalid or newer format file.
     try:
-        version = msgspec.json.decode(store.layout.format_file.read_bytes(), type=StoreFormat).version
+        version = STORE_FORMAT_DECODER.decode(store.layout.format_file.read_bytes()).version
     except (OSError, msgspec.MsgspecError) as exc:
         return _check("format", "problem", f"cannot read {store.layout.format_file}: {exc}; "
                       "run `stagestore verify`")

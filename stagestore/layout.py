@@ -148,6 +148,7 @@ class StoreLayout:
         self.cache = self.root / "cache"
         self.format_file = self.root / "stagestore.json"
         self.readme = self.root / "README.md"
+        self.stat_cache = self.root / "stat-cache.json"
         self.store_lock = self.locks / "store.db"
 
     def object_path(self, digest: str) -> Path:

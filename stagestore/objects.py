@@ -9,12 +9,17 @@ are removed only by `gc`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import durable
 from .hashing import PREFIX, hash_file, digest_bytes
 from .layout import StoreLayout
+
+if TYPE_CHECKING:
+    from .statcache import StatCache
 
 OBJECT_MODE = 0o444
 
@@ -41,8 +46,10 @@ class SyncBatch:
 class ObjectStore:
     """The content-addressed object folder: put-if-absent, get, exists, list, delete."""
 
-    def __init__(self, layout: StoreLayout) -> None:
+    def __init__(self, layout: StoreLayout, stat_cache: StatCache | None = None) -> None:
         self.layout = layout
+        # Workspace files known to hash to an object, by stat (`ingest_file`); None: always hash.
+        self.stat_cache = stat_cache
 
     def path(self, digest: str) -> Path:
         return self.layout.object_path(digest)
@@ -120,17 +127,32 @@ class ObjectStore:
         Otherwise the copy is hashed, not the source, so a source edited meanwhile can never
         yield an object whose name does not match its bytes.
         """
-        size = os.stat(source).st_size
-        digest = hash_file(source, size)
+        key = os.path.abspath(source)
+        seen_ns = time.time_ns()
+        st = os.stat(source)
+        if self.stat_cache is not None:
+            digest = self.stat_cache.lookup(key, st)
+            if digest is not None and self.exists(digest):
+                self._synced(self.path(digest).parent, batch)  # as in put_bytes
+                return digest, st.st_size
+        digest = hash_file(source, st.st_size)
         if self.exists(digest):
             self._synced(self.path(digest).parent, batch)  # as in put_bytes
-            return digest, size
+            self._remember(key, st, digest, seen_ns)
+            return digest, st.st_size
         copy = self.layout.new_tmp_path(owner, "snapshot")
         try:
             durable.copy_file(source, copy)
-            return self.commit_file(copy, owner, batch)
+            stored = self.commit_file(copy, owner, batch)
         finally:
             _discard(copy)
+        if stored[0] == digest:  # else the source changed while it was copied
+            self._remember(key, st, digest, seen_ns)
+        return stored
+
+    def _remember(self, key: str, st: os.stat_result, digest: str, seen_ns: int) -> None:
+        if self.stat_cache is not None:
+            self.stat_cache.remember(key, st, digest, seen_ns)
 
     def list(self) -> Iterator[str]:
         """Every object name in the store, as digests; anything misnamed is skipped."""

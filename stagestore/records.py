@@ -18,6 +18,7 @@ MANIFEST_SCHEMA_VERSION = 2
 TREE_SCHEMA_VERSION = 1
 RUN_SCHEMA_VERSION = 2
 CACHE_ENTRY_SCHEMA_VERSION = 2
+STAT_CACHE_SCHEMA_VERSION = 1
 ITEM_SCHEMA_VERSION = 1
 
 
@@ -294,6 +295,26 @@ class CacheEntry(Record, kw_only=True):
     config_hash: str
 
 
+class StatCacheEntry(Record, kw_only=True):
+    """What one workspace file hashed to, and the stat it had then (docs/format.md)."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    hash: str
+    seen_ns: int  # the wall clock just before that stat; decides whether the entry is racy
+
+
+class StatCacheRecord(Record, kw_only=True):
+    """`stat-cache.json`: workspace files whose content need not be hashed again."""
+
+    schema_version: int = STAT_CACHE_SCHEMA_VERSION
+    entries: list[StatCacheEntry]
+
+
 class StoreFormat(Record, kw_only=True):
     """`stagestore.json` at the store's root: which format this folder holds."""
 
@@ -307,6 +328,7 @@ DOCUMENTS: dict[str, type[Record]] = {
     "item-record": ItemRecord,
     "tree-listing": TreeListing,
     "cache-entry": CacheEntry,
+    "stat-cache": StatCacheRecord,
     "pipeline": PipelineDef,
 }
 
@@ -319,6 +341,7 @@ _CURRENT_VERSIONS: dict[type[Record], int] = {
     RunRecord: RUN_SCHEMA_VERSION,
     CacheEntry: CACHE_ENTRY_SCHEMA_VERSION,
     ItemRecord: ITEM_SCHEMA_VERSION,
+    StatCacheRecord: STAT_CACHE_SCHEMA_VERSION,
 }
 
 def _manifest_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -362,6 +385,7 @@ _PROBE_DECODER = msgspec.json.Decoder(VersionProbe)
 _RAW_DECODER = msgspec.json.Decoder()
 _DECODERS: dict[type[Record], msgspec.json.Decoder] = {
     type_: msgspec.json.Decoder(type_) for type_ in _CURRENT_VERSIONS}
+STORE_FORMAT_DECODER = msgspec.json.Decoder(StoreFormat)
 
 # What a malformed document can raise besides msgspec's own errors: bad UTF-8, nesting deeper
 # than the interpreter's recursion limit, and (in an upgrader) a field of the wrong shape.

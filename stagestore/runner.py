@@ -162,6 +162,7 @@ def snapshot_inputs(pipeline: Pipeline, store: Store, stages: Iterable[str],
             refs[name] = seen[key]
         result[stage] = refs
     batch.flush()
+    store.objects.stat_cache.save(owner)
     return result
 
 
@@ -441,6 +442,7 @@ class Execution:
             if refs:
                 result[stage] = refs
         batch.flush()
+        self.store.objects.stat_cache.save(self.owner)
         return result
 
 

@@ -14,7 +14,8 @@ from .layout import FORMAT_VERSION, StoreLayout
 from .locking import OwnerLock
 from .manifests import CacheIndex, ManifestStore
 from .objects import ObjectStore
-from .records import StoreFormat
+from .records import STORE_FORMAT_DECODER, StoreFormat
+from .statcache import StatCache
 
 DEFAULT_STORE_DIR = ".stagestore"
 STORE_ENV = "STAGESTORE_STORE"
@@ -34,7 +35,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.layout = StoreLayout(root)
-        self.objects = ObjectStore(self.layout)
+        self.objects = ObjectStore(self.layout, StatCache(self.layout))
         self.manifests = ManifestStore(self.layout)
         self.cache = CacheIndex(self.layout, self.manifests)
 
@@ -88,7 +89,7 @@ class Store:
         except NotADirectoryError:
             raise StoreNotFoundError(f"{self.root} is not a folder") from None
         try:
-            fmt = msgspec.json.decode(data, type=StoreFormat)
+            fmt = STORE_FORMAT_DECODER.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise StoreError(f"{path}: not a stagestore format file: {exc}") from None
         if fmt.version < 1:

@@ -118,18 +118,6 @@ def kill_leftovers(folder: Path) -> None:
             pass
 
 
-def warm_up_decoders() -> None:
-    """Build msgspec's type information for every record type once, before the loop threads
-    decode records side by side: the first typed decode of a type in two threads at once can
-    crash the interpreter (see test_concurrency_stress.py, the xfail BUG test)."""
-    from stagestore import records
-
-    for type_ in (records.StageManifest, records.RunRecord, records.ItemRecord,
-                  records.CacheEntry, records.TreeListing, records.VersionProbe,
-                  records.StoreFormat):
-        msgspec.json.Decoder(type_)
-
-
 # --- one kill loop ------------------------------------------------------------------------------
 
 
@@ -387,7 +375,6 @@ def _campaign(tmp_path: Path, per_loop: int) -> list[KillLoop]:
     n = int(os.environ.get("STAGESTORE_KILL_N", per_loop))
     print(f"\nkill campaign: seed={seed} N={n} per loop, loops={list(LOOPS)} "
           f"(replay: STAGESTORE_KILL_SEED={seed} STAGESTORE_KILL_N={n})", flush=True)
-    warm_up_decoders()
     stop = threading.Event()
     loops = [KillLoop(k, name, tmp_path / f"loop{k}", seed, n, stop) for k, name in enumerate(LOOPS)]
     for loop in loops:  # one after the other, before the loops start: undisturbed

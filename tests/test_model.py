@@ -26,12 +26,11 @@ stage run while an object is corrupted may read the damaged bytes and store what
 from them as new, valid objects that recover cannot tell from good ones (docs/format.md,
 "Silent corruption after commit").  Run and kill are therefore not taken while a corruption is
 pending; the model is the user who recovers first.  Corruptions flip a bit of an ASCII byte, so
-a damaged tree object stays valid UTF-8 (invalid UTF-8 is the strict xfail
-`test_bug_verify_reports_a_damaged_record_instead_of_crashing` in test_hostile.py).
+a damaged tree object stays valid UTF-8 (invalid UTF-8 is covered by
+`test_regression_verify_reports_a_damaged_record_instead_of_crashing` in test_hostile.py).
 
 Fast tier: 50 examples of up to 20 steps (about 30 s); `-m slow`: 300 examples of up to 50
-steps.  On a
-failure hypothesis prints the steps and the seed to reproduce it (`print_blob=True`).
+steps.  On a failure hypothesis prints the steps and the seed to reproduce it (`print_blob=True`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""The peers stagestore is compared with: `b3sum` (on PATH) and `dvc` (in its own venv).
+
+DVC lives in `benchmarks/.venv-dvc`, created on first use of the full benchmark with
+`python3 -m venv` and `pip install dvc`, so it never touches the project's own environment.
+When the install fails, or b3sum is not on PATH, the rows that need them are skipped with the
+reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DVC_VENV = HERE / ".venv-dvc"
+DVC_INSTALL_TIMEOUT = 1800
+
+
+@dataclass
+class Peers:
+    b3sum: str | None = None
+    b3sum_version: str | None = None
+    b3sum_missing: str = ""
+    dvc: str | None = None
+    dvc_version: str | None = None
+    dvc_missing: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"b3sum": self.b3sum, "b3sum_version": self.b3sum_version,
+                "b3sum_missing": self.b3sum_missing or None, "dvc": self.dvc,
+                "dvc_version": self.dvc_version, "dvc_missing": self.dvc_missing or None}
+
+
+def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return (out.stdout.strip() or out.stderr.strip()).splitlines()[-1] if (out.stdout or out.stderr) else ""
+
+
+def find_b3sum() -> tuple[str | None, str | None, str]:
+    path = shutil.which("b3sum")
+    if path is None:
+        return None, None, "b3sum is not on PATH (Debian: apt-get install b3sum)"
+    version = _version([path, "--version"])
+    if version is None:
+        return None, None, f"{path} --version failed"
+    return path, version.removeprefix("b3sum ").strip(), ""
+
+
+def dvc_env(site_cache: Path | None = None) -> dict[str, str]:
+    """The environment every dvc command runs with: no analytics, no update check, and its
+    site cache inside the benchmark's workdir (so nothing is left in /var/tmp)."""
+    env = dict(os.environ)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_IGNORE_ISATTY"] = "1"
+    if site_cache is not None:
+        env["DVC_SITE_CACHE_DIR"] = str(site_cache)
+        env["DVC_GLOBAL_CONFIG_DIR"] = str(site_cache / "global-config")
+    return env
+
+
+def find_dvc(install: bool, log: callable = print) -> tuple[str | None, str | None, str]:
+    dvc = DVC_VENV / "bin" / "dvc"
+    if not dvc.exists():
+        if not install:
+            return None, None, (f"dvc is not installed in {DVC_VENV} (the quick mode does not "
+                                "install it; the full mode does)")
+        log(f"installing dvc into {DVC_VENV} (python3 -m venv; pip install dvc) ...")
+        base = shutil.which("python3") or sys.executable
+        try:
+            subprocess.run([base, "-m", "venv", str(DVC_VENV)], check=True, capture_output=True,
+                           text=True, timeout=300, stdin=subprocess.DEVNULL)
+            out = subprocess.run([str(DVC_VENV / "bin" / "pip"), "install", "--quiet", "dvc"],
+                                 capture_output=True, text=True, timeout=DVC_INSTALL_TIMEOUT,
+                                 stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, None, f"installing dvc failed: {exc}"
+        if out.returncode != 0 or not dvc.exists():
+            tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+            return None, None, f"pip install dvc failed (exit {out.returncode}): {tail}"
+    version = _version([str(dvc), "--version"], env=dvc_env())
+    if version is None:
+        return None, None, f"{dvc} --version failed"
+    return str(dvc), version, ""
+
+
+def discover(install_dvc: bool, use_dvc: bool = True, use_b3sum: bool = True,
+             log: callable = print) -> Peers:
+    peers = Peers()
+    if use_b3sum:
+        peers.b3sum, peers.b3sum_version, peers.b3sum_missing = find_b3sum()
+    else:
+        peers.b3sum_missing = "b3sum disabled (--no-b3sum)"
+    if use_dvc:
+        peers.dvc, peers.dvc_version, peers.dvc_missing = find_dvc(install_dvc, log)
+    else:
+        peers.dvc_missing = "dvc disabled (--no-dvc)"
+    return peers

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Stage commands and floor probes of the benchmark, as one stand-alone script.
+
+It is copied into every benchmark workspace and run as a stage (`{inputs.script}`), by DVC and
+on its own (the floors), so all three run exactly the same code.  Standard library only, except
+the `hash-*` probes, which import blake3 (and stagestore for `hash-stagestore`).
+
+    write-file OUT SIZE [--fsync] [--ino-file PATH]   SIZE bytes from a page-aligned 1 MiB buffer
+    write-files OUTDIR COUNT SIZE [--fsync]            COUNT files of SIZE bytes in a new folder
+    write-small OUT                                     a 16-byte file
+    hash-blake3 FILE                                    blake3 update_mmap, max_threads=AUTO
+    hash-stagestore FILE                                stagestore.hashing.hash_file
+    read-chunks FILE bytearray|mmap                     read in 1 MiB chunks into that buffer
+
+Every probe prints one JSON line on stdout: {"seconds": <time of the work alone>, ...}; the
+write commands print it only with --report (a stage's stdout is stored as a log object).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import sys
+import time
+
+CHUNK = 1 << 20
+
+
+def _pattern(seed: int) -> mmap.mmap:
+    """A page-aligned 1 MiB buffer of pseudo-random bytes (an anonymous mmap)."""
+    buf = mmap.mmap(-1, CHUNK)
+    buf[:] = random.Random(seed).randbytes(CHUNK)
+    return buf
+
+
+def write_file(out: str, size: int, fsync: bool, ino_file: str | None, seed: int = 1) -> dict:
+    buf = _pattern(seed)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        done = 0
+        index = 0
+        while done < size:
+            # Every chunk differs (its index in the first 8 bytes), so the file is not a
+            # repetition a content-addressed or deduplicating store could shortcut.
+            buf[0:8] = index.to_bytes(8, "little")
+            n = min(CHUNK, size - done)
+            part = view[:n]
+            while part:
+                written = os.write(fd, part)
+                part = part[written:]
+            done += n
+            index += 1
+        if fsync:
+            os.fsync(fd)
+        ino = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    if ino_file:
+        with open(ino_file, "w") as f:
+            f.write(f"{ino}\n")
+    return {"seconds": seconds, "bytes": size, "ino": ino}
+
+
+def write_files(outdir: str, count: int, size: int, fsync: bool, seed: int = 2) -> dict:
+    base = bytearray(random.Random(seed).randbytes(size))
+    t0 = time.perf_counter()
+    os.mkdir(outdir)
+    for i in range(count):
+        base[0:8] = i.to_bytes(8, "little")
+        fd = os.open(os.path.join(outdir, f"f{i:06d}.bin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o644)
+        try:
+            os.write(fd, base)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    if fsync:
+        dfd = os.open(outdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return {"seconds": time.perf_counter() - t0, "files": count, "bytes": count * size}
+
+
+def hash_blake3(path: str) -> dict:
+    import blake3
+
+    t0 = time.perf_counter()
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(path)
+    digest = hasher.hexdigest()
+    return {"seconds": time.perf_counter() - t0, "digest": digest}
+
+
+def hash_stagestore(path: str) -> dict:
+    from stagestore.hashing import hash_file
+
+    t0 = time.perf_counter()
+    digest = hash_file(path)
+    return {"seconds": time.perf_counter() - t0, "digest": digest}
+
+
+def read_chunks(path: str, kind: str) -> dict:
+    buf = bytearray(CHUNK) if kind == "bytearray" else mmap.mmap(-1, CHUNK)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            total += n
+    return {"seconds": time.perf_counter() - t0, "bytes": total}
+
+
+def main(argv: list[str]) -> int:
+    report = "--report" in argv
+    argv = [a for a in argv if a != "--report"]
+    fsync = "--fsync" in argv
+    argv = [a for a in argv if a != "--fsync"]
+    ino_file = None
+    if "--ino-file" in argv:
+        i = argv.index("--ino-file")
+        ino_file = argv[i + 1]
+        del argv[i:i + 2]
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "write-file":
+        result = write_file(args[0], int(args[1]), fsync, ino_file)
+    elif cmd == "write-files":
+        result = write_files(args[0], int(args[1]), int(args[2]), fsync)
+    elif cmd == "write-small":
+        with open(args[0], "wb") as f:
+            f.write(b"benchmark output")
+        result = {"seconds": 0.0}
+    elif cmd == "hash-blake3":
+        result, report = hash_blake3(args[0]), True
+    elif cmd == "hash-stagestore":
+        result, report = hash_stagestore(args[0]), True
+    elif cmd == "read-chunks":
+        result, report = read_chunks(args[0], args[1]), True
+    else:
+        print(f"stagecmd: unknown command {cmd!r}", file=sys.stderr)
+        return 2
+    if report:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""The stat cache: a no-op rerun does not hash unchanged workspace inputs again, and never
+trusts a stat that could hide a change (docs/format.md, `stat-cache.json`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from stagestore import objects as objects_module
+from stagestore.runner import run
+from stagestore.statcache import RACY_NS
+
+PIPELINE = """
+[pipeline]
+name = "big-input"
+
+[stages.size]
+cmd = "wc -c < {inputs.big} > {outputs.n}"
+shell = true
+inputs = { big = "big.bin", tree = "tree" }
+outputs = ["n"]
+"""
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The workspace files `ingest_file` hashes, in order (store-internal copies left out)."""
+    seen: list[str] = []
+    real = objects_module.hash_file
+
+    def counting(path, size=None):  # noqa: ANN001, ANN202
+        if "/.stagestore/" not in str(path):
+            seen.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(objects_module, "hash_file", counting)
+    return seen
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Pretend the wall clock is RACY_NS + 1 s ahead when entries are recorded, as if the run
+    happened a while after the files were last changed (ctime cannot be set back by hand)."""
+    real = time.time_ns
+    monkeypatch.setattr(objects_module.time, "time_ns", lambda: real() + RACY_NS + 1_000_000_000)
+
+
+def _workspace(ws) -> None:  # noqa: ANN001
+    ws.write("big.bin", "x" * 100_000)
+    for i in range(3):
+        ws.write(f"tree/f{i}.txt", f"file {i}\n")
+    ws.pipeline(PIPELINE)
+
+
+def _output(ws, run_id: str) -> bytes:  # noqa: ANN001
+    store = ws.open_store()
+    return store.objects.read_bytes(store.manifests.read(run_id, "size").outputs["n"].hash)
+
+
+def test_a_rerun_does_not_hash_unchanged_inputs_again(ws, hashed, settled):
+    _workspace(ws)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    assert sorted(hashed) == ["big.bin", "f0.txt", "f1.txt", "f2.txt"]
+    hashed.clear()
+    report = run(ws.load(), ws.open_store(), run_id="b")
+    assert report.ok and [s.outcome for s in report.stages] == ["cached"]
+    assert hashed == []
+    assert (ws.store / "stat-cache.json").is_file()
+
+
+def test_a_file_changed_within_the_racy_window_is_hashed_again(ws, hashed):
+    """Without `settled`, the files were written moments before the first run: racy entries."""
+    _workspace(ws)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="b").ok
+    assert sorted(hashed) == ["big.bin", "f0.txt", "f1.txt", "f2.txt"]
+
+
+@pytest.mark.parametrize("change", ["same-size-mtime-restored", "replaced-same-stat",
+                                    "tree-file-rewritten"])
+def test_a_changed_input_is_never_taken_from_the_cache(ws, hashed, settled, change):
+    """A change that keeps size and mtime still changes ctime or the inode: hashed again, and
+    the stage runs on the new content (the stale result would be the worst lie)."""
+    _workspace(ws)
+    big = ws.root / "big.bin"
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    assert _output(ws, "a").strip() == b"100000"
+    before = os.stat(big)
+    if change == "same-size-mtime-restored":
+        with open(big, "r+b") as f:
+            f.write(b"y")
+        os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns))
+        target = "big.bin"
+    elif change == "replaced-same-stat":
+        new = ws.root / "big.new"
+        new.write_bytes(b"z" * 100_000)
+        os.utime(new, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(new, big)
+        target = "big.bin"
+    else:
+        f1 = ws.root / "tree" / "f1.txt"
+        st = os.stat(f1)
+        f1.write_text("FILE 1\n")
+        os.utime(f1, ns=(st.st_atime_ns, st.st_mtime_ns))
+        target = "f1.txt"
+    hashed.clear()
+    report = run(ws.load(), ws.open_store(), run_id="b")
+    assert report.ok
+    assert target in hashed
+    assert [s.outcome for s in report.stages] == ["succeeded"]  # executed, not cached
+    store = ws.open_store()
+    assert store.manifests.read("b", "size").input_hash != store.manifests.read("a", "size").input_hash
+
+
+def test_a_damaged_stat_cache_is_ignored_and_rewritten(ws, hashed, settled):
+    _workspace(ws)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    cache = ws.store / "stat-cache.json"
+    cache.write_bytes(b'{"schema_version": 1, "entries": [{"path": 5')
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="b").ok
+    assert "big.bin" in hashed  # nothing trusted from a damaged file
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="c").ok
+    assert hashed == []  # and it was written again, whole
+
+
+def test_an_entry_whose_object_is_gone_falls_back_to_hashing_and_storing(ws, hashed, settled):
+    """The cache names a digest; if gc (or damage) removed that object, the input is hashed and
+    stored again rather than named without its bytes."""
+    _workspace(ws)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    store = ws.open_store()
+    digest = store.manifests.read("a", "size").inputs["inputs.big"].hash
+    path = store.objects.path(digest)
+    os.chmod(path, 0o644)
+    path.unlink()
+    hashed.clear()
+    assert run(ws.load(), store, run_id="b").ok
+    assert "big.bin" in hashed
+    assert store.objects.exists(digest)
+
+
+def test_the_stat_cache_survives_another_store_instance_saving_beside_it(ws, settled):
+    """Two runs saving at once merge with what is on disk instead of dropping each other's."""
+    from stagestore.store import Store
+
+    _workspace(ws)
+    ws.write("other.bin", "o" * 10)
+    first, second = Store.create(ws.store), Store.create(ws.store)
+    first.objects.ingest_file(ws.root / "big.bin", "test")
+    second.objects.ingest_file(ws.root / "other.bin", "test")
+    first.objects.stat_cache.save("test")
+    second.objects.stat_cache.save("test")
+    text = (ws.store / "stat-cache.json").read_text()
+    assert "big.bin" in text and "other.bin" in text
