@@ -146,7 +146,7 @@ class ScaleStore:
         self.objects = 0
         for i in range(256):
             (self.store.layout.objects / f"{i:02x}").mkdir(exist_ok=True)
-        self.empty = self._put(b"")
+        self.empty = ""
 
     def _put(self, data: bytes) -> str:
         from stagestore.hashing import digest_bytes
@@ -180,6 +180,8 @@ class ScaleStore:
 
         pref = PipelineRef(name="scale", version="1")
         workdir = self.root.parent
+        if not self.empty:
+            self.empty = self._put(b"")  # every log: created with the first run that names it
         for index in range(self.runs, total_runs):
             run_id = self.run_id(index)
             owner = run_owner(run_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PASS, FAIL, SKIP, INFO = "PASS", "FAIL", "SKIP", "INFO"
+PASS, FAIL, SKIP, ERROR = "PASS", "FAIL", "SKIP", "ERROR"
 
 
 class BenchError(RuntimeError):
@@ -192,6 +192,7 @@ class ScenarioResult:
     skip_reason: str | None = None
     primary: str | None = None  # label of the measurement whose median is the scenario's median
     seconds: float = 0.0
+    error: str | None = None  # the scenario could not be measured (a command failed)
 
     def add(self, m: Measurement) -> Measurement:
         self.measurements.append(m)
@@ -209,6 +210,8 @@ class ScenarioResult:
 
     @property
     def verdict(self) -> str:
+        if self.error is not None:
+            return ERROR
         if self.skip_reason is not None and not self.criteria:
             return SKIP
         verdicts = {c.verdict for c in self.criteria}
@@ -222,7 +225,7 @@ class ScenarioResult:
         return {
             "id": self.id, "name": self.name, "title": self.title, "target": self.target,
             "method": self.method, "verdict": self.verdict, "median": self.median,
-            "median_of": self.primary, "skip_reason": self.skip_reason,
+            "median_of": self.primary, "skip_reason": self.skip_reason, "error": self.error,
             "measurements": [m.to_json() for m in self.measurements],
             "ratios": self.ratios,
             "criteria": [c.to_json() for c in self.criteria],
@@ -332,6 +335,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         return f"{value:.1f} MB"
     if unit == "us":
         return f"{value:.1f} us"
+    if unit == "n":
+        return f"{value:g}"
     if unit == "GB/s":
         return f"{value:.2f} GB/s"
     return f"{value:g} {unit}"
@@ -361,6 +366,8 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
         lines.append(f"== {r.id}. {r.title}   [{r.verdict}]")
         if r.skip_reason:
             lines.append(f"  skipped: {r.skip_reason}")
+        if r.error:
+            lines.append("  error: " + r.error.strip().replace("\n", "\n    "))
         for meas in r.measurements:
             lines.append(f"  {meas.label:<58} {fmt_value(meas.median, meas.unit):>12}  n={len(meas.times)}")
         for name, value in r.ratios.items():

@@ -21,7 +21,7 @@ without `forget a` first, so that gc has real garbage to delete), then a crash a
 Tiers and counts (K as measured on this machine; the tests assert only K > 30):
 
 * fast tier (`make test`):
-  - EVERY crash point of every workload: linear K=158, fanout K=169, tree50 K=341 (668 points);
+  - EVERY crash point of every workload: linear K=162, fanout K=174, tree50 K=343 on 2026-12-03 (679 points; K grows with the write path, each run prints it);
   - nested run/recover: every 10th N of the run (16 values), each with every 4th M of the
     recover that follows, the first M rotating with N so that together they cover every
     residue of M; every M when recover has 8 operations or fewer (253 of the 990 nested

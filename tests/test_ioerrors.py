@@ -18,12 +18,12 @@ After each point (the hook removed again):
 * `recover` is ok, then invariants 1-4 and 8 (`check_store`), 5 (`check_rerun`), and 10 (the
   sentinel folder and the workspace are unchanged).
 
-Tiers and counts (linear: K=158 operations, K_fsync=54 fsyncs, as measured on this machine):
+Tiers and counts (linear: K=162 operations, K_fsync=54 fsyncs on 2026-12-03; each run prints them):
 
-* fast tier (`make test`): EVERY N for EIO once, ENOSPC once and fsync-EIO once (370 points);
+* fast tier (`make test`): EVERY N for EIO once, ENOSPC once and fsync-EIO once (378 points);
   every 3rd N (the first N rotating with the variant, so that together they cover every
-  residue) for EDQUOT, EACCES and EROFS once (158 points) and for every kind in persistent
-  mode (282 points): 810 points in all.
+  residue) for EDQUOT, EACCES and EROFS once (162 points) and for every kind in persistent
+  mode (288 points): 828 points in all.
 * slow tier (`make test-long`, `@pytest.mark.slow`): EVERY N for the nine variants the fast
   tier thins out (1,318 points).
 

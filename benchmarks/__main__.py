@@ -1,0 +1,129 @@
+"""`python -m benchmarks [--quick] [--only S,...] [--reps N] [--json PATH] [--workdir DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .harness import ScenarioResult, loadavg, machine_info, render_table, write_json
+from .peers import discover
+from .scenarios import SCENARIOS, Bench, Config
+
+METHOD = (
+    "Every number is the median of repetitions measured in this one run, on a warm page cache "
+    "(the cache cannot be dropped without root on a shared machine, so one untimed warm-up "
+    "precedes the timed repetitions where it matters). Steps of a scenario are interleaved per "
+    "repetition (A B C A B C ...), so load changes hit all of them alike. Commands are timed "
+    "whole (wall clock around the process, interpreter start-up included) unless the label says "
+    "in-process. Ratios are computed from medians of the same run; overheads are medians of "
+    "per-repetition differences. See benchmarks/README.md.")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description="Benchmark stagestore against b3sum, DVC and floors.")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and one repetition; dvc only if already installed")
+    p.add_argument("--only", metavar="S,...",
+                   help="scenarios to run, by number or name (e.g. 1,4 or hash,noop_rerun)")
+    p.add_argument("--reps", type=int, help="repetitions (default 5; 3 for the big scenarios; "
+                                            "1 with --quick)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="make the scratch folder inside DIR (default: the system temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--no-dvc", action="store_true", help="skip the DVC rows")
+    p.add_argument("--no-b3sum", action="store_true", help="skip the b3sum rows")
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error("--reps must be at least 1")
+    return args
+
+
+def _select(only: str | None) -> list[tuple[str, str, object]]:
+    if not only:
+        return list(SCENARIOS)
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    chosen = [s for s in SCENARIOS if s[0] in wanted or s[1] in wanted]
+    unknown = wanted - {s[0] for s in chosen} - {s[1] for s in chosen}
+    if unknown:
+        names = ", ".join(f"{i} {n}" for i, n, _ in SCENARIOS)
+        raise SystemExit(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {names}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    selected = _select(args.only)
+    cfg = Config.make(args.quick, args.reps, keep=args.keep)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    base = Path(args.workdir) if args.workdir else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="stagestore-bench-", dir=base)).resolve()
+    load_start = loadavg()
+    log(f"workdir {workdir}; load average {load_start}")
+    peers = discover(install_dvc=not cfg.quick, use_dvc=not args.no_dvc,
+                     use_b3sum=not args.no_b3sum, log=log)
+    for name in ("b3sum", "dvc"):
+        path = getattr(peers, name)
+        log(f"{name}: {path} ({getattr(peers, name + '_version')})" if path
+            else f"{name}: skipped: {getattr(peers, name + '_missing')}")
+    machine = machine_info(workdir, peers.to_json())
+    bench = Bench(cfg, peers, workdir, log)
+    results: list[ScenarioResult] = []
+    errors = 0
+    try:
+        for sid, name, func in selected:
+            log(f"scenario {sid} {name} ...")
+            t0 = time.perf_counter()
+            try:
+                result = func(bench)  # type: ignore[operator]
+            except Exception as exc:  # noqa: BLE001 - reported, and the others still run
+                errors += 1
+                result = ScenarioResult(sid, name, name, target="", error=(
+                    f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+                log(f"scenario {sid} {name} ERROR: {exc}")
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            log(f"scenario {sid} {name}: {result.verdict} ({result.seconds:.1f} s)")
+    finally:
+        if not cfg.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "mode": "quick" if cfg.quick else "full",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": machine,
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "method": METHOD,
+        "config": {"reps": cfg.reps, "big_reps": cfg.big_reps, "big_size": cfg.big_size,
+                   "mem_size": cfg.mem_size, "nfiles": cfg.nfiles, "file_size": cfg.file_size,
+                   "scale_steps": cfg.scale_steps},
+        "peers": peers.to_json(),
+        "floors": {k: m.to_json() for k, m in bench.floors.items()},
+        "scenarios": [r.to_json() for r in results],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(render_table(report, results))
+    if args.json:
+        write_json(Path(args.json), report)
+        log(f"wrote {args.json}")
+    if cfg.keep:
+        log(f"kept {workdir}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,762 @@
+"""The scenarios of issue 5, each measured against its peers and floors in the same run.
+
+Every scenario returns a `ScenarioResult`: its measurements (all repetitions), the ratios, and
+one `Criterion` per target with PASS, FAIL or SKIP (a peer that is not installed).  Methods are
+described in benchmarks/README.md; the short form is in each result's `method`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import data
+from .data import EXAMPLE, GiB, MiB, human
+from .harness import (BenchError, Criterion, Measurement, ScenarioResult, disk_free,
+                      interleave, median, run, run_json, run_sampled)
+from .peers import Peers, dvc_env
+
+PY = sys.executable
+MB = 1_000_000
+
+
+@dataclass
+class Config:
+    quick: bool
+    reps: int
+    big_reps: int
+    big_size: int
+    mem_size: int
+    nfiles: int
+    file_size: int
+    scale_steps: list[tuple[int, int]]  # (runs, files per run), smallest first
+    keep: bool = False
+
+    @classmethod
+    def make(cls, quick: bool, reps: int | None, keep: bool = False) -> Config:
+        if quick:
+            return cls(quick=True, reps=reps or 1, big_reps=reps or 1, big_size=8 * MiB,
+                       mem_size=16 * MiB, nfiles=200, file_size=4096,
+                       scale_steps=[(2, 50), (20, 50)], keep=keep)
+        reps = reps or 5
+        return cls(quick=False, reps=reps, big_reps=min(reps, 3), big_size=2 * GiB,
+                   mem_size=4 * GiB, nfiles=10_000, file_size=4096,
+                   scale_steps=[(100, 100), (1000, 100)], keep=keep)
+
+
+def stagestore_cmd() -> list[str]:
+    """The stagestore under test: the console script next to this interpreter, else -m."""
+    script = Path(sys.executable).parent / "stagestore"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "stagestore"]
+
+
+def _rmtree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """Median of the per-repetition differences a[i] - b[i] (the reps were interleaved)."""
+    return median([x - y for x, y in zip(a, b, strict=True)])
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+class Bench:
+    """What every scenario shares: the config, the peers, the workdir, the floors."""
+
+    def __init__(self, cfg: Config, peers: Peers, workdir: Path,
+                 log: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.peers = peers
+        self.workdir = workdir
+        self.log = log
+        self.ss = stagestore_cmd()
+        env = dict(os.environ)
+        env.pop("STAGESTORE_STORE", None)
+        # `python` in a stage command (the docs example) is this interpreter, for every tool.
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        self.env = env
+        self.dvc_env = dvc_env(workdir / "dvc-site")
+        self.dvc_env["PATH"] = env["PATH"]
+        self.floors: dict[str, Measurement] = {}
+        self._big_file: Path | None = None
+
+    # --- helpers ---
+
+    def dir(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def need_disk(self, nbytes: int, what: str) -> str | None:
+        free = disk_free(self.workdir)
+        if free < 3 * nbytes:
+            return (f"needs about 3x {human(nbytes)} free for {what}, only "
+                    f"{free / GiB:.1f} GiB free in {self.workdir}")
+        return None
+
+    def stagestore(self, *args: object, cwd: Path | None = None,
+                   check: bool = True) -> tuple[float, str]:
+        elapsed, proc = run([*self.ss, *map(str, args)], cwd=cwd, env=self.env, check=check)
+        return elapsed, proc.stdout
+
+    def dvc(self, repo: Path, *args: object) -> tuple[float, str]:
+        assert self.peers.dvc is not None
+        elapsed, proc = run([self.peers.dvc, *map(str, args)], cwd=repo, env=self.dvc_env)
+        return elapsed, proc.stdout + proc.stderr
+
+    def run_json_report(self, *args: object) -> tuple[float, dict]:
+        elapsed, out = self.stagestore(*args, "--json")
+        return elapsed, json.loads(out)
+
+    # --- floors shared by several scenarios ---
+
+    def floor(self, key: str, label: str, unit: str = "s") -> Measurement:
+        if key not in self.floors:
+            self.floors[key] = Measurement(label, unit=unit)
+        return self.floors[key]
+
+    def floor_py_pass(self) -> Measurement:
+        m = self.floor("python_pass", "python -c pass (interpreter start-up)")
+        if not m.times:
+            run([PY, "-c", "pass"])
+            m.times = [run([PY, "-c", "pass"])[0] for _ in range(max(3, 2 * self.cfg.reps))]
+        return m
+
+    def floor_py_import(self) -> Measurement:
+        m = self.floor("python_import", 'python -c "import click, msgspec"')
+        if not m.times:
+            run([PY, "-c", "import click, msgspec"])
+            m.times = [run([PY, "-c", "import click, msgspec"])[0]
+                       for _ in range(max(3, 2 * self.cfg.reps))]
+        return m
+
+    def big_file(self) -> Path:
+        """One file of big_size bytes (written once, fsynced), hashed and used as an input."""
+        if self._big_file is None:
+            path = self.dir("shared") / "big.bin"
+            if not path.exists():
+                self.log(f"  generating {human(self.cfg.big_size)} in {path}")
+                run([PY, data.STAGECMD, "write-file", path, self.cfg.big_size, "--fsync"])
+            self._big_file = path
+        return self._big_file
+
+    def floor_hash_big(self) -> Measurement:
+        """Python blake3, update_mmap with max_threads=AUTO, over big_size bytes (its own time)."""
+        m = self.floor("hash_big", f"blake3 update_mmap AUTO threads, {human(self.cfg.big_size)} "
+                                   "(in-process time)")
+        if not m.times:
+            path = self.big_file()
+            run_json([PY, data.STAGECMD, "hash-blake3", path])  # warm-up: page cache
+            m.times = [run_json([PY, data.STAGECMD, "hash-blake3", path])["seconds"]
+                       for _ in range(self.cfg.big_reps)]
+        return m
+
+
+# --- 1. hashing ----------------------------------------------------------------------------
+
+
+def s1_hash(b: Bench) -> ScenarioResult:
+    size = b.cfg.big_size
+    r = ScenarioResult("1", "hash", f"hash a {human(size)} file",
+                       target="at least 0.9x the throughput of b3sum",
+                       method=("stagestore.hashing.hash_file (what commit and verify call) timed "
+                               "inside its process, vs b3sum FILE timed as a whole command; warm "
+                               "page cache (one untimed warm-up); ratio = b3sum time / "
+                               "stagestore time"))
+    if (why := b.need_disk(size, "the file")) is not None:
+        r.skip_reason = why
+        return r
+    path = b.big_file()
+    ss = r.add(Measurement("stagestore hash_file (in-process)"))
+    py = b.floor_hash_big()
+    r.primary = ss.label
+    b3 = r.add(Measurement("b3sum FILE (whole command)"))
+    ba = r.add(Measurement("read 1 MiB chunks into bytearray (info)"))
+    mm = r.add(Measurement("read 1 MiB chunks into anonymous mmap (info)"))
+    run_json([PY, data.STAGECMD, "hash-stagestore", path])
+    steps: list[tuple[str, Callable[[], float]]] = [
+        (ss.label, lambda: run_json([PY, data.STAGECMD, "hash-stagestore", path])["seconds"]),
+        (ba.label, lambda: run_json([PY, data.STAGECMD, "read-chunks", path, "bytearray"])["seconds"]),
+        (mm.label, lambda: run_json([PY, data.STAGECMD, "read-chunks", path, "mmap"])["seconds"]),
+    ]
+    if b.peers.b3sum:
+        run([b.peers.b3sum, path])
+        steps.append((b3.label, lambda: run([b.peers.b3sum, path])[0]))
+    interleave(b.cfg.big_reps, steps, {m.label: m for m in (ss, b3, ba, mm)})
+    r.measurements.insert(1, py)
+    for m in (ss, py, b3):
+        if m.times:
+            m.extra["throughput_gbps"] = round(size / m.median / 1e9, 3)
+    vs_b3 = _ratio(b3.median, ss.median)
+    r.ratios["b3sum time / stagestore time (throughput ratio)"] = vs_b3
+    r.ratios["blake3 floor time / stagestore time"] = _ratio(py.median, ss.median)
+    r.criteria.append(Criterion("throughput vs b3sum", vs_b3, 0.9, ">=",
+                                note="" if b.peers.b3sum else b.peers.b3sum_missing))
+    if not b.peers.b3sum:
+        r.notes.append(f"b3sum row skipped: {b.peers.b3sum_missing}")
+    return r
+
+
+# --- 2. committing a big output -----------------------------------------------------------
+
+
+def _object_path(store: Path, digest: str) -> Path:
+    hexdigest = digest.removeprefix("blake3:")
+    return store / "objects" / hexdigest[:2] / hexdigest[2:]
+
+
+def s2_commit_big(b: Bench) -> ScenarioResult:
+    size = b.cfg.big_size
+    r = ScenarioResult(
+        "2", "commit_big", f"commit a {human(size)} output a stage just wrote (with fsync)",
+        target=("overhead (run - the stage alone) <= 1.2x the time to hash the output, and "
+                ">= 6x smaller than dvc repro's overhead with a hardlink cache; no byte copied"),
+        method=("stage = python stagecmd.py write-file OUT SIZE --fsync (page-aligned 1 MiB "
+                "writes, then fsync). Per repetition, interleaved: the command alone; "
+                "`stagestore run` into a fresh store; `dvc repro` in a fresh repo with cache.type "
+                "= hardlink. Overhead = median of per-repetition (tool - alone). Hash time = "
+                "blake3 update_mmap AUTO floor. No-copy check: the inode the stage wrote == the "
+                "inode of the store object."))
+    if (why := b.need_disk(size, "the output, a store copy and a DVC copy")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s2")
+    ino_file = ws / "ino.txt"
+    toml = data.one_stage(ws, ["write-file", "{outputs.out}", size, "--fsync",
+                               "--ino-file", ino_file])
+    alone = r.add(Measurement("stage command alone (write + fsync)"))
+    ss = r.add(Measurement("stagestore run (fresh store)"))
+    dvc = r.add(Measurement("dvc repro (fresh repo, hardlink cache)"))
+    r.primary = ss.label
+    write_floor = b.floor("write_fsync_big", f"write {human(size)} + fsync, page-aligned "
+                                             "(in-process time)")
+    copies: list[str] = []
+    counter = iter(range(1_000_000))
+
+    def do_alone() -> float:
+        out = ws / "alone.bin"
+        result = run_json([PY, ws / "stagecmd.py", "write-file", out, size, "--fsync", "--report"],
+                          cwd=ws, env=b.env)
+        write_floor.times.append(result["seconds"])
+        out.unlink()
+        return result["wall"]
+
+    def do_stagestore() -> float:
+        store = ws / f"store-{next(counter)}"
+        elapsed, report = b.run_json_report("run", "-p", toml, "--store", store, "--run-id", "r1")
+        stage = report["stages"][0]
+        if stage["outcome"] != "succeeded" or not stage.get("executed", True):
+            raise BenchError(f"stage did not execute: {stage}")
+        manifest = json.loads(Path(stage["manifest"]).read_text())
+        obj = _object_path(store, manifest["outputs"]["out"]["hash"])
+        written = int(ino_file.read_text())
+        if os.stat(obj).st_ino != written:
+            copies.append(f"inode {written} written, object is inode {os.stat(obj).st_ino}")
+        _rmtree(store)
+        return elapsed
+
+    def do_dvc() -> float:
+        repo = ws / f"dvc-{next(counter)}"
+        data.dvc_repo(repo, b.peers.dvc, b.dvc_env, cache_type="hardlink")  # type: ignore[arg-type]
+        shutil.copyfile(data.STAGECMD, repo / "stagecmd.py")
+        data.dvc_yaml(repo, {"produce": {
+            "cmd": data.py_cmd("stagecmd.py", "write-file", "out.bin", size, "--fsync"),
+            "deps": ["stagecmd.py"], "outs": ["out.bin"]}})
+        elapsed, _ = b.dvc(repo, "repro")
+        _rmtree(repo)
+        return elapsed
+
+    steps = [(alone.label, do_alone), (ss.label, do_stagestore)]
+    if b.peers.dvc:
+        steps.append((dvc.label, do_dvc))
+    else:
+        r.notes.append(f"dvc rows skipped: {b.peers.dvc_missing}")
+    interleave(b.cfg.big_reps, steps, {m.label: m for m in (alone, ss, dvc)})
+    _rmtree(ws)
+    hash_floor = b.floor_hash_big()
+    r.add(Measurement("stagestore overhead (run - alone)",
+                      [x - y for x, y in zip(ss.times, alone.times)]))
+    r.add(Measurement("dvc overhead (repro - alone)",
+                      [x - y for x, y in zip(dvc.times, alone.times)] if dvc.times else []))
+    r.add(hash_floor)
+    ov = _paired(ss.times, alone.times)
+    odv = _paired(dvc.times, alone.times) if dvc.times else None
+    r.ratios["stagestore overhead / hash time"] = _ratio(ov, hash_floor.median)
+    r.ratios["dvc overhead / stagestore overhead"] = _ratio(odv, ov)
+    r.ratios["stagestore run / command alone"] = _ratio(ss.median, alone.median)
+    if dvc.times:
+        r.ratios["dvc repro / command alone"] = _ratio(dvc.median, alone.median)
+    r.criteria.append(Criterion("overhead / hash time", _ratio(ov, hash_floor.median), 1.2, "<="))
+    r.criteria.append(Criterion("dvc overhead / stagestore overhead", _ratio(odv, ov), 6.0, ">=",
+                                note="" if b.peers.dvc else b.peers.dvc_missing))
+    r.criteria.append(Criterion("reps where the object is not the stage's inode (copied)",
+                                float(len(copies)), 0, "<=", unit="n"))
+    r.notes += copies
+    if not copies:
+        r.notes.append(f"no copy: in all {len(ss.times)} reps the store object is the inode "
+                       "the stage wrote")
+    return r
+
+
+# --- 3. committing a folder of many small files --------------------------------------------
+
+
+def s3_commit_files(b: Bench) -> ScenarioResult:
+    n, fsize = b.cfg.nfiles, b.cfg.file_size
+    r = ScenarioResult(
+        "3", "commit_files", f"commit a folder output of {n:,} files of {fsize // 1024} KiB",
+        target=("commit >= 2x faster than dvc add of the same folder; whole run <= 1.3x the "
+                "floor of writing and fsyncing those files"),
+        method=("stage = python stagecmd.py write-files OUT N 4096 (no fsync). Per repetition, "
+                "interleaved: the command alone; the command with --fsync (every file fsynced, "
+                "then the folder: the floor); `stagestore run` into a fresh store; `dvc add` of a "
+                "pre-written folder in a fresh repo (default cache type). Commit = median of "
+                "per-repetition (run - command alone)."))
+    if (why := b.need_disk(3 * n * fsize, "the files")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s3")
+    toml = data.one_stage(ws, ["write-files", "{outputs.out}", n, fsize])
+    alone = r.add(Measurement("stage command alone (no fsync)"))
+    floor = r.add(Measurement("floor: command with fsync of every file + folder"))
+    ss = r.add(Measurement("stagestore run (fresh store)"))
+    dvc = r.add(Measurement("dvc add FOLDER (fresh repo)"))
+    r.primary = ss.label
+    fl = b.floor("write_fsync_files", f"write + fsync {n:,} x {fsize // 1024} KiB files "
+                                      "(in-process time)")
+    counter = iter(range(1_000_000))
+
+    def do_alone(fsync: bool) -> float:
+        out = ws / "alone-out"
+        args = [PY, ws / "stagecmd.py", "write-files", out, n, fsize, "--report"]
+        result = run_json(args + (["--fsync"] if fsync else []), cwd=ws, env=b.env)
+        if fsync:
+            fl.times.append(result["seconds"])
+        _rmtree(out)
+        return result["wall"]
+
+    def do_stagestore() -> float:
+        store = ws / f"store-{next(counter)}"
+        elapsed, report = b.run_json_report("run", "-p", toml, "--store", store, "--run-id", "r1")
+        if report["stages"][0]["outcome"] != "succeeded":
+            raise BenchError(f"stage failed: {report['stages'][0]}")
+        _rmtree(store)
+        return elapsed
+
+    def do_dvc() -> float:
+        repo = ws / f"dvc-{next(counter)}"
+        data.dvc_repo(repo, b.peers.dvc, b.dvc_env, cache_type=None)  # type: ignore[arg-type]
+        run([PY, data.STAGECMD, "write-files", repo / "data", n, fsize])
+        elapsed, _ = b.dvc(repo, "add", "data")
+        _rmtree(repo)
+        return elapsed
+
+    steps = [(alone.label, lambda: do_alone(False)), (floor.label, lambda: do_alone(True)),
+             (ss.label, do_stagestore)]
+    if b.peers.dvc:
+        steps.append((dvc.label, do_dvc))
+    else:
+        r.notes.append(f"dvc rows skipped: {b.peers.dvc_missing}")
+    interleave(b.cfg.reps, steps, {m.label: m for m in (alone, floor, ss, dvc)})
+    _rmtree(ws)
+    commit = _paired(ss.times, alone.times)
+    r.add(Measurement("stagestore commit (run - command alone)",
+                      [x - y for x, y in zip(ss.times, alone.times)]))
+    r.ratios["dvc add / stagestore commit"] = _ratio(dvc.median, commit)
+    r.ratios["stagestore run / floor (write + fsync)"] = _ratio(ss.median, floor.median)
+    r.add(Measurement("stagestore commit per file", [commit / n * 1e6], unit="us"))
+    r.criteria.append(Criterion("dvc add / stagestore commit", _ratio(dvc.median, commit), 2.0,
+                                ">=", note="" if b.peers.dvc else b.peers.dvc_missing))
+    r.criteria.append(Criterion("run / floor (write + fsync)", _ratio(ss.median, floor.median),
+                                1.3, "<="))
+    return r
+
+
+# --- 4. no-op rerun of the six-stage example ----------------------------------------------
+
+
+def _all_cached(report: dict) -> bool:
+    return all(s["outcome"] == "cached" for s in report["stages"]) and len(report["stages"]) == 6
+
+
+def s4_noop(b: Bench) -> ScenarioResult:
+    r = ScenarioResult(
+        "4", "noop_rerun", "no-op rerun of the six-stage example (new run id)",
+        target=("within 100 ms of `python -c pass`, and >= 10x faster than a no-op dvc repro "
+                "of the same six stages"),
+        method=("examples/docs-pipeline copied to the workdir, run once, one untimed warm-up "
+                "rerun; then per repetition, interleaved: `stagestore run --run-id NEW --json` "
+                "(all six stages must be `cached`: six manifests written), `python -c pass`, "
+                "`dvc repro` and `dvc status` of the same scripts as a dvc.yaml (after one "
+                "executing repro and one warm-up)."))
+    if not EXAMPLE.is_dir():
+        r.skip_reason = f"{EXAMPLE} not found"
+        return r
+    ws = b.workdir / "s4"
+    _rmtree(ws)
+    shutil.copytree(EXAMPLE, ws)
+    toml = ws / "stagestore.toml"
+    b.run_json_report("run", "-p", toml, "--run-id", "base")
+    _, warm = b.run_json_report("run", "-p", toml, "--run-id", "warm")
+    if not _all_cached(warm):
+        raise BenchError(f"the rerun executed stages: {warm['stages']}")
+    ss = r.add(Measurement("stagestore run (no-op, 6 stages cached)"))
+    py = r.add(Measurement("python -c pass"))
+    dvc = r.add(Measurement("dvc repro (no-op)"))
+    dvcs = r.add(Measurement("dvc status"))
+    r.primary = ss.label
+    counter = iter(range(1_000_000))
+
+    def do_ss() -> float:
+        elapsed, report = b.run_json_report("run", "-p", toml, "--run-id", f"noop-{next(counter)}")
+        if not _all_cached(report):
+            raise BenchError(f"a no-op rerun executed stages: {report['stages']}")
+        return elapsed
+
+    steps = [(ss.label, do_ss), (py.label, lambda: run([PY, "-c", "pass"])[0])]
+    if b.peers.dvc:
+        repo = b.workdir / "s4-dvc"
+        _rmtree(repo)
+        shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns("stagestore.toml"))
+        data.dvc_repo(repo, b.peers.dvc, b.dvc_env, cache_type=None)
+        data.docs_pipeline_dvc(repo)
+        b.dvc(repo, "repro")
+        _, out = b.dvc(repo, "repro")
+        if "didn't change" not in out and "up to date" not in out.lower():
+            raise BenchError(f"the dvc rerun was not a no-op: {out[-1000:]}")
+
+        def do_dvc() -> float:
+            elapsed, out = b.dvc(repo, "repro")
+            if "Running stage" in out:
+                raise BenchError(f"a dvc no-op repro ran a stage: {out[-1000:]}")
+            return elapsed
+
+        steps += [(dvc.label, do_dvc), (dvcs.label, lambda: b.dvc(repo, "status")[0])]
+    else:
+        r.notes.append(f"dvc rows skipped: {b.peers.dvc_missing}")
+    interleave(b.cfg.reps, steps, {m.label: m for m in (ss, py, dvc, dvcs)})
+    _rmtree(ws)
+    _rmtree(b.workdir / "s4-dvc")
+    above = _paired(ss.times, py.times)
+    r.add(Measurement("stagestore - python -c pass", [x - y for x, y in zip(ss.times, py.times)]))
+    r.ratios["dvc repro / stagestore"] = _ratio(dvc.median, ss.median)
+    r.ratios["dvc status / stagestore"] = _ratio(dvcs.median, ss.median)
+    r.ratios["stagestore / python -c pass"] = _ratio(ss.median, py.median)
+    r.criteria.append(Criterion("stagestore - python -c pass", above, 0.100, "<=", unit="s"))
+    r.criteria.append(Criterion("dvc repro / stagestore", _ratio(dvc.median, ss.median), 10.0,
+                                ">=", note="" if b.peers.dvc else b.peers.dvc_missing))
+    return r
+
+
+# --- 5. no-op rerun with a big workspace input --------------------------------------------
+
+
+def s5_noop_big_input(b: Bench) -> ScenarioResult:
+    size = b.cfg.big_size
+    r = ScenarioResult(
+        "5", "noop_big_input", f"no-op rerun whose stage has a {human(size)} workspace input",
+        target=("the input is not re-hashed (stat cache): the rerun costs less than 25% of "
+                "hashing the input more than the same rerun with a 4 KiB input"),
+        method=("two one-stage pipelines, identical but for the input `data`: the big file, or "
+                "a 4 KiB file. Each run once (snapshots the input), one untimed warm-up rerun, "
+                "then interleaved reruns with new run ids (the stage must be `cached`). Extra = "
+                "median of per-repetition (big - small); criterion extra / hash time < 0.25, "
+                "where hash time is the blake3 update_mmap AUTO floor of the same file."))
+    if (why := b.need_disk(size, "the input and its snapshot")) is not None:
+        r.skip_reason = why
+        return r
+    big = b.big_file()
+    hash_floor = b.floor_hash_big()
+    ws_big, ws_small = b.dir("s5-big"), b.dir("s5-small")
+    (ws_small / "small.bin").write_bytes(os.urandom(4096))
+    args = ["write-small", "{outputs.out}"]
+    toml_big = data.one_stage(ws_big, args, inputs={"data": str(big)}, stage="consume")
+    toml_small = data.one_stage(ws_small, args, inputs={"data": "small.bin"}, stage="consume")
+    for toml in (toml_big, toml_small):
+        b.run_json_report("run", "-p", toml, "--run-id", "first")
+        b.run_json_report("run", "-p", toml, "--run-id", "warm")
+    bigm = r.add(Measurement(f"rerun, {human(size)} input"))
+    smallm = r.add(Measurement("rerun, 4 KiB input"))
+    r.primary = bigm.label
+    counter = iter(range(1_000_000))
+
+    def rerun(toml: Path) -> float:
+        elapsed, report = b.run_json_report("run", "-p", toml, "--run-id", f"noop-{next(counter)}")
+        if report["stages"][0]["outcome"] != "cached":
+            raise BenchError(f"the rerun executed: {report['stages']}")
+        return elapsed
+
+    interleave(b.cfg.big_reps, [(bigm.label, lambda: rerun(toml_big)),
+                                (smallm.label, lambda: rerun(toml_small))],
+               {bigm.label: bigm, smallm.label: smallm})
+    _rmtree(ws_big)
+    _rmtree(ws_small)
+    extra = _paired(bigm.times, smallm.times)
+    r.add(Measurement("extra cost of the big input (big - small)",
+                      [x - y for x, y in zip(bigm.times, smallm.times)]))
+    r.add(hash_floor)
+    ratio = _ratio(extra, hash_floor.median)
+    r.ratios["extra / hash time"] = ratio
+    r.criteria.append(Criterion("extra / hash time (not re-hashed)", ratio, 0.25, "<"))
+    if ratio is not None:
+        r.notes.append("the input IS re-hashed on every rerun" if ratio >= 0.25 else
+                       "the input is not re-hashed")
+    return r
+
+
+# --- 6. verify -----------------------------------------------------------------------------
+
+
+def s6_verify(b: Bench) -> ScenarioResult:
+    size = b.cfg.big_size
+    r = ScenarioResult(
+        "6", "verify", f"verify a store holding {human(size)}",
+        target="at least 0.9x the throughput of b3sum --check over the same files",
+        method=("a one-stage run writes one output of SIZE bytes into a fresh store; every file "
+                "of objects/ goes into a b3sum check file; one untimed warm-up each, then "
+                "interleaved `stagestore verify` and `b3sum --check` (whole commands); ratio = "
+                "b3sum time / verify time."))
+    if (why := b.need_disk(size, "the store")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s6")
+    toml = data.one_stage(ws, ["write-file", "{outputs.out}", size])
+    store = ws / ".stagestore"
+    b.run_json_report("run", "-p", toml, "--run-id", "r1")
+    objects = sorted(str(p) for p in (store / "objects").rglob("*") if p.is_file())
+    total = sum(os.path.getsize(p) for p in objects)
+    ver = r.add(Measurement("stagestore verify"))
+    b3 = r.add(Measurement("b3sum --check"))
+    r.primary = ver.label
+
+    def do_verify() -> float:
+        elapsed, out = b.stagestore("verify", "--store", store, "--json")
+        report = json.loads(out)
+        if not report["ok"] or report["bytes_checked"] != total:
+            raise BenchError(f"verify: ok={report['ok']} bytes={report['bytes_checked']}")
+        return elapsed
+
+    do_verify()
+    steps = [(ver.label, do_verify)]
+    if b.peers.b3sum:
+        _, proc = run([b.peers.b3sum, *objects])
+        check = ws / "objects.b3"
+        check.write_text(proc.stdout)
+        run([b.peers.b3sum, "--check", check])
+        steps.append((b3.label, lambda: run([b.peers.b3sum, "--check", check])[0]))
+    else:
+        r.notes.append(f"b3sum rows skipped: {b.peers.b3sum_missing}")
+    interleave(b.cfg.big_reps, steps, {ver.label: ver, b3.label: b3})
+    _rmtree(ws)
+    for m in (ver, b3):
+        if m.times:
+            m.extra["throughput_gbps"] = round(total / m.median / 1e9, 3)
+    ratio = _ratio(b3.median, ver.median)
+    r.ratios["b3sum --check time / verify time (throughput ratio)"] = ratio
+    r.criteria.append(Criterion("throughput vs b3sum --check", ratio, 0.9, ">=",
+                                note="" if b.peers.b3sum else b.peers.b3sum_missing))
+    r.notes.append(f"{len(objects)} objects, {total:,} bytes")
+    return r
+
+
+# --- 7. CLI start-up -----------------------------------------------------------------------
+
+
+def s7_cli(b: Bench) -> ScenarioResult:
+    r = ScenarioResult(
+        "7", "cli_startup", "`stagestore --help` and `stagestore runs`",
+        target='each at most 1.3x `python -c "import click, msgspec"`',
+        method=("the console script next to the interpreter, whole command; `runs` on a store "
+                "of three runs of a one-stage pipeline; interleaved with the floor; twice the "
+                "usual repetitions (cheap commands)."))
+    ws = b.dir("s7")
+    toml = data.one_stage(ws, ["write-small", "{outputs.out}"])
+    store = ws / ".stagestore"
+    for i in range(3):
+        b.run_json_report("run", "-p", toml, "--run-id", f"r{i}")
+    floor = r.add(Measurement('python -c "import click, msgspec"'))
+    helpm = r.add(Measurement("stagestore --help"))
+    runsm = r.add(Measurement("stagestore runs"))
+    pyp = r.add(Measurement("python -c pass"))
+    r.primary = runsm.label
+    b.stagestore("--help")
+    b.stagestore("runs", "--store", store)
+    reps = max(3, 2 * b.cfg.reps)
+    interleave(reps, [
+        (floor.label, lambda: run([PY, "-c", "import click, msgspec"])[0]),
+        (helpm.label, lambda: b.stagestore("--help")[0]),
+        (runsm.label, lambda: b.stagestore("runs", "--store", store)[0]),
+        (pyp.label, lambda: run([PY, "-c", "pass"])[0]),
+    ], {m.label: m for m in (floor, helpm, runsm, pyp)})
+    _rmtree(ws)
+    r.ratios["--help / import floor"] = _ratio(helpm.median, floor.median)
+    r.ratios["runs / import floor"] = _ratio(runsm.median, floor.median)
+    r.criteria.append(Criterion("--help / import floor", _ratio(helpm.median, floor.median), 1.3,
+                                "<="))
+    r.criteria.append(Criterion("runs / import floor", _ratio(runsm.median, floor.median), 1.3,
+                                "<="))
+    if b.ss[0] != PY:
+        r.notes.append(f"command: {b.ss[0]}")
+    return r
+
+
+# --- 8. memory -----------------------------------------------------------------------------
+
+
+def s8_memory(b: Bench) -> ScenarioResult:
+    size = b.cfg.mem_size
+    r = ScenarioResult(
+        "8", "memory", f"peak anonymous memory committing and verifying a {human(size)} output",
+        target="peak RssAnon of the stagestore process < 100 MB (run and verify)",
+        method=("RssAnon of the stagestore process read from /proc/PID/status every 5 ms (the "
+                "kernel keeps no RssAnon peak, so this is sampled; the stage's own process is "
+                "not counted); VmHWM (kernel peak of all RSS, mmap'd file pages included) is "
+                "shown for reference. A fresh store per repetition; the limit is checked on the "
+                "largest sample of all repetitions. MB = 10^6 bytes."))
+    if (why := b.need_disk(size, "the output")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s8")
+    toml = data.one_stage(ws, ["write-file", "{outputs.out}", size])
+    run_anon = r.add(Measurement("stagestore run: peak RssAnon", unit="MB"))
+    ver_anon = r.add(Measurement("stagestore verify: peak RssAnon", unit="MB"))
+    run_hwm = r.add(Measurement("stagestore run: VmHWM (incl. file pages)", unit="MB"))
+    ver_hwm = r.add(Measurement("stagestore verify: VmHWM (incl. file pages)", unit="MB"))
+    run_t = r.add(Measurement("stagestore run: time"))
+    ver_t = r.add(Measurement("stagestore verify: time"))
+    r.primary = run_anon.label
+    samples = 0
+    for i in range(b.cfg.big_reps):
+        store = ws / f"store-{i}"
+        s = run_sampled([*b.ss, "run", "-p", toml, "--store", store, "--run-id", "r1"], env=b.env)
+        run_anon.times.append(s.peak_rss_anon_kb * 1024 / MB)
+        run_hwm.times.append(s.last_vm_hwm_kb * 1024 / MB)
+        run_t.times.append(s.seconds)
+        samples += s.samples
+        s = run_sampled([*b.ss, "verify", "--store", store], env=b.env)
+        ver_anon.times.append(s.peak_rss_anon_kb * 1024 / MB)
+        ver_hwm.times.append(s.last_vm_hwm_kb * 1024 / MB)
+        ver_t.times.append(s.seconds)
+        samples += s.samples
+        _rmtree(store)
+    _rmtree(ws)
+    r.criteria.append(Criterion("run: largest peak RssAnon", max(run_anon.times), 100, "<",
+                                unit="MB"))
+    r.criteria.append(Criterion("verify: largest peak RssAnon", max(ver_anon.times), 100, "<",
+                                unit="MB"))
+    r.notes.append(f"{samples} samples of /proc/PID/status in all")
+    return r
+
+
+# --- 9. scale ------------------------------------------------------------------------------
+
+
+def s9_scale(b: Bench) -> ScenarioResult:
+    steps = b.cfg.scale_steps
+    r = ScenarioResult(
+        "9", "scale", "a store of many objects and runs",
+        target=("at the largest size: `runs` < 1 s, `diff` of two runs < 0.5 s; `gc` and "
+                "`verify` linear in objects (time per object at the largest size <= 1.2x the "
+                "time per object at the smallest)"),
+        method=("a valid store built through stagestore's record classes (one stage per run, "
+                "its output a folder of small distinct files, objects written without fsync), "
+                "grown from the small size to the large one; at each size, one untimed warm-up "
+                "each, then `runs`, `diff FIRST LAST`, `gc` (nothing to collect: it computes the "
+                "live set and scans every object) and `verify` as whole commands; per-object "
+                "time = (median - the same command on the empty store) / objects."))
+    runs_big, per_run = steps[-1]
+    approx_bytes = runs_big * per_run * 4096 * 2  # small files take a block each, plus trees
+    if (why := b.need_disk(approx_bytes, "the store")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s9")
+    store_root = ws / ".stagestore"
+    scale = data.ScaleStore(store_root, per_run)
+    reps = min(b.cfg.reps, 3) if not b.cfg.quick else b.cfg.reps
+    # The fixed cost of each command (start-up, imports, opening the store), on the same store
+    # before any run is in it, so that per-object times are not diluted by it at the small size.
+    fixed = {name: r.add(Measurement(f"{name} @ empty store (fixed cost)")) for name in ("gc", "verify")}
+    b.stagestore("gc", "--store", store_root)
+    b.stagestore("verify", "--store", store_root)
+    interleave(reps, [
+        (fixed["gc"].label, lambda: b.stagestore("gc", "--store", store_root)[0]),
+        (fixed["verify"].label, lambda: b.stagestore("verify", "--store", store_root)[0]),
+    ], {m.label: m for m in fixed.values()})
+    per_object: dict[str, list[float]] = {"gc": [], "verify": []}
+    sizes = []
+    last: dict[str, Measurement] = {}
+    for runs_n, _ in steps:
+        t0 = time.perf_counter()
+        scale.grow(runs_n)
+        built = time.perf_counter() - t0
+        objects = scale.objects
+        sizes.append(objects)
+        tag = f"{objects:,} objects, {runs_n} runs"
+        b.log(f"  built {tag} in {built:.1f} s")
+        r.notes.append(f"built {tag} in {built:.1f} s")
+        first, last_run = scale.run_id(0), scale.run_id(runs_n - 1)
+        _, out = b.stagestore("verify", "--store", store_root, "--json")
+        report = json.loads(out)
+        if not report["ok"] or report["objects_checked"] != objects:
+            raise BenchError(f"the scale store does not verify: {out[:2000]}")
+        _, out = b.stagestore("gc", "--store", store_root, "--json")
+        if json.loads(out)["objects_removed"] != 0:
+            raise BenchError(f"gc removed objects of the scale store: {out[:500]}")
+        b.stagestore("runs", "--store", store_root)
+        b.stagestore("diff", first, last_run, "--store", store_root)
+        ms = {name: r.add(Measurement(f"{name} @ {tag}"))
+              for name in ("runs", "diff", "gc", "verify")}
+        interleave(reps, [
+            (ms["runs"].label, lambda: b.stagestore("runs", "--store", store_root)[0]),
+            (ms["diff"].label,
+             lambda: b.stagestore("diff", first, last_run, "--store", store_root)[0]),
+            (ms["gc"].label, lambda: b.stagestore("gc", "--store", store_root)[0]),
+            (ms["verify"].label, lambda: b.stagestore("verify", "--store", store_root)[0]),
+        ], {m.label: m for m in ms.values()})
+        for name in ("gc", "verify"):
+            raw = ms[name].median / objects * 1e6
+            net = (ms[name].median - fixed[name].median) / objects * 1e6
+            per_object[name].append(net)
+            r.add(Measurement(f"{name} per object @ {objects:,} objects (minus fixed cost)",
+                              [net], unit="us", extra={"raw_us_per_object": round(raw, 2)}))
+        r.primary = ms["runs"].label
+        last = ms
+    _rmtree(ws)
+    r.criteria.append(Criterion(f"runs @ {sizes[-1]:,} objects", last["runs"].median, 1.0, "<",
+                                unit="s"))
+    r.criteria.append(Criterion(f"diff @ {sizes[-1]:,} objects", last["diff"].median, 0.5, "<",
+                                unit="s"))
+    for name in ("gc", "verify"):
+        lo, hi = per_object[name][0], per_object[name][-1]
+        ratio = _ratio(hi, lo)
+        r.ratios[f"{name}: per-object time, largest / smallest size"] = ratio
+        r.criteria.append(Criterion(f"{name} linear: per-object largest / smallest", ratio,
+                                    1.2, "<="))
+    return r
+
+
+SCENARIOS: list[tuple[str, str, Callable[[Bench], ScenarioResult]]] = [
+    ("1", "hash", s1_hash),
+    ("2", "commit_big", s2_commit_big),
+    ("3", "commit_files", s3_commit_files),
+    ("4", "noop_rerun", s4_noop),
+    ("5", "noop_big_input", s5_noop_big_input),
+    ("6", "verify", s6_verify),
+    ("7", "cli_startup", s7_cli),
+    ("8", "memory", s8_memory),
+    ("9", "scale", s9_scale),
+]
