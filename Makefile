@@ -5,13 +5,15 @@ PY     := $(VENV)/bin/python
 STAGESTORE := $(VENV)/bin/stagestore
 DEMO   := .demo
 
-.PHONY: help venv demo test test-long schemas docs clean
+.PHONY: help venv demo test test-long bench schemas docs clean
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff;"
 	@echo "                then an item run and its failure report"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
+	@echo "make bench      the benchmark suite against b3sum, DVC and the floors (10-20 min;"
+	@echo "                installs dvc into benchmarks/.venv-dvc); benchmarks/results/latest.json"
 	@echo "make schemas    regenerate schemas/*.json from the record types"
 	@echo "make docs       regenerate docs/cli.md from the commands' help"
 
@@ -28,6 +30,9 @@ test: venv
 
 test-long: venv
 	$(PY) -m pytest -q -m slow
+
+bench: venv
+	$(PY) -m benchmarks --json benchmarks/results/latest.json
 
 schemas: venv
 	$(STAGESTORE) schema --out schemas

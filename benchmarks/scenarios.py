@@ -129,21 +129,6 @@ class Bench:
             self.floors[key] = Measurement(label, unit=unit)
         return self.floors[key]
 
-    def floor_py_pass(self) -> Measurement:
-        m = self.floor("python_pass", "python -c pass (interpreter start-up)")
-        if not m.times:
-            run([PY, "-c", "pass"])
-            m.times = [run([PY, "-c", "pass"])[0] for _ in range(max(3, 2 * self.cfg.reps))]
-        return m
-
-    def floor_py_import(self) -> Measurement:
-        m = self.floor("python_import", 'python -c "import click, msgspec"')
-        if not m.times:
-            run([PY, "-c", "import click, msgspec"])
-            m.times = [run([PY, "-c", "import click, msgspec"])[0]
-                       for _ in range(max(3, 2 * self.cfg.reps))]
-        return m
-
     def big_file(self) -> Path:
         """One file of big_size bytes (written once, fsynced), hashed and used as an input."""
         if self._big_file is None:
@@ -449,6 +434,7 @@ def s4_noop(b: Bench) -> ScenarioResult:
     else:
         r.notes.append(f"dvc rows skipped: {b.peers.dvc_missing}")
     interleave(b.cfg.reps, steps, {m.label: m for m in (ss, py, dvc, dvcs)})
+    b.floors.setdefault("python_pass", py)
     _rmtree(ws)
     _rmtree(b.workdir / "s4-dvc")
     above = _paired(ss.times, py.times)
@@ -602,6 +588,8 @@ def s7_cli(b: Bench) -> ScenarioResult:
         (runsm.label, lambda: b.stagestore("runs", "--store", store)[0]),
         (pyp.label, lambda: run([PY, "-c", "pass"])[0]),
     ], {m.label: m for m in (floor, helpm, runsm, pyp)})
+    b.floors["python_import"] = floor
+    b.floors.setdefault("python_pass", pyp)
     _rmtree(ws)
     r.ratios["--help / import floor"] = _ratio(helpm.median, floor.median)
     r.ratios["runs / import floor"] = _ratio(runsm.median, floor.median)

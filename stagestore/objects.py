@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .statcache import StatCache
 
 OBJECT_MODE = 0o444
+# From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
+# file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
+SYNCFS_MIN_FILES = 32
 
 
 class SyncBatch:
@@ -119,6 +122,44 @@ class ObjectStore:
         durable.rename(path, target)
         self._synced(target.parent, batch)
         return digest, st.st_size
+
+    def commit_files(self, paths: list[Path], owner: str, batch: SyncBatch) -> list[tuple[str, int]]:
+        """`commit_file` for every file of a folder output, with their syncs batched.
+
+        From `SYNCFS_MIN_FILES` files on, each file is hashed and made read-only, then one
+        `syncfs` makes all of them durable at once, and only then are they renamed into the
+        store: the write-fsync-rename order of `commit_file`, with one sync for all (docs/
+        format.md, rule 1). Fewer files, or no `syncfs`, take `commit_file` one by one.
+        """
+        if len(paths) < SYNCFS_MIN_FILES:
+            return [self.commit_file(path, owner, batch) for path in paths]
+        prepared: list[tuple[Path, str, int]] = []
+        copies: list[Path] = []
+        try:
+            for path in paths:
+                st = os.lstat(path)
+                if st.st_nlink > 1:  # as in commit_file: never move or chmod an outside file
+                    copy = self.layout.new_tmp_path(owner, "copy")
+                    copies.append(copy)
+                    durable.copy_file(path, copy)
+                    path = copy
+                digest = hash_file(path, st.st_size)
+                durable.chmod(path, OBJECT_MODE)
+                prepared.append((path, digest, st.st_size))
+            if not durable.syncfs(paths[0].parent):
+                for path, _, _ in prepared:
+                    durable.fsync_file(path)
+            results = []
+            for path, digest, size in prepared:
+                target = self._shard(digest)
+                durable.rename(path, target)
+                self._synced(target.parent, batch)
+                results.append((digest, size))
+            return results
+        finally:
+            for copy in copies:
+                if os.path.lexists(copy):
+                    _discard(copy)
 
     def ingest_file(self, source: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Snapshot a file from outside the store (a workspace input) by copying its bytes in.

@@ -63,16 +63,16 @@ def _walk(root: Path, follow_symlinks: bool, what: str) -> list[tuple[str, Path,
     return found
 
 
-def build_listing(folder: Path, file_digest: Callable[[Path], tuple[str, int]], *,
+def build_listing(folder: Path, file_digests: Callable[[list[Path]], list[tuple[str, int]]], *,
                   follow_symlinks: bool, what: str) -> tuple[TreeListing, int]:
-    """The listing of `folder`, with `file_digest(path) -> (digest, size)` for each file."""
-    entries: list[TreeEntry] = []
+    """The listing of `folder`, with `file_digests(paths) -> [(digest, size), ...]` called once
+    with every file (so that it can batch their syncs)."""
+    found = _walk(folder, follow_symlinks=follow_symlinks, what=what)
+    files = [(rel, path, st) for rel, path, st in found if not stat.S_ISDIR(st.st_mode)]
+    entries = [TreeEntry(path=rel, kind="dir") for rel, _, st in found if stat.S_ISDIR(st.st_mode)]
     total = 0
-    for rel, path, st in _walk(folder, follow_symlinks=follow_symlinks, what=what):
-        if stat.S_ISDIR(st.st_mode):
-            entries.append(TreeEntry(path=rel, kind="dir"))
-            continue
-        digest, size = file_digest(path)
+    digests = file_digests([path for _, path, _ in files]) if files else []
+    for (rel, _, st), (digest, size) in zip(files, digests, strict=True):
         executable = bool(st.st_mode & stat.S_IXUSR)
         entries.append(TreeEntry(path=rel, kind="file", executable=executable, size=size,
                                  hash=digest))
@@ -89,11 +89,12 @@ def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch,
     copies them (a workspace input, which must stay where it is; symlinks to files are followed).
     """
     if move:
-        listing, total = build_listing(folder, lambda p: objects.commit_file(p, owner, batch),
+        listing, total = build_listing(folder, lambda ps: objects.commit_files(ps, owner, batch),
                                        follow_symlinks=False, what=what)
     else:
-        listing, total = build_listing(folder, lambda p: objects.ingest_file(p, owner, batch),
-                                       follow_symlinks=True, what=what)
+        listing, total = build_listing(
+            folder, lambda ps: [objects.ingest_file(p, owner, batch) for p in ps],
+            follow_symlinks=True, what=what)
     digest = objects.put_bytes(encode_tree(listing), owner, batch)
     return ArtifactRef(hash=digest, size=total, kind="tree")
 
@@ -106,8 +107,9 @@ def hash_artifact(path: Path, what: str) -> ArtifactRef:
 def describe_artifact(path: Path, what: str) -> tuple[ArtifactRef, TreeListing | None]:
     """`hash_artifact`, plus the tree listing for a folder."""
     if path.is_dir():
-        listing, total = build_listing(path, lambda p: (hash_file(p), os.stat(p).st_size),
-                                       follow_symlinks=True, what=what)
+        listing, total = build_listing(
+            path, lambda ps: [(hash_file(p), os.stat(p).st_size) for p in ps],
+            follow_symlinks=True, what=what)
         return ArtifactRef(hash=digest_bytes(encode_tree(listing)), size=total, kind="tree"), listing
     return ArtifactRef(hash=hash_file(path), size=os.stat(path).st_size, kind="file"), None
 

@@ -314,6 +314,16 @@ class Recording:
                 raise ModelError(f"the model of {rel} is {sorted(known)}, the disk has "
                                  f"{sorted(on_disk)}")
             self.events.append(("sync_dir", node))
+        elif op == "syncfs":
+            # Everything on the filesystem becomes durable: every file's bytes and mode and
+            # every folder's entries, as far as the model knows them.
+            for node, live in sorted(self._nodes.items()):
+                if isinstance(live, _LiveFile):
+                    self._refresh(node)
+                    self._watch.discard(node)
+                    self.events.append(("sync_file", node))
+                else:
+                    self.events.append(("sync_dir", node))
         elif op == "rename":
             if rel_src is None:
                 raise ModelError(f"rename into the store from outside it: {src} -> {path}")

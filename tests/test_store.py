@@ -263,3 +263,73 @@ def test_concurrent_commits_of_one_content_never_break_a_view(tmp_path):
     for thread in linkers:
         thread.join()
     assert errors == [] and sum(links) > 100
+
+
+def _many_files(store, count: int, outside=None):  # noqa: ANN001, ANN202
+    folder = store.layout.tmp / "test~x~out"
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"f{i:03}").write_bytes(b"same" if i % 2 else f"file {i}".encode())
+    if outside is not None:
+        os.link(outside, folder / "linked")
+    return folder
+
+
+def test_a_folder_of_many_files_is_synced_once_then_renamed(store, tmp_path):
+    """From SYNCFS_MIN_FILES files on: hash and chmod each, one syncfs, then the renames; no
+    per-file fsync, no copy of any byte (same inodes), and a hard-linked file is still copied."""
+    from stagestore import durable
+    from stagestore.objects import SYNCFS_MIN_FILES
+
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"shared")
+    os.chmod(outside, 0o644)
+    folder = _many_files(store, SYNCFS_MIN_FILES + 8, outside)
+    inodes = {p.name: p.stat().st_ino for p in folder.iterdir()}
+    ops = []
+    durable.set_recorder(lambda op, path, src: ops.append((op, os.path.basename(path))))
+    try:
+        ref = store_tree(folder, store.objects, "test", SyncBatch(), move=True, what="out")
+    finally:
+        durable.set_recorder(None)
+    names = [op for op, _ in ops]
+    assert names.count("syncfs") == 1
+    assert not [name for op, name in ops if op == "fsync" and name in inodes]  # no per-file fsync
+    first_rename = names.index("rename")
+    assert names.index("syncfs") < first_rename
+    assert all(op != "chmod" for op in names[first_rename:])  # every chmod before the sync
+    listing = read_tree(store.objects, ref.hash)
+    renamed = {store.objects.path(e.hash).stat().st_ino for e in listing.entries}
+    for entry in listing.entries:
+        obj = store.objects.path(entry.hash)
+        assert stat.S_IMODE(obj.stat().st_mode) == 0o444 and obj.stat().st_nlink == 1
+        if entry.path != "linked":  # one of the files of that content, renamed, not copied
+            assert obj.stat().st_ino in set(inodes.values())
+    count = SYNCFS_MIN_FILES + 8
+    assert len(renamed) == count // 2 + 2  # distinct contents: the even files, "same", "shared"
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644 and outside.read_bytes() == b"shared"
+
+
+def test_a_failed_syncfs_renames_nothing_into_the_store(store, monkeypatch):
+    """A failed sync is never retried and trusted: the error surfaces and no file of the folder
+    became an object."""
+    import errno
+
+    from stagestore import durable
+    from stagestore.objects import SYNCFS_MIN_FILES
+
+    folder = _many_files(store, SYNCFS_MIN_FILES)
+    before = set(store.objects.list())
+
+    def hook(op: str, path: str) -> None:
+        if op == "syncfs":
+            raise OSError(errno.EIO, "injected", path)
+
+    durable.set_fault_hook(hook)
+    try:
+        with pytest.raises(OSError):
+            store_tree(folder, store.objects, "test", SyncBatch(), move=True, what="out")
+    finally:
+        durable.set_fault_hook(None)
+    assert set(store.objects.list()) == before
+    assert len(list(folder.iterdir())) == SYNCFS_MIN_FILES
