@@ -11,7 +11,8 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .harness import ScenarioResult, loadavg, machine_info, render_table, write_json
+from .harness import (ScenarioResult, loadavg, machine_info, render_table, source_fingerprint,
+                      write_json)
 from .peers import discover
 from .scenarios import SCENARIOS, Bench, Config
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: {path} ({getattr(peers, name + '_version')})" if path
             else f"{name}: skipped: {getattr(peers, name + '_missing')}")
     machine = machine_info(workdir, peers.to_json())
+    source_start = source_fingerprint()
+    log(f"stagestore source {source_start['path']}: {source_start.get('files')} files, digest "
+        f"{source_start['digest']}, newest {source_start.get('newest_mtime')}")
     bench = Bench(cfg, peers, workdir, log)
     results: list[ScenarioResult] = []
     errors = 0
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not cfg.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    source_end = source_fingerprint()
+    if source_end["digest"] != source_start["digest"]:
+        log("WARNING: the stagestore source changed during the run; results mix versions")
     report = {
         "mode": "quick" if cfg.quick else "full",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
         "method": METHOD,
+        "stagestore_source": {"start": source_start, "end": source_end,
+                              "changed_during_run": source_end["digest"] != source_start["digest"]},
         "config": {"reps": cfg.reps, "big_reps": cfg.big_reps, "big_size": cfg.big_size,
                    "mem_size": cfg.mem_size, "nfiles": cfg.nfiles, "file_size": cfg.file_size,
                    "scale_steps": cfg.scale_steps},

@@ -308,6 +308,30 @@ def machine_info(workdir: Path, peers: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def source_fingerprint(package: str = "stagestore") -> dict[str, Any]:
+    """Which code was measured, without asking a version-control tool: a BLAKE3 over the
+    package's .py files (paths and bytes, sorted), their count and the newest mtime."""
+    import importlib.util
+
+    import blake3
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return {"path": None, "digest": None}
+    root = Path(list(spec.submodule_search_locations)[0])
+    hasher = blake3.blake3()
+    newest = 0.0
+    files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    for path in files:
+        rel = path.relative_to(root).as_posix().encode()
+        hasher.update(len(rel).to_bytes(4, "little") + rel)
+        body = path.read_bytes()
+        hasher.update(len(body).to_bytes(8, "little") + body)
+        newest = max(newest, path.stat().st_mtime)
+    return {"path": str(root), "files": len(files), "digest": hasher.hexdigest()[:16],
+            "newest_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(newest))}
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -356,6 +380,12 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
     lines.append("versions: " + ", ".join(f"{k} {v[k] or 'absent'}" for k in
                                           ("stagestore", "blake3", "msgspec", "click", "dvc", "b3sum")))
     lines.append(f"load average: start {report['loadavg_start']}, end {report['loadavg_end']}")
+    src = report.get("stagestore_source", {})
+    if src:
+        start = src["start"]
+        lines.append(f"stagestore source: {start.get('path')} ({start.get('files')} .py files, "
+                     f"digest {start.get('digest')}, newest file {start.get('newest_mtime')})"
+                     + ("; CHANGED DURING THE RUN" if src.get("changed_during_run") else ""))
     lines.append(f"method: medians of repetitions, warm page cache; ratios from the same run")
     lines.append("")
     lines.append("== floors (measured in this run)")

@@ -25,6 +25,8 @@ OBJECT_MODE = 0o444
 # From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
 # file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
 SYNCFS_MIN_FILES = 32
+# From this size on, a file's fsync overlaps its hashing (`_hash_and_sync`).
+OVERLAP_MIN_BYTES = 16 << 20
 
 
 class SyncBatch:
@@ -113,12 +115,10 @@ class ObjectStore:
                 return self.commit_file(copy, owner, batch)
             finally:
                 _discard(copy)
-        digest = hash_file(path, st.st_size)
+        digest = _hash_and_sync(path, st.st_size)
         # Even when the object exists, the fresh file (whose hash was just computed) replaces
         # it: re-running a stage then repairs an object that was damaged in place.
         target = self._shard(digest)
-        durable.chmod(path, OBJECT_MODE)
-        durable.fsync_file(path)
         durable.rename(path, target)
         self._synced(target.parent, batch)
         return digest, st.st_size
@@ -224,6 +224,29 @@ class ObjectStore:
             durable.fsync_dir(folder)
         else:
             batch.add(folder)
+
+
+def _hash_and_sync(path: Path, size: int) -> str:
+    """Make a file read-only, hash it and fsync it; returns its digest.
+
+    From `OVERLAP_MIN_BYTES` on, the fsync runs in a thread while the file is hashed: the
+    kernel writes the pages out while BLAKE3 reads them from the page cache (measured here for
+    1 GiB just written: 0.30 s hashing + 0.37 s fsync one after the other, 0.35 s together).
+    """
+    durable.chmod(path, OBJECT_MODE)
+    if size < OVERLAP_MIN_BYTES:
+        digest = hash_file(path, size)
+        durable.fsync_file(path)
+        return digest
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        syncing = pool.submit(durable.fsync_file, path)
+        try:
+            digest = hash_file(path, size)
+        finally:
+            syncing.result()  # a failed fsync fails the commit, whatever the hash did
+    return digest
 
 
 def _discard(path: Path) -> None:
