@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="stagestore-bench-", dir=base)).resolve()
+    # Every Python process measured reads compiled bytecode, as from an installed package:
+    # PYTHONDONTWRITEBYTECODE (set in some shells and CI) would make each stagestore command
+    # compile its modules from source.  The cache lives in the scratch folder, so nothing is
+    # written into the source tree under test.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
     load_start = loadavg()
     log(f"workdir {workdir}; load average {load_start}")
     peers = discover(install_dvc=not cfg.quick, use_dvc=not args.no_dvc,
@@ -85,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"stagestore source {source_start['path']}: {source_start.get('files')} files, digest "
         f"{source_start['digest']}, newest {source_start.get('newest_mtime')}")
     bench = Bench(cfg, peers, workdir, log)
+    try:
+        bench.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the scenarios still warm up on their own
+        log(f"warm-up failed: {exc}")
     results: list[ScenarioResult] = []
     errors = 0
     try:

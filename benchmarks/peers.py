@@ -61,6 +61,9 @@ def dvc_env(site_cache: Path | None = None) -> dict[str, str]:
     """The environment every dvc command runs with: no analytics, no update check, and its
     site cache inside the benchmark's workdir (so nothing is left in /var/tmp)."""
     env = dict(os.environ)
+    # DVC's venv holds the bytecode pip compiled at install; it writes what is missing there.
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["DVC_NO_ANALYTICS"] = "1"
     env["DVC_IGNORE_ISATTY"] = "1"
     if site_cache is not None:

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import data
@@ -93,6 +93,26 @@ class Bench:
         self.dvc_env["PATH"] = env["PATH"]
         self.floors: dict[str, Measurement] = {}
         self._big_file: Path | None = None
+
+    def warm_up(self) -> None:
+        """Untimed: compile every stagestore module into the bytecode cache, start each tool
+        once, and let DVC build its caches, so no first measurement pays for that."""
+        self.log("warm-up: bytecode of every stagestore module, the CLI, dvc")
+        code = ("import importlib, pkgutil, stagestore, click, msgspec, blake3, filelock, json\n"
+                "for m in pkgutil.walk_packages(stagestore.__path__, 'stagestore.'):\n"
+                "    if not m.name.endswith('__main__'):\n"
+                "        importlib.import_module(m.name)\n"
+                "import sqlite3, filelock._sqlite\n")
+        run([PY, "-c", code], env=self.env)
+        run([PY, "-c", "import click, msgspec"], env=self.env)
+        self.stagestore("--help")
+        if self.peers.dvc:
+            repo = self.workdir / "dvc-warm"
+            data.dvc_repo(repo, self.peers.dvc, self.dvc_env, cache_type=None)
+            (repo / "a.txt").write_text("warm-up\n")
+            self.dvc(repo, "add", "a.txt")
+            self.dvc(repo, "status")
+            _rmtree(repo)
 
     # --- helpers ---
 

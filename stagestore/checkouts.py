@@ -8,7 +8,6 @@ is checked on resolved paths, whatever the manifest or tree claims.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]
 
 
 def _checkout_one(store: Store, ref, tree, root: Path, name: str, target: Path) -> None:  # noqa: ANN001
-    staging = root / f".{name}.stagestore-{secrets.token_hex(4)}"
+    staging = root / f".{name}.stagestore-{os.urandom(4).hex()}"
     try:
         if tree is not None:
             materialize(tree, store.objects, staging, link=False)

@@ -23,7 +23,6 @@ from .records import STORE_FORMAT_DECODER
 from .reports import CheckStatus, DoctorCheck, DoctorReport
 from .resilience import PREFLIGHT_MARGIN, free_bytes, human_size
 from .store import Store
-from .verification import orphaned_temps
 
 # Where the mount table is read from; tests point this at a file of their own.
 MOUNTS_FILE = "/proc/self/mounts"
@@ -221,6 +220,8 @@ def _tree_size(path: str) -> int:
 
 
 def _temps(store: Store) -> DoctorCheck:
+    from .verification import orphaned_temps  # imported here: `run` imports this module
+
     orphans = orphaned_temps(store.layout)
     if not orphans:
         return _check("temps", "ok", "no orphaned temps")

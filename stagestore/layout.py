@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from pathlib import Path
 
 from .errors import InvalidNameError
@@ -186,7 +185,7 @@ class StoreLayout:
         return self.locks / f"{owner}.lock"
 
     def new_tmp_path(self, owner: str, label: str) -> Path:
-        return self.tmp / f"{owner}{TMP_SEP}{secrets.token_hex(8)}{TMP_SEP}{label}"
+        return self.tmp / f"{owner}{TMP_SEP}{os.urandom(8).hex()}{TMP_SEP}{label}"
 
     @staticmethod
     def tmp_owner(entry_name: str) -> str | None:

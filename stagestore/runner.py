@@ -14,7 +14,7 @@ happens).  In sampling mode a systemic failure aborts the run.
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -42,7 +42,7 @@ from .trees import store_tree
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
 def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
