@@ -69,7 +69,19 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
             owner_locked(store.layout, owner, f"run {run_id!r}"):
         record = _open_or_start_run(pipeline, store, run_id, selected, owner, items or [],
                                     execution)
-        return Execution(store, record, selected, jobs=jobs, force=force, progress=progress).run()
+        try:
+            report = Execution(store, record, selected, jobs=jobs, force=force,
+                               progress=progress).run()
+        except BaseException:
+            try:
+                store.objects.stat_cache.save(owner)
+            except OSError:
+                pass  # the error being raised is the one to report
+            raise
+        # The items' own inputs, hashed as each item started, are saved once, at the end (a
+        # save rewrites the whole file); if the run dies first, they are hashed again next time.
+        store.objects.stat_cache.save(owner)
+        return report
 
 
 def check_execution(options: ExecutionOptions) -> ExecutionOptions:
@@ -442,7 +454,6 @@ class Execution:
             if refs:
                 result[stage] = refs
         batch.flush()
-        self.store.objects.stat_cache.save(self.owner)
         return result
 
 

@@ -158,3 +158,33 @@ def test_the_stat_cache_survives_another_store_instance_saving_beside_it(ws, set
     second.objects.stat_cache.save("test")
     text = (ws.store / "stat-cache.json").read_text()
     assert "big.bin" in text and "other.bin" in text
+
+
+def test_item_inputs_are_remembered_once_at_the_end_of_the_run(ws, hashed, settled):
+    """Each item's own inputs are hashed as the item starts; the cache is saved once when the
+    run ends (not once per item: a save rewrites the whole file), and a rerun hashes none."""
+    from stagestore import durable
+
+    for item in ("a", "b", "c"):
+        ws.write(f"data/{item}.txt", f"item {item}\n")
+    ws.pipeline("""
+        [pipeline]
+        name = "items"
+
+        [stages.copy]
+        cmd = "cp {inputs.src} {outputs.o}"
+        shell = true
+        inputs = { src = "data/{item}.txt" }
+        outputs = ["o"]
+        """)
+    renames = []
+    durable.set_recorder(lambda op, path, src: renames.append(path) if op == "rename" else None)
+    try:
+        assert run(ws.load(), ws.open_store(), run_id="r1", items=["a", "b", "c"]).ok
+    finally:
+        durable.set_recorder(None)
+    assert sorted(hashed) == ["a.txt", "b.txt", "c.txt"]
+    assert sum(path.endswith("stat-cache.json") for path in renames) == 1
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="r2", items=["a", "b", "c"]).ok
+    assert hashed == []
