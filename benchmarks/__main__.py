@@ -21,10 +21,11 @@ METHOD = (
     "Every number is the median of repetitions measured in this one run, on a warm page cache "
     "(the cache cannot be dropped without root on a shared machine, so one untimed warm-up "
     "precedes the timed repetitions where it matters). Steps of a scenario are interleaved per "
-    "repetition (A B C A B C ...), so load changes hit all of them alike. Commands are timed "
-    "whole (wall clock around the process, interpreter start-up included) unless the label says "
-    "in-process. Ratios are computed from medians of the same run; overheads are medians of "
-    "per-repetition differences. See benchmarks/README.md.")
+    "repetition in a rotating order (A B C, B C A, ...), so load changes hit all of them alike. "
+    "Commands are timed whole (wall clock around the process, interpreter start-up included) "
+    "unless the label says in-process. Python processes read compiled bytecode (a cache in the "
+    "scratch folder). Ratios are computed from medians of the same run; differences are medians "
+    "of per-repetition differences. See benchmarks/README.md.")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="stagestore-bench-", dir=base)).resolve()
+    try:
+        return _bench(args, selected, cfg, workdir, started, log)
+    finally:
+        if cfg.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
+           started: float, log) -> int:  # noqa: ANN001
     # Every Python process measured reads compiled bytecode, as from an installed package:
     # PYTHONDONTWRITEBYTECODE (set in some shells and CI) would make each stagestore command
     # compile its modules from source.  The cache lives in the scratch folder, so nothing is
@@ -98,30 +110,26 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warm-up failed: {exc}")
     results: list[ScenarioResult] = []
     errors = 0
-    try:
-        for sid, name, func in selected:
-            log(f"scenario {sid} {name} ...")
-            t0 = time.perf_counter()
-            try:
-                result = func(bench)  # type: ignore[operator]
-            except Exception as exc:  # noqa: BLE001 - reported, and the others still run
-                errors += 1
-                result = ScenarioResult(sid, name, name, target="", error=(
-                    f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
-                log(f"scenario {sid} {name} ERROR: {exc}")
-            result.seconds = time.perf_counter() - t0
-            results.append(result)
-            log(f"scenario {sid} {name}: {result.verdict} ({result.seconds:.1f} s)")
-    finally:
-        if not cfg.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    for sid, name, func in selected:
+        log(f"scenario {sid} {name} ...")
+        t0 = time.perf_counter()
+        try:
+            result = func(bench)
+        except Exception as exc:  # noqa: BLE001 - reported, and the others still run
+            errors += 1
+            result = ScenarioResult(sid, name, name, target="", error=(
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+            log(f"scenario {sid} {name} ERROR: {exc}")
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+        log(f"scenario {sid} {name}: {result.verdict} ({result.seconds:.1f} s)")
     source_end = source_fingerprint()
     if source_end["digest"] != source_start["digest"]:
         log("WARNING: the stagestore source changed during the run; results mix versions")
     report = {
         "mode": "quick" if cfg.quick else "full",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": sys.argv[1:],
         "machine": machine,
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
@@ -140,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(Path(args.json), report)
         log(f"wrote {args.json}")
-    if cfg.keep:
-        log(f"kept {workdir}")
     return 1 if errors else 0
 
 

@@ -91,7 +91,8 @@ def dvc_yaml(repo: Path, stages: dict[str, dict[str, object]]) -> None:
         for key in ("deps", "outs"):
             if spec.get(key):
                 lines.append(f"    {key}:")
-                lines += [f"      - {json.dumps(item)}" for item in spec[key]]  # type: ignore[union-attr]
+                items: list[str] = spec[key]  # type: ignore[assignment]
+                lines += [f"      - {json.dumps(item)}" for item in items]
     (repo / "dvc.yaml").write_text("\n".join(lines) + "\n")
 
 

@@ -40,7 +40,8 @@ def run(cmd: Sequence[str], *, cwd: str | os.PathLike[str] | None = None,
                           timeout=timeout)
     elapsed = time.perf_counter() - t0
     if check and proc.returncode != 0:
-        raise BenchError(f"command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}\n"
+        raise BenchError(f"command failed with exit code {proc.returncode}: "
+                         f"{' '.join(map(str, cmd))}\n"
                          f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
     return elapsed, proc
 
@@ -108,7 +109,8 @@ def run_sampled(cmd: Sequence[str], *, cwd: str | os.PathLike[str] | None = None
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise BenchError(f"command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}\n"
+        raise BenchError(f"command failed with exit code {proc.returncode}: "
+                         f"{' '.join(map(str, cmd))}\n"
                          f"stderr: {stderr[-2000:]}")
     return MemorySample(elapsed, anon, rss, hwm, samples, proc.returncode, stdout, stderr)
 
@@ -175,7 +177,8 @@ class Criterion:
 
     def to_json(self) -> dict[str, Any]:
         return {"text": self.text, "value": self.value, "op": self.op, "limit": self.limit,
-                "unit": self.unit, "verdict": self.verdict, **({"note": self.note} if self.note else {})}
+                "unit": self.unit, "verdict": self.verdict,
+                **({"note": self.note} if self.note else {})}
 
 
 @dataclass
@@ -375,10 +378,11 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
     m = report["machine"]
     lines.append(f"stagestore benchmark ({report['mode']}), {report['date']}")
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel "
-                 f"{m['kernel']}, workdir on {m['filesystem']} ({m['mount']}), python {m['python']}")
+                 f"{m['kernel']}, workdir on {m['filesystem']} ({m['mount']}), "
+                 f"python {m['python']}")
     v = m["versions"]
-    lines.append("versions: " + ", ".join(f"{k} {v[k] or 'absent'}" for k in
-                                          ("stagestore", "blake3", "msgspec", "click", "dvc", "b3sum")))
+    names = ("stagestore", "blake3", "msgspec", "click", "dvc", "b3sum")
+    lines.append("versions: " + ", ".join(f"{k} {v[k] or 'absent'}" for k in names))
     lines.append(f"load average: start {report['loadavg_start']}, end {report['loadavg_end']}")
     src = report.get("stagestore_source", {})
     if src:
@@ -386,7 +390,7 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
         lines.append(f"stagestore source: {start.get('path')} ({start.get('files')} .py files, "
                      f"digest {start.get('digest')}, newest file {start.get('newest_mtime')})"
                      + ("; CHANGED DURING THE RUN" if src.get("changed_during_run") else ""))
-    lines.append(f"method: medians of repetitions, warm page cache; ratios from the same run")
+    lines.append("method: medians of repetitions, warm page cache; ratios from the same run")
     lines.append("")
     lines.append("== floors (measured in this run)")
     for name, f in report["floors"].items():
@@ -399,7 +403,8 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
         if r.error:
             lines.append("  error: " + r.error.strip().replace("\n", "\n    "))
         for meas in r.measurements:
-            lines.append(f"  {meas.label:<58} {fmt_value(meas.median, meas.unit):>12}  n={len(meas.times)}")
+            value = fmt_value(meas.median, meas.unit)
+            lines.append(f"  {meas.label:<58} {value:>12}  n={len(meas.times)}")
         for name, value in r.ratios.items():
             lines.append(f"  ratio {name:<52} {fmt_value(value, 'x'):>12}")
         for c in r.criteria:
@@ -426,8 +431,12 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def interleave(reps: int, steps: Sequence[tuple[str, Callable[[], float]]],
                into: dict[str, Measurement]) -> None:
-    """Run every step once per repetition, in turn (A B C A B C ...), so that a change of load
-    during the scenario affects all of them alike."""
-    for _ in range(reps):
-        for label, step in steps:
+    """Run every step once per repetition, in turn, so that a change of load during the
+    scenario affects all of them alike; the order rotates from one repetition to the next
+    (A B C, B C A, C A B, ...), so that no step always follows the same one (a step that
+    deletes gigabytes leaves the filesystem busy for the next)."""
+    n = len(steps)
+    for rep in range(reps):
+        for k in range(n):
+            label, step = steps[(rep + k) % n]
             into[label].times.append(step())

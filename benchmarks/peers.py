@@ -44,7 +44,8 @@ def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
         return None
     if out.returncode != 0:
         return None
-    return (out.stdout.strip() or out.stderr.strip()).splitlines()[-1] if (out.stdout or out.stderr) else ""
+    text = out.stdout.strip() or out.stderr.strip()
+    return text.splitlines()[-1] if text else ""
 
 
 def find_b3sum() -> tuple[str | None, str | None, str]:
