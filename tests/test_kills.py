@@ -458,7 +458,9 @@ def test_a_sigkilled_runner_takes_its_stage_process_with_it(tmp_path):
         kill_leftovers(ws)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
+    "not strict: when the SIGKILL lands before the shell has started `sleep`, nothing is left "
+    "behind and the test passes (seen once in CI). "
     "LIMITATION, documented (docs/format.md 'Processes a stage leaves behind', docs/recovery.md "
     "'The runner is SIGKILLed while a stage runs'): stages run in their own session "
     "(stagestore/processes.py:77-78, start_new_session=True), so killpg of the runner's group does "
