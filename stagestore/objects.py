@@ -51,9 +51,9 @@ class SyncBatch:
 class ObjectStore:
     """The content-addressed object folder: put-if-absent, get, exists, list, delete."""
 
-    def __init__(self, layout: StoreLayout, stat_cache: StatCache | None = None) -> None:
+    def __init__(self, layout: StoreLayout, stat_cache: StatCache) -> None:
         self.layout = layout
-        # Workspace files known to hash to an object, by stat (`ingest_file`); None: always hash.
+        # Workspace files known to hash to an object, by stat (`ingest_file`).
         self.stat_cache = stat_cache
 
     def path(self, digest: str) -> Path:
@@ -133,33 +133,25 @@ class ObjectStore:
         """
         if len(paths) < SYNCFS_MIN_FILES:
             return [self.commit_file(path, owner, batch) for path in paths]
+        results: dict[Path, tuple[str, int]] = {}
         prepared: list[tuple[Path, str, int]] = []
-        copies: list[Path] = []
-        try:
-            for path in paths:
-                st = os.lstat(path)
-                if st.st_nlink > 1:  # as in commit_file: never move or chmod an outside file
-                    copy = self.layout.new_tmp_path(owner, "copy")
-                    copies.append(copy)
-                    durable.copy_file(path, copy)
-                    path = copy
-                digest = hash_file(path, st.st_size)
-                durable.chmod(path, OBJECT_MODE)
-                prepared.append((path, digest, st.st_size))
-            if not durable.syncfs(paths[0].parent):
-                for path, _, _ in prepared:
-                    durable.fsync_file(path)
-            results = []
-            for path, digest, size in prepared:
-                target = self._shard(digest)
-                durable.rename(path, target)
-                self._synced(target.parent, batch)
-                results.append((digest, size))
-            return results
-        finally:
-            for copy in copies:
-                if os.path.lexists(copy):
-                    _discard(copy)
+        for path in paths:
+            st = os.lstat(path)
+            if st.st_nlink > 1:  # copied (and synced) by commit_file, never moved or chmod-ed
+                results[path] = self.commit_file(path, owner, batch)
+                continue
+            digest = hash_file(path, st.st_size)
+            durable.chmod(path, OBJECT_MODE)
+            prepared.append((path, digest, st.st_size))
+        if not durable.syncfs(paths[0].parent):
+            for path, _, _ in prepared:
+                durable.fsync_file(path)
+        for path, digest, size in prepared:
+            target = self._shard(digest)
+            durable.rename(path, target)
+            self._synced(target.parent, batch)
+            results[path] = (digest, size)
+        return [results[path] for path in paths]
 
     def ingest_file(self, source: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Snapshot a file from outside the store (a workspace input) by copying its bytes in.
@@ -171,29 +163,22 @@ class ObjectStore:
         key = os.path.abspath(source)
         seen_ns = time.time_ns()
         st = os.stat(source)
-        if self.stat_cache is not None:
-            digest = self.stat_cache.lookup(key, st)
-            if digest is not None and self.exists(digest):
-                self._synced(self.path(digest).parent, batch)  # as in put_bytes
-                return digest, st.st_size
-        digest = hash_file(source, st.st_size)
-        if self.exists(digest):
-            self._synced(self.path(digest).parent, batch)  # as in put_bytes
-            self._remember(key, st, digest, seen_ns)
-            return digest, st.st_size
-        copy = self.layout.new_tmp_path(owner, "snapshot")
-        try:
-            durable.copy_file(source, copy)
-            stored = self.commit_file(copy, owner, batch)
-        finally:
-            _discard(copy)
-        if stored[0] == digest:  # else the source changed while it was copied
-            self._remember(key, st, digest, seen_ns)
-        return stored
-
-    def _remember(self, key: str, st: os.stat_result, digest: str, seen_ns: int) -> None:
-        if self.stat_cache is not None:
+        digest = self.stat_cache.lookup(key, st)
+        if digest is None or not self.exists(digest):
+            digest = hash_file(source, st.st_size)
+            if not self.exists(digest):
+                copy = self.layout.new_tmp_path(owner, "snapshot")
+                try:
+                    durable.copy_file(source, copy)
+                    stored = self.commit_file(copy, owner, batch)
+                finally:
+                    _discard(copy)
+                if stored[0] == digest:  # else the source changed while it was copied
+                    self.stat_cache.remember(key, st, digest, seen_ns)
+                return stored
             self.stat_cache.remember(key, st, digest, seen_ns)
+        self._synced(self.path(digest).parent, batch)  # as in put_bytes
+        return digest, st.st_size
 
     def list(self) -> Iterator[str]:
         """Every object name in the store, as digests; anything misnamed is skipped."""

@@ -287,17 +287,19 @@ def test_a_folder_of_many_files_is_synced_once_then_renamed(store, tmp_path):
     folder = _many_files(store, SYNCFS_MIN_FILES + 8, outside)
     inodes = {p.name: p.stat().st_ino for p in folder.iterdir()}
     ops = []
-    durable.set_recorder(lambda op, path, src: ops.append((op, os.path.basename(path))))
+    durable.set_recorder(lambda op, path, src: ops.append(
+        (op, os.path.basename(src if op == "rename" else path))))
     try:
         ref = store_tree(folder, store.objects, "test", SyncBatch(), move=True, what="out")
     finally:
         durable.set_recorder(None)
-    names = [op for op, _ in ops]
-    assert names.count("syncfs") == 1
+    own = [(op, name) for op, name in ops if name in inodes and name != "linked"]
+    synced_at = ops.index(("syncfs", "test~x~out"))
+    assert [op for op, _ in ops].count("syncfs") == 1
     assert not [name for op, name in ops if op == "fsync" and name in inodes]  # no per-file fsync
-    first_rename = names.index("rename")
-    assert names.index("syncfs") < first_rename
-    assert all(op != "chmod" for op in names[first_rename:])  # every chmod before the sync
+    # every file of the folder chmod-ed before the sync and renamed after it
+    assert {op for op, _ in own} == {"chmod", "rename"}
+    assert all((ops.index(entry) < synced_at) == (entry[0] == "chmod") for entry in own)
     listing = read_tree(store.objects, ref.hash)
     renamed = {store.objects.path(e.hash).stat().st_ino for e in listing.entries}
     for entry in listing.entries:
