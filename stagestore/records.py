@@ -100,6 +100,18 @@ class StageSpec(Record, kw_only=True):
     on_failure: Literal["fail", "skip", "use_last_good"] = "fail"
     disk: int | str | None = None
     per_item: bool = False
+    enabled: bool = True
+    # Built-in stage kinds (docs/kinds.md): `kind` instead of `cmd`/`call`, one input, one output.
+    kind: Literal["checksum", "compress", "decompress", "encrypt", "decrypt", "transform",
+                  "passthrough"] | None = None
+    input: str | None = None
+    algorithm: str | None = None
+    chunk_size: int | str | None = None
+    parallel: bool = False
+    workers: int | None = None
+    expect: str | None = None
+    key_env: str | None = None
+    key_file: str | None = None
 
 
 class PipelineDef(Record, kw_only=True):
