@@ -112,11 +112,10 @@ class Bench:
         """Untimed: compile every stagestore module into the bytecode cache, start each tool
         once, and let DVC build its caches, so no first measurement pays for that."""
         self.log("warm-up: bytecode of every stagestore module, the CLI, dvc")
-        code = ("import importlib, pkgutil, stagestore, click, msgspec, blake3, filelock, json\n"
+        code = ("import importlib, pkgutil, stagestore, click, msgspec, blake3, json\n"
                 "for m in pkgutil.walk_packages(stagestore.__path__, 'stagestore.'):\n"
                 "    if not m.name.endswith('__main__'):\n"
-                "        importlib.import_module(m.name)\n"
-                "import sqlite3, filelock._sqlite\n")
+                "        importlib.import_module(m.name)\n")
         run([PY, "-c", code], env=self.env)
         run([PY, "-c", "import click, msgspec"], env=self.env)
         self.stagestore("--help")

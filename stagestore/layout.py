@@ -16,7 +16,9 @@ from .errors import InvalidNameError
 from .hashing import digest_hex
 
 FORMAT_NAME = "stagestore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 replaced version 1's SQLite store lock (`locks/store.db`) with `flock` files;
+docs/format.md, "Versions and changes"."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_COMPONENT_BYTES = 255
@@ -148,7 +150,10 @@ class StoreLayout:
         self.format_file = self.root / "stagestore.json"
         self.readme = self.root / "README.md"
         self.stat_cache = self.root / "stat-cache.json"
-        self.store_lock = self.locks / "store.db"
+        self.store_lock = self.locks / "store.lock"
+        self.store_gate = self.locks / "store.gate"
+        self.legacy_store_lock = self.locks / "store.db"  # format 1's store lock
+        self.format_version = FORMAT_VERSION  # as read from format_file by `Store.open`
 
     def object_path(self, digest: str) -> Path:
         hexdigest = digest_hex(digest)

@@ -2,8 +2,9 @@
 
 Two kinds:
 
-* The **store lock** (`locks/store.db`, filelock's SQLite-backed `ReadWriteLock`): every run,
-  recover and verify holds it shared for its whole duration; `gc` holds it exclusive.  So gc
+* The **store lock** (`locks/store.lock` and `locks/store.gate`, `flock(2)` shared/exclusive,
+  a waiting exclusive holder first): every run, recover and verify holds it shared for its
+  whole duration; `gc` holds it exclusive.  So gc
   never runs while a run may be between writing objects and writing the manifest that names
   them, and a run never looks up an object gc is about to delete.
 * **Owner locks** (`locks/<owner>.lock`, `flock(2)`): a run holds `run-<run_id>.lock` exclusive
@@ -20,8 +21,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import msgspec
 
 from .errors import RunBusyError
 from .layout import StoreLayout
@@ -84,16 +88,96 @@ def owner_is_live(layout: StoreLayout, owner: str) -> bool:
 
 @contextmanager
 def store_lock(layout: StoreLayout, *, exclusive: bool, timeout: float = -1) -> Iterator[None]:
-    """Hold the store lock shared (runs, recover, verify) or exclusive (gc)."""
-    from filelock import ReadWriteLock, Timeout  # imported here: it pulls in sqlite3
+    """Hold the store lock shared (runs, recover, verify, forget) or exclusive (gc).
 
-    lock = ReadWriteLock(os.fspath(layout.store_lock), timeout=timeout, is_singleton=False)
+    Two `flock(2)` files: `locks/store.lock` carries the hold itself, and `locks/store.gate`
+    gives a waiting exclusive holder priority.  A shared holder passes the gate (a shared
+    `flock`, let go at once) before it takes its shared hold; an exclusive holder keeps the gate
+    exclusive while it waits for the shared holders to leave and while it works.  So a waiting
+    `gc` holds off runs started after it, and a stream of runs cannot starve it.
+
+    `timeout` is in seconds; -1 waits without limit.  Raises `RunBusyError` when it runs out.
+    A format-1 store is upgraded to format 2 first (`upgrade_store_lock`).
+    """
+    if layout.format_version < 2:
+        upgrade_store_lock(layout)
+    gate = _open_lock_file(layout.store_gate)
+    hold: int | None = None
     try:
-        acquire = lock.write_lock if exclusive else lock.read_lock
-        with acquire():
-            yield
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        _flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, deadline, exclusive)
+        hold = _open_lock_file(layout.store_lock)
+        _flock(hold, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, deadline, exclusive)
+        if not exclusive:
+            os.close(gate)  # closing lets go of the flock
+            gate = None
+        yield
+    finally:
+        for fd in (hold, gate):
+            if fd is not None:
+                os.close(fd)
+
+
+def _open_lock_file(path: os.PathLike[str]) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1  # seconds between tries when a timeout is set
+
+
+def _flock(fd: int, operation: int, deadline: float | None, exclusive: bool) -> None:
+    """`flock(fd, operation)`, blocking until `deadline` (None: no limit)."""
+    if deadline is None:
+        fcntl.flock(fd, operation)
+        return
+    pause = _POLL_FIRST
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RunBusyError(
+                "the store is locked by another stagestore process "
+                + ("(a run, recover or verify)" if exclusive else "(gc)"),
+                hint="wait for it to finish and try again")
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, _POLL_MAX)
+
+
+LEGACY_LOCK_WAIT = 2.0  # seconds: another new process holds format 1's lock only to upgrade
+
+
+def upgrade_store_lock(layout: StoreLayout) -> None:
+    """Move a format-1 store to format 2, whose store lock is `flock` instead of SQLite.
+
+    Under format 1's own lock held exclusive (filelock's SQLite `ReadWriteLock`, imported only
+    here), no format-1 process is running, recovering, verifying or collecting in the store;
+    once `stagestore.json` says version 2, every format-1 stagestore refuses the store, so the
+    two kinds of lock are never relied on at once.  Raises `RunBusyError` when a format-1
+    process holds the old lock.
+    """
+    from filelock import ReadWriteLock, Timeout
+
+    from . import durable
+    from .records import STORE_FORMAT_DECODER, StoreFormat
+
+    legacy = ReadWriteLock(os.fspath(layout.legacy_store_lock), timeout=LEGACY_LOCK_WAIT,
+                           is_singleton=False)
+    try:
+        with legacy.write_lock(), owner_locked(layout, "init", "the store's format file"):
+            current = STORE_FORMAT_DECODER.decode(layout.format_file.read_bytes())
+            if current.version < 2:
+                durable.write_file_atomic(
+                    layout.format_file,
+                    msgspec.json.encode(StoreFormat(version=2)) + b"\n",
+                    layout.new_tmp_path("init", "format"))
     except Timeout:
         raise RunBusyError(
-            "the store is locked by another stagestore process "
-            + ("(a run, recover or verify)" if exclusive else "(gc)"),
-            hint="wait for it to finish and try again") from None
+            f"store {layout.root} is in use by an older stagestore (store format 1); its store "
+            "lock is upgraded to format 2 once no such process is running",
+            hint="wait for that process to finish, then try again") from None
+    layout.format_version = 2

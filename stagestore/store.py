@@ -21,7 +21,7 @@ DEFAULT_STORE_DIR = ".stagestore"
 STORE_ENV = "STAGESTORE_STORE"
 
 _README = """\
-This folder is a stagestore store (format version {version}).
+This folder is a stagestore store (its format version is in stagestore.json).
 
 Do not edit it by hand: objects are named by the BLAKE3 hash of their bytes and manifests
 point at them.  `stagestore verify` checks it; `stagestore recover` repairs interrupted runs;
@@ -67,7 +67,7 @@ class Store:
                 # the next call simply finishes.
                 if not layout.format_file.exists():
                     durable.write_file_atomic(
-                        layout.readme, _README.format(version=FORMAT_VERSION).encode(),
+                        layout.readme, _README.encode(),
                         layout.new_tmp_path(owner, "readme"))
                     durable.write_file_atomic(
                         layout.format_file,
@@ -98,6 +98,7 @@ class Store:
             raise FormatVersionError(
                 f"store {self.root} has format version {fmt.version}, but this stagestore "
                 f"handles only version {FORMAT_VERSION}", hint="upgrade stagestore")
+        self.layout.format_version = fmt.version  # 1 is upgraded by the first store lock
         for folder in (self.layout.tmp, self.layout.locks):
             if not folder.is_dir():
                 durable.mkdir(folder)

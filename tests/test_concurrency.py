@@ -141,3 +141,85 @@ def test_identical_work_in_concurrent_runs_is_done_once(ws, tmp_path):
     executed = [s["stage"] for r in reports for s in r["stages"] if s["executed"]]
     assert sorted(executed) == ["first", "second"]
     assert verify(Store.open(ws.store)).ok
+
+
+def test_a_waiting_gc_holds_off_shared_holders_that_come_after_it(tmp_path):
+    """The store lock prefers a waiting exclusive holder: a stream of runs cannot starve gc."""
+    import threading
+
+    import pytest
+
+    from stagestore.errors import RunBusyError
+    from stagestore.locking import store_lock
+
+    layout = Store.create(tmp_path / "store").layout
+    events: list[str] = []
+    with store_lock(layout, exclusive=False):  # a run in progress
+        waiting = threading.Thread(target=_hold_exclusive, args=(layout, events))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while True:  # until gc holds the gate, a later shared hold still gets in
+            try:
+                with store_lock(layout, exclusive=False, timeout=0):
+                    pass
+            except RunBusyError:
+                break
+            assert time.monotonic() < deadline, "gc never started waiting"
+            time.sleep(0.01)
+        with pytest.raises(RunBusyError, match=r"locked by another stagestore process \(gc\)"):
+            with store_lock(layout, exclusive=False, timeout=0.2):
+                pass
+        assert events == []  # gc still waits for the first run
+    waiting.join(10)
+    assert events == ["gc"]
+    with store_lock(layout, exclusive=False, timeout=0):  # and lets go when it is done
+        pass
+
+
+def _hold_exclusive(layout, events: list[str]) -> None:
+    from stagestore.locking import store_lock
+
+    with store_lock(layout, exclusive=True):
+        events.append("gc")
+
+
+def _as_format_1(root):
+    """Make the store at `root` look as a format-1 stagestore left it."""
+    (root / "stagestore.json").write_text('{"format":"stagestore","version":1}\n')
+    return Store.open(root)
+
+
+def test_a_format_1_store_is_upgraded_by_the_first_store_lock(tmp_path):
+    from stagestore.locking import store_lock
+
+    Store.create(tmp_path / "store")
+    store = _as_format_1(tmp_path / "store")
+    with store_lock(store.layout, exclusive=False):
+        pass
+    assert msgspec.json.decode((tmp_path / "store" / "stagestore.json").read_bytes()) == {
+        "format": "stagestore", "version": 2}
+    assert store.layout.format_version == 2
+    assert sorted(os.listdir(tmp_path / "store" / "tmp")) == []
+    assert Store.open(tmp_path / "store").layout.format_version == 2
+
+
+def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path, monkeypatch):
+    """The older process holds format 1's SQLite lock; the upgrade waits, then says so."""
+    import pytest
+    from filelock import ReadWriteLock
+
+    from stagestore import locking
+    from stagestore.errors import RunBusyError
+
+    Store.create(tmp_path / "store")
+    store = _as_format_1(tmp_path / "store")
+    monkeypatch.setattr(locking, "LEGACY_LOCK_WAIT", 0.1)
+    older = ReadWriteLock(os.fspath(store.layout.legacy_store_lock), is_singleton=False)
+    with older.read_lock():  # a format-1 run in progress
+        with pytest.raises(RunBusyError, match="in use by an older stagestore"):
+            with locking.store_lock(store.layout, exclusive=False):
+                pass
+    assert b'"version":1' in (tmp_path / "store" / "stagestore.json").read_bytes()
+    with locking.store_lock(store.layout, exclusive=False):  # it has finished
+        pass
+    assert store.layout.format_version == 2
