@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -253,6 +252,8 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             pass
 
     if os.path.isdir(path) and not os.path.islink(path):
+        import shutil  # here: it imports bz2 and lzma, which a no-op run never needs
+
         if sys.version_info >= (3, 12):
             shutil.rmtree(path, onexc=make_writable_and_retry)
         else:

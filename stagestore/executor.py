@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import sys
-from datetime import UTC, datetime
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from .objects import ObjectStore, SyncBatch
 from .processes import run_group
 from .pipeline import CODE_INPUT
 from .syntax import Placeholder, command_template, render
-from .records import ArtifactRef, AttemptLog, Failure, StageSpec
+from .records import ArtifactRef, AttemptLog, Failure, StageSpec, now
+from .stagework import StageInputs
 from .trees import materialize, read_tree, store_tree
 
 LARGE_OUTPUT = 64 << 20  # outputs this big get a progress note while they are hashed and stored
@@ -42,20 +42,6 @@ SIGNAL_LINES = 20
 SIGNAL_CHARS = 2000
 
 CLASSIFY_BYTES = 1 << 20  # the tail of stderr that classify rules search
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-class StageInputs:
-    """What an attempt reads: its workspace inputs and upstream outputs, as stored artifacts."""
-
-    def __init__(self, workspace: dict[str, ArtifactRef], upstream: dict[str, dict[str, ArtifactRef]],
-                 basenames: dict[str, str]) -> None:
-        self.workspace = workspace  # input name -> ref
-        self.upstream = upstream  # stage -> output name -> ref
-        self.basenames = basenames  # input name -> file name to show a file input under
 
 
 class AttemptResult:

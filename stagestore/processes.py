@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
-from typing import IO
+from functools import cache
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 _live_lock = threading.Lock()
 _live: set[subprocess.Popen] = set()
@@ -41,7 +44,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _child_setup_factory():  # noqa: ANN202
+@cache
+def _child_setup():  # noqa: ANN202
     """A preexec function setting PR_SET_PDEATHSIG on Linux, or None elsewhere.
 
     The signal fires when the *thread* that forked the child exits; each attempt forks and waits
@@ -62,9 +66,6 @@ def _child_setup_factory():  # noqa: ANN202
     return setup
 
 
-_child_setup = _child_setup_factory()
-
-
 def run_group(argv: list[str], *, cwd: os.PathLike[str] | str, env: dict[str, str],
               stdout: IO[bytes], stderr: IO[bytes], timeout: float | None) -> int | None:
     """Run `argv` to its end in a new process group; its exit code (negative: the signal), or
@@ -72,10 +73,12 @@ def run_group(argv: list[str], *, cwd: os.PathLike[str] | str, env: dict[str, st
     ended: nothing it started outlives it.  Raises `Interrupted` when the runner is stopping,
     before the start or because the process was killed for that; `OSError` if it cannot start.
     """
+    import subprocess  # here, not at the top: a run that reuses every stage never needs it
+
     if stopping.is_set():
         raise Interrupted()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                            stderr=stderr, start_new_session=True, preexec_fn=_child_setup)
+                            stderr=stderr, start_new_session=True, preexec_fn=_child_setup())
     with _live_lock:
         _live.add(proc)
     try:

@@ -9,7 +9,7 @@ states the evolution rules and `schemas/*.json` is generated from these classes.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -38,6 +38,11 @@ class VersionProbe(msgspec.Struct):
 
 # --- the pipeline definition (decoded from stagestore.toml, and kept in every run record) ---
 
+
+
+def now() -> datetime:
+    """The time every record carries: timezone-aware UTC."""
+    return datetime.now(UTC)
 
 class PipelineMeta(Record, kw_only=True):
     """The `[pipeline]` table."""

@@ -25,14 +25,13 @@ import msgspec
 
 from . import durable, processes
 from .errors import OutputError, PipelineError, UsageError
-from .executor import now
 from .failures import UPSTREAM_MISSING, runner_failure
 from .layout import run_owner, validate_name
 from .locking import owner_locked, store_lock
 from .objects import SyncBatch
 from .pipeline import Pipeline, item_stages, stage_input_paths
 from .records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
-                      RunRecord, SystemicFailure)
+                      RunRecord, SystemicFailure, now)
 from .reports import ItemReport, RunEvent, RunReport, StageReport
 from .resilience import CircuitBreaker, SystemicDetector
 from .stagework import ProgressCallback, StageWork
@@ -55,7 +54,8 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     execution = check_execution(execution or ExecutionOptions())
     selected = pipeline.closure(list(stages) or pipeline.order())
-    per_item = [s for s in selected if s in pipeline.item_stages()]
+    every_item_stage = pipeline.item_stages()
+    per_item = [s for s in selected if s in every_item_stage]
     if per_item and not items:
         raise UsageError(f"stage {per_item[0]!r} runs once per item (it uses {{item}}, "
                          "`per_item`, or an upstream stage that does)",

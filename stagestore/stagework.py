@@ -23,9 +23,8 @@ from pathlib import Path
 
 import msgspec
 
-from . import executor, processes
+from . import processes
 from .errors import CorruptRecordError
-from .executor import StageInputs, now
 from .failures import (CIRCUIT_OPEN, INFRASTRUCTURE_GATE, INPUT_MISSING, UPSTREAM_MISSING,
                        runner_failure)
 from .keys import config_hash, input_hash, input_key
@@ -34,7 +33,7 @@ from .manifests import cache_key, output_hash
 from .pipeline import CODE_INPUT, code_path
 from .syntax import parse_size, render_item_path
 from .records import (ArtifactRef, AttemptLog, Failure, RunRecord, StageEvent, StageManifest,
-                      StageSpec)
+                      StageSpec, now)
 from .reports import RunEvent, StageReport
 from .resilience import CircuitBreaker, human_size, last_good, last_output_size, preflight
 from .store import Store
@@ -42,6 +41,16 @@ from .trees import artifact_present
 
 ProgressCallback = Callable[[RunEvent], None]
 """`progress(event)`, called from worker threads; see `RunEvent` for the events."""
+
+
+class StageInputs:
+    """What an attempt reads: its workspace inputs and upstream outputs, as stored artifacts."""
+
+    def __init__(self, workspace: dict[str, ArtifactRef], upstream: dict[str, dict[str, ArtifactRef]],
+                 basenames: dict[str, str]) -> None:
+        self.workspace = workspace  # input name -> ref
+        self.upstream = upstream  # stage -> output name -> ref
+        self.basenames = basenames  # input name -> file name to show a file input under
 
 
 def work_owner(keys: tuple[str, str]) -> str:
@@ -247,6 +256,8 @@ class StageWork:
 
     def _attempts(self, c: _Context, logs: list[AttemptLog], events: list[StageEvent]):  # noqa: ANN202
         """Attempts until one succeeds, a failure is not retryable, or the retries are spent."""
+        from . import executor  # only when a stage executes: it imports subprocess
+
         attempts = 1 + c.spec.retries
         for number in range(1, attempts + 1):
             folder = self.store.layout.new_tmp_path(self.owner, f"{c.stage}.{number}")
