@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import StagestoreError
-from .keys import config_hash, input_hash, input_key
 from .layout import run_owner
 from .locking import owner_is_live
-from .pipeline import CODE_INPUT, Pipeline, item_stages, stage_input_paths
 from .records import ArtifactRef, RunRecord, StageManifest
 from .reports import (AttemptOutput, ContractsReport, RunDetail, RunsReport, RunSummary,
                       StageContract, StageRow, StageStatus, StatusReport)
 from .store import Store
-from .trees import artifact_present, hash_artifact
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+# `runs`, `show` and `logs` read records only; the pipeline model, the cache keys and hashing
+# are imported by the functions that need them, so those commands start as fast as `--help`.
 
 
 def _iso(value) -> str | None:  # noqa: ANN001
@@ -72,6 +77,8 @@ def _manifest_status(store: Store, run_id: str, stage: str) -> str:
 
 
 def show_run(store: Store, run_id: str) -> RunDetail:
+    from .pipeline import item_stages
+
     record = store.manifests.read_run(run_id)
     rows = []
     per_item = item_stages(record.definition.stages)
@@ -157,6 +164,10 @@ def _latest_manifest(store: Store, stage: str) -> StageManifest | None:
 
 def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
     """Which stages a run would execute now, and why; stores nothing."""
+    from .keys import config_hash, input_hash, input_key
+    from .pipeline import stage_input_paths
+    from .trees import artifact_present, hash_artifact
+
     hits: dict[str, StageManifest] = {}
     rows: list[StageStatus] = []
     hashed: dict[str, ArtifactRef] = {}
@@ -203,6 +214,8 @@ def _why(store: Store | None, stage: str, keys: tuple[str, str], flat: dict[str,
 
 
 def contracts(pipeline: Pipeline) -> ContractsReport:
+    from .pipeline import CODE_INPUT, stage_input_paths
+
     rows = []
     for stage in pipeline.order():
         spec = pipeline.stages[stage]
