@@ -4,6 +4,7 @@ The public API (imported lazily, so `import stagestore` and `stagestore --help` 
 
     Store               open or create a store folder
     load_pipeline       read and validate a stagestore.toml
+    Pipeline            a pipeline; Pipeline("name").stage(...) builds one, to/from TOML
     run                 run a pipeline's stages, reusing identical work
     verify              re-hash and cross-check everything; report findings
     recover             remove orphaned temps, complete interrupted runs

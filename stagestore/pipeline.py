@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from . import tomlwrite
 from .errors import InvalidNameError, PipelineError, StageNotFoundError
 from .layout import validate_name
 from .records import PipelineDef, PipelineMeta, StageSpec
@@ -72,14 +73,41 @@ def item_stages(stages: dict[str, StageSpec]) -> set[str]:
 
 
 class Pipeline:
-    """A validated pipeline: its definition, the file it came from and the stage graph."""
+    """A pipeline: its definition, its file and workdir, and the stage graph.
 
-    def __init__(self, definition: PipelineDef, path: Path, workdir: Path,
-                 display: str | None = None) -> None:
-        self.definition = definition
-        self.path = path
-        self.workdir = workdir
-        self.display = display or str(path)
+    `load_pipeline` returns one read from a file.  `Pipeline("docs")` starts an empty one in
+    Python, for programs that generate pipelines: `stage` adds stages, `validate` checks the
+    whole as a file is checked, `to_toml`, `write` and `from_toml` convert to and from
+    `stagestore.toml` text.  Two pipelines are equal when their definitions are; where their
+    files live does not count.  A pipeline is not hashable, since `stage` changes it.
+    """
+
+    def __init__(self, name_or_definition: str | PipelineDef,
+                 path: str | os.PathLike[str] | None = None,
+                 workdir: str | os.PathLike[str] | None = None, display: str | None = None, *,
+                 version: str = "1") -> None:
+        """From a definition, or from a name: an empty pipeline at `version` (used only then).
+
+        The workdir, which input paths are relative to, defaults to the folder of `path`, else
+        the current folder; `path` defaults to `stagestore.toml` in the workdir and need not
+        exist.  `display` is how error messages name the pipeline (default: its path).
+        """
+        self.path, self.workdir = _locate(path, workdir)
+        if isinstance(name_or_definition, str):
+            display = display or f"pipeline {name_or_definition!r} (built in Python)"
+            name_or_definition = _new_definition(name_or_definition, version, display,
+                                                 str(self.path))
+        self.definition = name_or_definition
+        self.display = display or str(self.path)
+        self.validated = False  # set by `validate_pipeline`; `run` validates a pipeline once
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pipeline):
+            return NotImplemented
+        return self.definition == other.definition
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r} version {self.version!r} stages={list(self.stages)}>"
 
     @property
     def name(self) -> str:
@@ -92,6 +120,78 @@ class Pipeline:
     @property
     def stages(self) -> dict[str, StageSpec]:
         return self.definition.stages
+
+    def stage(self, name: str, **keys: Any) -> Pipeline:
+        """Add stage `name` with the keys of its `[stages.NAME]` table, and return the pipeline.
+
+        Names and types are checked here, as in a file (`classify` and `checks` may be given as
+        dicts or as records); how stages fit together is checked by `validate`.
+        """
+        try:
+            validate_name(name, "stage name")
+        except InvalidNameError as exc:
+            raise self._error(str(exc), name) from None
+        if name in self.stages:
+            raise self._error(f"stage {name!r} is already defined", name)
+        spec = _convert_stage(name, keys, self.display, str(self.path))
+        try:
+            _stage_sections(name, spec)  # refuse now a value `to_toml` could not write
+        except tomlwrite.TomlValueError as exc:
+            raise self._toml_error(exc, name) from None
+        self.definition = msgspec.structs.replace(self.definition,
+                                                  stages={**self.stages, name: spec})
+        self.validated = False
+        return self
+
+    def validate(self, *, check_inputs: bool = True) -> Pipeline:
+        """Check the pipeline as `load_pipeline` checks a file (inputs exist, with
+        `check_inputs`), and return it; raises `PipelineError`."""
+        validate_pipeline(self, check_inputs=check_inputs)
+        return self
+
+    def to_toml(self) -> str:
+        """The definition as `stagestore.toml` text: `[pipeline]`, then a `[stages.NAME]` table
+        per stage with the keys that differ from their defaults.  Not validated (see
+        `validate`); `from_toml` reads it back as an equal pipeline."""
+        meta = msgspec.structs.asdict(self.definition.pipeline)
+        try:
+            sections = [tomlwrite.section(["pipeline"], meta)]
+            for name, spec in self.stages.items():
+                sections += _stage_sections(name, spec)
+        except tomlwrite.TomlValueError as exc:
+            raise self._toml_error(exc) from None
+        return "\n".join(sections)
+
+    def write(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write `to_toml()` to `path` (default: the pipeline's own file) and return where.
+
+        The text goes to a temp file beside it that then replaces it, so a failure leaves the
+        old file or the new one, never part of one.
+        """
+        target = Path(path) if path is not None else self.path
+        text = self.to_toml()
+        temp = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            with open(temp, "x", encoding="utf-8", newline="\n") as file:
+                file.write(text)
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def from_toml(cls, text: str, *, workdir: str | os.PathLike[str] | None = None,
+                  path: str | os.PathLike[str] | None = None,
+                  check_inputs: bool = True) -> Pipeline:
+        """Read `stagestore.toml` text and validate it, as `load_pipeline` reads a file.
+
+        `workdir` and `path` are as for `Pipeline(...)`; messages name `path`, or `<TOML text>`.
+        """
+        display = str(Path(path)) if path is not None else "<TOML text>"
+        # surrogatepass: a lone surrogate then fails _decode's UTF-8 check, which names its line
+        definition = _decode(text.encode("utf-8", "surrogatepass"), display)
+        return cls(definition, path, workdir, display=display).validate(check_inputs=check_inputs)
 
     def order(self) -> list[str]:
         """Stages in dependency order; ties keep the order of the file."""
@@ -122,6 +222,72 @@ class Pipeline:
 
     def input_path(self, relpath: str) -> Path:
         return self.workdir / relpath
+
+    def _error(self, message: str, stage: str) -> PipelineError:
+        return PipelineError(f"{self.display}: {message} - at `$.stages.{stage}`",
+                             path=str(self.path), stage=stage)
+
+    def _toml_error(self, exc: tomlwrite.TomlValueError,
+                    stage: str | None = None) -> PipelineError:
+        return PipelineError(f"{self.display}: cannot write as TOML: {exc}", path=str(self.path),
+                             stage=stage)
+
+
+def _locate(path: str | os.PathLike[str] | None,
+            workdir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """The pipeline file and the workdir, made absolute, with their defaults filled in."""
+    folder = Path(workdir).absolute() if workdir is not None else None
+    if path is not None:
+        file = Path(path).absolute()
+        return file, folder or file.parent
+    folder = folder or Path.cwd()
+    return folder / DEFAULT_PIPELINE_FILE, folder
+
+
+def _new_definition(name: str, version: str, display: str, path: str) -> PipelineDef:
+    """The definition of an empty pipeline, its `[pipeline]` table type-checked as in a file."""
+    try:
+        meta = msgspec.convert({"name": name, "version": version}, PipelineMeta)
+    except msgspec.ValidationError as exc:
+        raise PipelineError(f"{display}: {_with_key(str(exc), '.pipeline')}", path=path) from None
+    return PipelineDef(pipeline=meta)
+
+
+def _convert_stage(name: str, table: dict[str, Any], display: str, path: str) -> StageSpec:
+    """A `[stages.NAME]` table as a `StageSpec`, with `_decode`'s message when it does not fit."""
+    try:
+        return msgspec.convert(table, StageSpec)
+    except msgspec.ValidationError as exc:
+        hint = None
+        if _UNKNOWN_FIELD_RE.search(str(exc)):
+            hint = "valid stage keys: " + ", ".join(StageSpec.__struct_fields__)
+        raise PipelineError(f"{display}: {_with_key(str(exc), f'.stages.{name}')}", path=path,
+                            stage=name, hint=hint) from None
+
+
+def _stage_sections(name: str, spec: StageSpec) -> list[str]:
+    """`[stages.NAME]` with the stage's own keys, then a `[[stages.NAME.classify]]` and a
+    `[[stages.NAME.checks]]` table per rule and check: after the stage's keys, which would
+    otherwise belong to the last of those tables."""
+    keys = _explicit_fields(spec)
+    arrays = {field: keys.pop(field, []) for field in ("classify", "checks")}
+    sections = [tomlwrite.section(["stages", name], keys)]
+    for field, records in arrays.items():
+        sections += [tomlwrite.section(["stages", name, field], _explicit_fields(record),
+                                       array=True) for record in records]
+    return sections
+
+
+def _explicit_fields(record: msgspec.Struct) -> dict[str, Any]:
+    """A record's required fields and those that differ from their defaults, by TOML name."""
+    fields = {}
+    for field in msgspec.structs.fields(record):
+        value = getattr(record, field.name)
+        default = (field.default if field.default_factory is msgspec.NODEFAULT
+                   else field.default_factory())
+        if field.required or value != default:
+            fields[field.encode_name] = value
+    return fields
 
 
 def topological_order(stages: dict[str, StageSpec]) -> list[str]:
@@ -297,6 +463,7 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
         topological_order(stages)
     except PipelineError as exc:
         raise fail(str(exc), exc.stage, "upstream") from None
+    pipeline.validated = True
 
 
 def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],

@@ -52,6 +52,8 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     `items`, every item through the stages that run per item (see `read_items`)."""
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if not pipeline.validated:  # built in Python and not validated yet
+        pipeline.validate()
     execution = check_execution(execution or ExecutionOptions())
     selected = pipeline.closure(list(stages) or pipeline.order())
     every_item_stage = pipeline.item_stages()
