@@ -26,14 +26,15 @@ from pathlib import Path
 from . import durable
 from .errors import OutputError, StagestoreError
 from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INPUT_MODIFIED,
-                       KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, classify)
+                       KILLED, LAUNCH, OUTPUT_INVALID, OUTPUT_MISSING, TIMEOUT, VALIDATION,
+                       classify)
 from .gates import run_checks
 from .hashing import hash_file
 from .objects import ObjectStore, SyncBatch
 from .processes import run_group
 from .pipeline import CODE_INPUT
 from .syntax import Placeholder, command_template, render
-from .records import ArtifactRef, AttemptLog, Failure, StageSpec, now
+from .records import ArtifactRef, AttemptLog, Failure, Resources, StageSpec, now
 from .stagework import StageInputs
 from .trees import materialize, read_tree, store_tree
 
@@ -44,13 +45,19 @@ SIGNAL_CHARS = 2000
 CLASSIFY_BYTES = 1 << 20  # the tail of stderr that classify rules search
 
 
+KIND_STATS = "kind-stats.json"  # in the attempt folder: what a built-in kind measured
+KIND_VALIDATION_EXIT = 3  # stagestore.kindstage: the data failed a check (ValidationFailure)
+
+
 class AttemptResult:
     def __init__(self, log: AttemptLog, outputs: dict[str, ArtifactRef] | None,
-                 failure: Failure | None, warnings: list[str]) -> None:
+                 failure: Failure | None, warnings: list[str],
+                 resources: Resources | None = None) -> None:
         self.log = log
         self.outputs = outputs
         self.failure = failure  # classified: class, category, domain
         self.warnings = warnings  # failed non-critical checks, in sampling mode
+        self.resources = resources  # built-in kinds: what the attempt measured
 
 
 # --- one attempt ---------------------------------------------------------------------------
@@ -137,6 +144,8 @@ class Attempt:
         return resolve
 
     def argv(self, values: dict[str, str], template: list[str] | None = None) -> list[str]:
+        if self.spec.kind is not None and template is None:
+            return self._kind_argv(values)
         if self.spec.call is not None and template is None:
             context = {
                 "call": self.spec.call, "run_id": self.run_id, "stage": self.stage,
@@ -162,6 +171,39 @@ class Attempt:
             quoted = {key: shlex.quote(value) for key, value in values.items()}
             return ["/bin/sh", "-c", render(template[0], self._resolve(quoted))]
         return [render(arg, resolve) for arg in template]
+
+    def _kind_argv(self, values: dict[str, str]) -> list[str]:
+        """`python -m stagestore.kindstage CONTEXT.json` (docs/kinds.md); the key itself stays
+        in the environment or its file, never in the context."""
+        spec = self.spec
+        resolve = self._resolve(values)
+        context = {
+            "kind": spec.kind, "algorithm": spec.algorithm, "params": spec.params,
+            "chunk_size": spec.chunk_size, "parallel": spec.parallel, "workers": spec.workers,
+            "call": spec.call, "key_env": spec.key_env, "key_file": spec.key_file,
+            "src": render(spec.input or "", resolve),
+            "expect": render(spec.expect, resolve) if spec.expect is not None else None,
+            "dest": values[f"outputs.{spec.outputs[0]}"],
+            "workdir": str(self.workdir),
+            "code_dir": str(self.in_dir / "code") if CODE_INPUT in self.inputs.workspace else None,
+            "stats": str(self.folder / KIND_STATS),
+        }
+        context_path = self.folder / "context.json"
+        durable.write_temp(context_path, json.dumps(context, default=str).encode())
+        return [sys.executable, "-m", "stagestore.kindstage", str(context_path)]
+
+    def _kind_resources(self) -> Resources | None:
+        """What the kind's process wrote to `kind-stats.json`; None for other stages, or when
+        the file is missing or malformed (the measurement is a hint for `plan`, not a result)."""
+        if self.spec.kind is None:
+            return None
+        import msgspec
+
+        try:
+            stats = json.loads((self.folder / KIND_STATS).read_bytes())
+            return msgspec.convert(dict(stats, workers=stats.get("workers", 1)), Resources)
+        except (OSError, ValueError, msgspec.ValidationError):
+            return None
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -194,6 +236,10 @@ class Attempt:
                 failure = self._entry_check()
             if failure is None:
                 exit_code, failure = self._spawn(self.argv(values))
+                if failure is not None and self.spec.kind is not None \
+                        and exit_code == KIND_VALIDATION_EXIT:
+                    failure = Failure(class_=VALIDATION, signal=failure.signal,
+                                      exit_code=exit_code)
                 # Checked whatever the exit code: a failing stage may have damaged an input too.
                 failure = self._inputs_unchanged() or failure
             if failure is None:
@@ -209,7 +255,8 @@ class Attempt:
         stdout_digest, stderr_digest = self._commit_logs(batch)
         log = AttemptLog(attempt=self.number, stdout=stdout_digest, stderr=stderr_digest,
                          exit_code=exit_code, started_at=started, finished_at=now(), failure=failure)
-        return AttemptResult(log, outputs if failure is None else None, failure, warnings)
+        return AttemptResult(log, outputs if failure is None else None, failure, warnings,
+                             self._kind_resources() if failure is None else None)
 
     def _entry_check(self) -> Failure | None:
         for name, ref in self.inputs.workspace.items():

@@ -9,16 +9,24 @@ from __future__ import annotations
 import msgspec
 
 from .hashing import digest_canonical
-from .records import MANIFEST_SCHEMA_VERSION, ArtifactRef, StageSpec
+from .records import ArtifactRef, StageSpec
 
 
-def config_hash(spec: StageSpec) -> str:
-    """Over cmd/call as written, shell, params, declared env, outputs, checks, kind and schema
-    version.  Not over what only decides how failures are handled (domain, classify, retries,
-    timeout, on_failure, disk): changing those never invalidates a succeeded result."""
-    return digest_canonical({
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "kind": "cmd" if spec.cmd is not None else "call",
+CONFIG_HASH_VERSION = 2
+"""The version of `config_hash`'s recipe.  It was the manifest's schema version until manifest
+version 3, which changed nothing a result depends on; a new recipe gets a new number, and
+invalidates every cached result."""
+
+
+def config_hash(spec: StageSpec, kind_config: dict | None = None) -> str:
+    """Over cmd/call as written, shell, params, declared env, outputs, checks, kind and the
+    recipe's version; for a built-in kind, also `kind_config` (`stagekinds.config`: its input,
+    algorithm, chunk size, key id, ...).  Not over what only decides how failures are handled
+    (domain, classify, retries, timeout, on_failure, disk) or how fast a kind runs (parallel,
+    workers): changing those never invalidates a succeeded result."""
+    fields = {
+        "schema_version": CONFIG_HASH_VERSION,
+        "kind": spec.kind or ("cmd" if spec.cmd is not None else "call"),
         "cmd": spec.cmd,
         "call": spec.call,
         "shell": spec.shell,
@@ -26,7 +34,12 @@ def config_hash(spec: StageSpec) -> str:
         "env": spec.env,
         "outputs": sorted(spec.outputs),
         "checks": msgspec.to_builtins(spec.checks),
-    })
+    }
+    if spec.kind is not None:
+        if kind_config is None:
+            raise ValueError(f"config_hash of a {spec.kind!r} stage needs its kind_config")
+        fields["kind_config"] = kind_config
+    return digest_canonical(fields)
 
 
 def input_key(kind: str, name: str, stage: str | None = None) -> str:

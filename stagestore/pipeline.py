@@ -468,9 +468,13 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
 
 def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
                     fail: Callable[..., PipelineError]) -> None:
-    if (spec.cmd is None) == (spec.call is None):
-        raise fail("a stage needs exactly one of `cmd` or `call`", name, "cmd")
-    if spec.call is not None and not _CALL_RE.match(spec.call):
+    if spec.kind is not None:
+        from .stagekinds import validate_kind_stage
+
+        validate_kind_stage(name, spec, fail)
+    elif (spec.cmd is None) == (spec.call is None):
+        raise fail("a stage needs exactly one of `cmd`, `call` or `kind`", name, "cmd")
+    if spec.call is not None and spec.kind is None and not _CALL_RE.match(spec.call):
         raise fail(f"`call` must be 'module:function', got {spec.call!r}", name, "call")
     if spec.call is not None and spec.shell:
         raise fail("`shell` applies to `cmd` only", name, "shell")

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import msgspec
 
-MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_SCHEMA_VERSION = 3
 TREE_SCHEMA_VERSION = 1
-RUN_SCHEMA_VERSION = 2
+RUN_SCHEMA_VERSION = 3
 CACHE_ENTRY_SCHEMA_VERSION = 2
 STAT_CACHE_SCHEMA_VERSION = 1
 ITEM_SCHEMA_VERSION = 1
@@ -185,6 +185,17 @@ class AttemptLog(Record, kw_only=True):
     failure: Failure | None = None
 
 
+class Resources(Record, kw_only=True):
+    """What a built-in kind's attempt measured (docs/kinds.md): bytes read and written, wall
+    time, and the peak resident memory of its process; `stagestore plan` estimates from these."""
+
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss_bytes: int
+    workers: int
+
+
 class StageManifest(Record, kw_only=True):
     """`runs/<run_id>/<stage>.json`, or `runs/<run_id>/items/<item>/<stage>.json` for a stage
     that runs per item: the record of one stage in one run."""
@@ -194,7 +205,7 @@ class StageManifest(Record, kw_only=True):
     run_id: str
     item: str | None = None
     pipeline: PipelineRef
-    status: Literal["succeeded", "failed", "degraded"]
+    status: Literal["succeeded", "failed", "degraded", "disabled"]
     input_hash: str
     config_hash: str
     output_hash: str | None
@@ -210,6 +221,7 @@ class StageManifest(Record, kw_only=True):
     degraded_from: str | None = None
     events: list[StageEvent] = []
     warnings: list[str] = []
+    resources: Resources | None = None
 
 
 class TreeEntry(Record, kw_only=True):
@@ -229,7 +241,7 @@ class TreeListing(Record, kw_only=True):
     entries: list[TreeEntry]
 
 
-StageOutcome = Literal["succeeded", "cached", "failed", "skipped", "degraded"]
+StageOutcome = Literal["succeeded", "cached", "failed", "skipped", "degraded", "disabled"]
 
 
 class ExecutionOptions(Record, kw_only=True):
@@ -381,11 +393,22 @@ def _run_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     return dict(raw, schema_version=2)
 
 
+def _manifest_2_to_3(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added the status `disabled` and `resources` (defaulted)."""
+    return dict(raw, schema_version=3)
+
+
+def _run_2_to_3(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added the outcome `disabled` and, in the definition, `enabled` and the keys of
+    built-in kinds (all defaulted)."""
+    return dict(raw, schema_version=3)
+
+
 # Upgraders from version N to N+1, per record type: `_UPGRADES[StageManifest][1]` turns a
 # version-1 document (as a dict) into a version-2 one.
 _UPGRADES: dict[type[Record], dict[int, Any]] = {
-    StageManifest: {1: _manifest_1_to_2},
-    RunRecord: {1: _run_1_to_2},
+    StageManifest: {1: _manifest_1_to_2, 2: _manifest_2_to_3},
+    RunRecord: {1: _run_1_to_2, 2: _run_2_to_3},
     CacheEntry: {1: lambda raw: dict(raw, schema_version=2)},  # added `item`
 }
 

@@ -16,7 +16,7 @@ class Report(msgspec.Struct, kw_only=True):
 class RunEvent(Report, kw_only=True):
     """One progress line of a run (`--log-format json` prints these, one JSON object a line).
 
-    Events: start, cached, succeeded, failed, skipped, degraded, retry, note (a step of a long
+    Events: start, cached, succeeded, failed, skipped, disabled, degraded, retry, note (a step of a long
     stage), warning, fallback, circuit_open, item_start, item_end, systemic_abort, run_end (the last line: the status)."""
 
     ts: str
@@ -30,7 +30,7 @@ class RunEvent(Report, kw_only=True):
 class StageReport(Report, kw_only=True):
     stage: str
     item: str | None = None
-    outcome: Literal["succeeded", "cached", "failed", "skipped", "degraded"]
+    outcome: Literal["succeeded", "cached", "failed", "skipped", "degraded", "disabled"]
     executed: bool = False
     cached_from: str | None = None
     degraded_from: str | None = None

@@ -265,11 +265,10 @@ class Execution:
                 while pending or running:
                     for stage in list(pending):
                         ups = self.stages[stage].upstream
-                        blocked = [u for u in ups if u in reports and reports[u].outcome in
-                                   ("failed", "skipped")]
+                        blocked = self._blocker(ups, reports)
                         if blocked:
                             pending.remove(stage)
-                            reports[stage] = self._skip(stage, blocked[0])
+                            reports[stage] = self._skip(stage, blocked, reports[blocked])
                         elif all(u in reports for u in ups) and len(running) < self.jobs:
                             pending.remove(stage)
                             running[pool.submit(self.work.process, stage)] = stage
@@ -285,7 +284,18 @@ class Execution:
                 raise
         return reports
 
-    def _skip(self, stage: str, blocker: str, item: str | None = None) -> StageReport:
+    def _blocker(self, upstream: list[str], reports: dict[str, StageReport]) -> str | None:
+        """The first upstream stage that keeps a stage from running: it failed or was skipped,
+        or it is disabled and is not a built-in kind (which passes its input through)."""
+        for up in upstream:
+            outcome = reports[up].outcome if up in reports else None
+            if outcome in ("failed", "skipped") or (
+                    outcome == "disabled" and self.stages[up].kind is None):
+                return up
+        return None
+
+    def _skip(self, stage: str, blocker: str, blocked_by: StageReport,
+              item: str | None = None) -> StageReport:
         """A stage whose upstream did not succeed: not run, and a manifest it has in this run
         from an earlier invocation is removed, since this run no longer records the upstream
         outputs it was made from."""
@@ -293,7 +303,9 @@ class Execution:
         if path.exists():
             durable.unlink(path)
             durable.fsync_dir(path.parent)
-        reason = f"upstream stage {blocker!r} did not succeed"
+        reason = (f"upstream stage {blocker!r} is disabled (enabled = false)"
+                  if blocked_by.outcome == "disabled" else
+                  f"upstream stage {blocker!r} did not succeed")
         self.emit("skipped", stage, reason, item)
         return StageReport(stage=stage, item=item, outcome="skipped", reason=reason)
 
@@ -394,10 +406,10 @@ class Execution:
                     f"stage {root!r}, which runs once for all items, did not succeed")
                 first = FirstFailure(stage=root, failure=failure, at=now())
                 return self._end_item(record, "failed", first), list(done.values())
-            skipped = next((u for u in spec.upstream if done.get(u, shared.get(u)) is not None
-                            and done.get(u, shared.get(u)).outcome in ("failed", "skipped")), None)
+            skipped = self._blocker(spec.upstream, {**shared, **done})
             if skipped is not None:
-                done[stage] = self._skip(stage, skipped, item)
+                done[stage] = self._skip(stage, skipped, done.get(skipped, shared.get(skipped)),
+                                         item)
                 status = "degraded"
                 continue
             report = self.work.process(stage, item, record.inputs.get(stage, {}))

@@ -32,8 +32,8 @@ from .locking import OwnerLock
 from .manifests import cache_key, output_hash
 from .pipeline import CODE_INPUT, code_path
 from .syntax import parse_size, render_item_path
-from .records import (ArtifactRef, AttemptLog, Failure, RunRecord, StageEvent, StageManifest,
-                      StageSpec, now)
+from .records import (ArtifactRef, AttemptLog, Failure, Resources, RunRecord, StageEvent,
+                      StageManifest, StageSpec, now)
 from .reports import RunEvent, StageReport
 from .resilience import CircuitBreaker, human_size, last_good, last_output_size, preflight
 from .store import Store
@@ -148,8 +148,14 @@ class StageWork:
             inputs, flat, upstream_hashes = self._inputs(stage, spec, item, item_inputs)
         except _Unusable as exc:
             return report("failed", None, failure=exc.failure)
-        keys = (input_hash(flat, item if stage in self.item_stages else None), config_hash(spec))
+        try:
+            keys = (input_hash(flat, item if stage in self.item_stages else None),
+                    self._config_hash(spec))
+        except _Unusable as exc:
+            return report("failed", None, failure=exc.failure)
         context = _Context(stage, spec, item, keys, flat, upstream_hashes, inputs)
+        if not spec.enabled or spec.kind == "passthrough":
+            return self._pass_through(context, report)
         if self.force:
             # An earlier result with the same keys, to tell whether the stage is deterministic.
             previous = self.store.cache.lookup(*keys)
@@ -182,6 +188,37 @@ class StageWork:
             return self._execute(context, None, report)
         finally:
             lock.release()
+
+    def _config_hash(self, spec: StageSpec) -> str:
+        if spec.kind is None:
+            return config_hash(spec)
+        if not spec.enabled:  # its key may be unavailable; a disabled manifest is never reused
+            return config_hash(spec, {})
+        from . import stagekinds
+        from .kinds import KindError
+
+        try:
+            return config_hash(spec, stagekinds.config(spec, self.workdir))
+        except KindError as exc:
+            raise _Unusable(runner_failure(spec, INFRASTRUCTURE_GATE, exc.message)) from None
+
+    def _pass_through(self, c: _Context, report: Callable[..., StageReport]) -> StageReport:
+        """A passthrough stage, or a disabled one: no process.  The output of a built-in kind
+        is its input, the same object; a disabled stage of any other kind has no outputs, and
+        the runner skips its dependents."""
+        outputs = {}
+        if c.spec.kind is not None:
+            from .stagekinds import source
+
+            ref = source(c.spec)
+            name = input_key(ref.kind, ref.name, ref.stage if ref.kind == "upstream" else None)
+            outputs[c.spec.outputs[0]] = c.flat[name]
+        status = "succeeded" if c.spec.enabled else "disabled"
+        manifest = self._manifest(c, status=status, outputs=outputs, started_at=now(), logs=[],
+                                  failure=None)
+        self.store.manifests.write(manifest, self.owner)
+        return report(status, manifest,
+                      reason=None if c.spec.enabled else "disabled (enabled = false)")
 
     def _usable(self, manifest: StageManifest) -> bool:
         """Every object the outputs need is present, and check warnings are acceptable."""
@@ -242,7 +279,8 @@ class StageWork:
                 self.emit("warning", c.stage, warning, c.item)
             manifest = self._manifest(c, status="succeeded", outputs=result.outputs,
                                       started_at=started_at, logs=logs, failure=None,
-                                      events=events, warnings=warnings)
+                                      events=events, warnings=warnings,
+                                      resources=result.resources)
             self._note_size(c.stage, manifest)
             # The cache entry goes first, and only where no valid entry exists: a crash between
             # the two writes then leaves an entry naming a manifest that does not exist (a miss),
@@ -337,8 +375,8 @@ class StageWork:
     def _manifest(self, c: _Context, *, status: str, outputs: dict[str, ArtifactRef],
                   started_at, logs: list[AttemptLog], failure: Failure | None,  # noqa: ANN001
                   cached_from: str | None = None, events: list[StageEvent] | None = None,
-                  warnings: list[str] | None = None,
-                  degraded_from: str | None = None) -> StageManifest:
+                  warnings: list[str] | None = None, degraded_from: str | None = None,
+                  resources: Resources | None = None) -> StageManifest:
         return StageManifest(
             stage=c.stage, run_id=self.record.run_id, item=c.item, pipeline=self.record.pipeline,
             status=status,  # type: ignore[arg-type]
@@ -347,7 +385,7 @@ class StageWork:
             inputs=c.flat, upstream=c.upstream_hashes, outputs=outputs, started_at=started_at,
             finished_at=now(), cached_from=cached_from, attempts=len(logs), logs=logs,
             failure=failure, degraded_from=degraded_from, events=events or [],
-            warnings=warnings or [])
+            warnings=warnings or [], resources=resources)
 
 
 class _Context(msgspec.Struct, frozen=True):

@@ -66,7 +66,10 @@ def render(text: str, resolve: Callable[[Placeholder], str]) -> str:
 
 
 def command_template(spec: StageSpec) -> list[str]:
-    """The stage's command as a list of templates, before placeholders are filled in."""
+    """The stage's command as a list of templates, before placeholders are filled in; for a
+    built-in kind (docs/kinds.md), its `input` and `expect`, which name what it reads."""
+    if spec.kind is not None:
+        return [text for text in (spec.input, spec.expect) if text is not None]
     if spec.cmd is None:
         return []
     if isinstance(spec.cmd, list):

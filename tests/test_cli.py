@@ -470,7 +470,7 @@ def test_show_stage_json_is_the_manifest(done):
     on_disk = (ws.store / "runs" / run_id / "make.json").read_text()
     assert manifest == json.loads(on_disk)
     assert MANIFEST_FIELDS <= set(manifest)
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == 3
     assert manifest["stage"] == "make" and manifest["run_id"] == run_id
     assert manifest["pipeline"] == {"name": "linear", "version": "1"}
     assert manifest["status"] == "succeeded"

@@ -16,7 +16,8 @@ import msgspec
 import pytest
 
 from stagestore import failures as F
-from stagestore.records import ClassifyRule, ExecutionOptions, Failure, StageSpec
+from stagestore.records import (MANIFEST_SCHEMA_VERSION, ClassifyRule, ExecutionOptions, Failure,
+                                StageSpec)
 from stagestore.runner import run
 from stagestore.taxonomy import failure_report
 
@@ -766,6 +767,6 @@ def test_a_version_1_manifest_is_upgraded_when_read(ws):
     os.chmod(path, 0o644)
     path.write_bytes(msgspec.json.encode(raw))
     manifest = store.manifests.read("a", "count")
-    assert manifest.schema_version == 2 and manifest.item is None and manifest.events == []
+    assert manifest.schema_version == MANIFEST_SCHEMA_VERSION and manifest.item is None and manifest.events == []
     assert (manifest.failure.category, manifest.failure.domain) == ("retryable", "build")
     assert manifest.failure.taxonomy_eligible is True

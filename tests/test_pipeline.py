@@ -192,7 +192,7 @@ def test_cmd_and_call_exactly_one_names_the_key(ws, body):
 def test_cmd_and_call_exactly_one_is_refused(ws, body):
     exc = _load_error(ws, body)
     assert "stagestore.toml" in exc.message
-    assert "`cmd` or `call`" in exc.message
+    assert "exactly one of `cmd`, `call` or `kind`" in exc.message
     assert "$.stages.a" in exc.message
     assert exc.stage == "a"
 

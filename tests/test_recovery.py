@@ -13,6 +13,7 @@ import msgspec
 
 from stagestore.layout import StoreLayout
 from stagestore.locking import OwnerLock
+from stagestore.records import MANIFEST_SCHEMA_VERSION
 from stagestore.recovery import recover
 from stagestore.runner import run
 from stagestore.store import Store
@@ -135,11 +136,13 @@ def test_a_newer_manifest_schema_is_refused_with_both_versions(ws):
     run(ws.load(), store, run_id="a")
     path = ws.store / "runs" / "a" / "count.json"
     raw = msgspec.json.decode(path.read_bytes())
-    raw["schema_version"] = 3
+    newer = MANIFEST_SCHEMA_VERSION + 1
+    raw["schema_version"] = newer
     path.write_bytes(msgspec.json.encode(raw))
     result = ws.cli("show", "a", "count")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "schema_version 3" in result.stderr and "up to 2" in result.stderr
+    assert f"schema_version {newer}" in result.stderr
+    assert f"up to {MANIFEST_SCHEMA_VERSION}" in result.stderr
     kinds = [f.kind for f in verify(store).problems]
     assert "manifest_invalid" in kinds
 

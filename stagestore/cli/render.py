@@ -61,6 +61,7 @@ class RunProgress:
                     "failed": f"FAILED after {took:.2f}s" + (
                         f": {event.detail}" if event.detail else ""),
                     "skipped": f"skipped: {event.detail}",
+                    "disabled": "disabled (enabled = false)",
                     "degraded": f"DEGRADED: using the outputs of run {event.detail}",
                 }.get(event.event, event.event))
 
