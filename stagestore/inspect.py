@@ -164,19 +164,26 @@ def _latest_manifest(store: Store, stage: str) -> StageManifest | None:
 
 def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
     """Which stages a run would execute now, and why; stores nothing."""
-    from .keys import config_hash, input_hash, input_key
+    from .keys import input_hash, input_key
     from .pipeline import stage_input_paths
+    from .stagekinds import source, stage_config_hash
     from .trees import artifact_present, hash_artifact
 
-    hits: dict[str, StageManifest] = {}
+    outputs_of: dict[str, dict[str, ArtifactRef]] = {}  # stages that would not execute
     rows: list[StageStatus] = []
     hashed: dict[str, ArtifactRef] = {}
     for stage in pipeline.order():
         spec = pipeline.stages[stage]
-        pending = [u for u in spec.upstream if u not in hits]
+        if not spec.enabled and spec.kind is None:
+            rows.append(StageStatus(stage=stage, would_execute=False,
+                                    reason="disabled (enabled = false)"))
+            continue
+        pending = [u for u in spec.upstream if u not in outputs_of]
         if pending:
-            rows.append(StageStatus(stage=stage, would_execute=True,
-                                    reason=f"upstream stage {pending[0]} would execute"))
+            why = (f"upstream stage {pending[0]} is disabled" if pipeline.stages[pending[0]].kind
+                   is None and not pipeline.stages[pending[0]].enabled else
+                   f"upstream stage {pending[0]} would execute")
+            rows.append(StageStatus(stage=stage, would_execute=True, reason=why))
             continue
         flat: dict[str, ArtifactRef] = {}
         for name, rel in stage_input_paths(spec, pipeline.workdir).items():
@@ -184,13 +191,25 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
                 hashed[rel] = hash_artifact(pipeline.input_path(rel), f"input {name!r}")
             flat[input_key("inputs", name)] = hashed[rel]
         for up in spec.upstream:
-            for name, ref in hits[up].outputs.items():
+            for name, ref in outputs_of[up].items():
                 flat[input_key("upstream", name, up)] = ref
-        keys = (input_hash(flat), config_hash(spec))
+        if spec.kind == "passthrough" or not spec.enabled:
+            ref = source(spec)
+            outputs_of[stage] = {spec.outputs[0]: flat[input_key(
+                ref.kind, ref.name, ref.stage if ref.kind == "upstream" else None)]}
+            rows.append(StageStatus(stage=stage, would_execute=False, reason=(
+                "passes its input through" if spec.enabled else
+                "disabled (enabled = false): passes its input through")))
+            continue
+        try:
+            keys = (input_hash(flat), stage_config_hash(spec, pipeline.workdir))
+        except StagestoreError as exc:  # an encrypt or decrypt stage's key cannot be read
+            rows.append(StageStatus(stage=stage, would_execute=True, reason=exc.message))
+            continue
         hit = store.cache.lookup(*keys) if store is not None else None
         if hit is not None and all(artifact_present(store.objects, r)  # type: ignore[union-attr]
                                    for r in hit.outputs.values()):
-            hits[stage] = hit
+            outputs_of[stage] = dict(hit.outputs)
             rows.append(StageStatus(stage=stage, would_execute=False, reason="up to date",
                                     cached_from=hit.cached_from or hit.run_id))
             continue

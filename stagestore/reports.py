@@ -331,3 +331,43 @@ class StatsReport(Report, kw_only=True):
     runs: list[str]
     stages: list[StageStats]
     unreadable: int
+
+
+class CompatProblem(Report, kw_only=True):
+    """A compatibility warning of built-in kinds: the stage, every stage involved, why."""
+
+    stage: str
+    stages: list[str]
+    message: str
+
+
+class CheckReport(Report, kw_only=True):
+    """`stagestore check`: `errors` stop a run (exit 2); `warnings` do too with `--strict`."""
+
+    pipeline: str
+    stages: int
+    errors: list[str]
+    warnings: list[CompatProblem]
+
+
+class StagePlan(Report, kw_only=True):
+    """One stage in `stagestore plan`.  `action`: run, reuse, passthrough or disabled.  The
+    estimates are set for `run` only, each None when there is nothing to estimate it from:
+    `memory_bytes` (peak resident memory of the stage's process), `cores`, `disk_bytes` (its
+    outputs in the store), `seconds`; `basis` says what they come from."""
+
+    stage: str
+    action: Literal["run", "reuse", "passthrough", "disabled"]
+    reason: str
+    input_bytes: int
+    output_bytes: int | None = None
+    memory_bytes: int | None = None
+    cores: int | None = None
+    disk_bytes: int | None = None
+    seconds: float | None = None
+    basis: str = ""
+
+
+class PlanReport(Report, kw_only=True):
+    pipeline: str
+    stages: list[StagePlan]

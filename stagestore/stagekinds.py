@@ -79,21 +79,36 @@ def _one_placeholder(name: str, text: str | None, key: str,
 
 def config(spec: StageSpec, workdir: Path, environ: Mapping[str, str] = os.environ) -> dict:
     """What of a kind stage decides its output, for the config hash: the kind, its input and
-    expect as written, algorithm, params, chunk size in bytes, `call`, and for encrypt/decrypt
+    expect as written, algorithm and params with their defaults filled in (so a new default
+    re-runs the stage), chunk size in bytes, and for encrypt/decrypt
     the key's id (a keyed hash of the key; never the key).  Not `parallel` or `workers`, which
     decide how fast, not what.  Raises `kinds.KindError` when the key cannot be read."""
     from . import kinds
 
-    found = {
-        "kind": spec.kind, "input": spec.input, "expect": spec.expect,
-        "algorithm": kinds.default_algorithm(spec.kind, spec.algorithm),
-        "chunk_size": kinds.parse_chunk_size(spec.chunk_size if spec.chunk_size is not None
-                                             else kinds.DEFAULT_CHUNK_SIZE),
-    }
+    opts = kinds.with_defaults(kinds.KindOptions(
+        kind=spec.kind, algorithm=spec.algorithm, params=spec.params, call=spec.call,
+        expect=spec.expect,
+        chunk_size=kinds.parse_chunk_size(spec.chunk_size if spec.chunk_size is not None
+                                          else kinds.DEFAULT_CHUNK_SIZE)))
+    found = {"kind": spec.kind, "input": spec.input, "expect": spec.expect,
+             "algorithm": opts.algorithm, "params": opts.params, "chunk_size": opts.chunk_size}
     if spec.kind in KEYED:
         key = kinds.load_key(spec.key_env, spec.key_file, workdir, environ)
         found["key_id"] = kinds.key_id(key)
     return found
+
+
+def stage_config_hash(spec: StageSpec, workdir: Path,
+                      environ: Mapping[str, str] = os.environ) -> str:
+    """`keys.config_hash` of any stage, with a kind stage's `config`; raises `kinds.KindError`
+    when an enabled encrypt or decrypt stage's key cannot be read."""
+    from .keys import config_hash
+
+    if spec.kind is None:
+        return config_hash(spec)
+    if not spec.enabled:  # its key may be unavailable; a disabled manifest is never reused
+        return config_hash(spec, {})
+    return config_hash(spec, config(spec, workdir, environ))
 
 
 def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatWarning]:
@@ -107,14 +122,14 @@ def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatWarning]:
             continue
         layers = _layers(stages, spec, set())
         encrypted = [stage for stage, layer in layers if layer == "encrypt"]
-        if spec.kind == "compress" and encrypted:
-            warnings.append(CompatWarning(stage=name, stages=[encrypted[-1], name], message=(
-                f"stage {name!r} compresses the output of {encrypted[-1]!r}, which is "
-                "encrypted: encrypted data does not compress; compress before encrypting")))
-        elif spec.kind == "compress" and layers and layers[-1][1] == "compress":
+        if spec.kind == "compress" and layers and layers[-1][1] == "compress":
             warnings.append(CompatWarning(stage=name, stages=[layers[-1][0], name], message=(
                 f"stage {name!r} compresses the output of {layers[-1][0]!r}, which is already "
                 "compressed: the second pass costs time and saves nothing")))
+        elif spec.kind == "compress" and encrypted:
+            warnings.append(CompatWarning(stage=name, stages=[encrypted[-1], name], message=(
+                f"stage {name!r} compresses the output of {encrypted[-1]!r}, which is "
+                "encrypted: encrypted data does not compress; compress before encrypting")))
         elif spec.kind == "encrypt" and encrypted:
             warnings.append(CompatWarning(stage=name, stages=[encrypted[-1], name], message=(
                 f"stage {name!r} encrypts the output of {encrypted[-1]!r}, which is already "

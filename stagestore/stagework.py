@@ -192,13 +192,11 @@ class StageWork:
     def _config_hash(self, spec: StageSpec) -> str:
         if spec.kind is None:
             return config_hash(spec)
-        if not spec.enabled:  # its key may be unavailable; a disabled manifest is never reused
-            return config_hash(spec, {})
-        from . import stagekinds
         from .kinds import KindError
+        from .stagekinds import stage_config_hash
 
         try:
-            return config_hash(spec, stagekinds.config(spec, self.workdir))
+            return stage_config_hash(spec, self.workdir)
         except KindError as exc:
             raise _Unusable(runner_failure(spec, INFRASTRUCTURE_GATE, exc.message)) from None
 

@@ -106,12 +106,14 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
               help="json: every progress event as a JSON line on stderr (also when not a "
                    "terminal).")
 @click.option("-q", "--quiet", "quiet_here", is_flag=True, help="No progress output.")
+@click.option("--strict", is_flag=True,
+              help="Refuse to run (exit 2) when `stagestore check` has warnings.")
 @_json_option
 def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         stages: tuple[str, ...], jobs: int, force: bool, items_file: str | None,
         execution_mode: str, systemic_min_items: int, systemic_threshold: float,
         max_consecutive_failures: int | None, log_format: str, quiet_here: bool,
-        as_json: bool) -> None:
+        strict: bool, as_json: bool) -> None:
     """Run the pipeline's stages in dependency order, reusing identical work.
 
     Prints the run id.  Exit 0 when every stage (and item) succeeded; 1 when a stage or an
@@ -127,6 +129,8 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
 
     pipeline = load_pipeline(pipeline_file)
     pipeline.check_stage_names(stages)  # before the store is created
+    if any(spec.kind is not None for spec in pipeline.stages.values()):
+        _compatibility(pipeline, strict)
     items = read_items(items_file) if items_file is not None else None
     execution = ExecutionOptions(mode=execution_mode,  # type: ignore[arg-type]
                                  systemic_min_items=systemic_min_items,
@@ -146,6 +150,63 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
 
 
 RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+
+
+def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
+    """Print the kinds' compatibility warnings; with `strict`, refuse to go on (exit 2)."""
+    from ..errors import PipelineError
+    from ..stagekinds import compatibility
+
+    found = compatibility(pipeline.stages)
+    for warning in found:
+        click.echo(f"warning: {warning.message}", err=True)
+    if found and strict:
+        raise PipelineError(f"{pipeline.display}: {len(found)} compatibility warning"
+                            f"{'s' if len(found) != 1 else ''} with --strict",
+                            hint="fix them, or run without --strict")
+
+
+@cli.command()
+@_pipeline_option
+@click.option("--strict", is_flag=True, help="Exit 2 when there are warnings, too.")
+@_json_option
+def check(pipeline_file: str | None, strict: bool, as_json: bool) -> None:
+    """Validate the pipeline without running anything, and print the compatibility warnings
+    of its built-in kinds (compressing encrypted data, compressing or encrypting twice).
+
+    Checks the file, that every input exists, and the keys of encrypt and decrypt stages.
+    Exit 0 when there are only warnings; 2 for a validation error or, with --strict, a warning.
+    """
+    from ..pipeline import load_pipeline
+    from ..planning import check as check_pipeline
+
+    report = check_pipeline(load_pipeline(pipeline_file))
+    render.check_report(report, as_json=as_json)
+    raise SystemExit(2 if report.errors or (strict and report.warnings) else 0)
+
+
+@cli.command()
+@_pipeline_option
+@_store_option
+@_json_option
+def plan(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """What a run would do per stage, run, reuse or pass through, and for a stage that would
+    run, estimates of its peak memory, CPU cores, disk and duration.
+
+    Estimates come from the input sizes and what earlier runs of the same stage measured, or
+    stated defaults for a built-in kind with no history (docs/kinds.md).  Stores nothing.
+    """
+    from ..errors import StoreNotFoundError
+    from ..pipeline import load_pipeline
+    from ..planning import plan as plan_pipeline
+    from ..store import Store
+
+    pipeline = load_pipeline(pipeline_file)
+    try:
+        store = Store.open(_store_root(store_dir, str(pipeline.path)))
+    except StoreNotFoundError:
+        store = None
+    render.plan_report(plan_pipeline(pipeline, store), as_json=as_json)
 
 
 def _warn_network_filesystem(store) -> None:  # noqa: ANN001

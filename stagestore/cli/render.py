@@ -382,10 +382,47 @@ def status_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         _json(report)
         return
     for row in report.stages:
-        verb = "would run" if row.would_execute else "up to date"
-        extra = f" (cached from {row.cached_from})" if row.cached_from else ""
-        reason = f": {row.reason}" if row.would_execute else extra
-        click.echo(f"  {row.stage:<20} {verb}{reason}")
+        if row.would_execute:
+            line = f"would run: {row.reason}"
+        elif row.cached_from:
+            line = f"up to date (cached from {row.cached_from})"
+        else:
+            line = row.reason  # a passthrough or disabled stage
+        click.echo(f"  {row.stage:<20} {line}")
+
+
+def check_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    for error in report.errors:
+        _err(f"error: {error}")
+    for warning in report.warnings:
+        _err(f"warning: {warning.message} (stages: {', '.join(warning.stages)})")
+    verdict = "invalid" if report.errors else "valid"
+    click.echo(f"pipeline {report.pipeline}: {report.stages} stage"
+               f"{'s' if report.stages != 1 else ''} {verdict}; {len(report.errors)} error"
+               f"{'s' if len(report.errors) != 1 else ''}, {len(report.warnings)} warning"
+               f"{'s' if len(report.warnings) != 1 else ''}")
+
+
+def plan_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    rows = []
+    for s in report.stages:
+        rows.append([s.stage, s.action, _size(s.input_bytes),
+                     _maybe(s.output_bytes, _size), _maybe(s.memory_bytes, _size),
+                     _maybe(s.cores, str), _maybe(s.disk_bytes, _size),
+                     _maybe(s.seconds, lambda v: f"{v:.1f}s"),
+                     s.basis if s.action == "run" else s.reason])
+    _table(["stage", "action", "input", "output", "memory", "cores", "disk", "time", "basis"],
+           rows, right={2, 3, 4, 5, 6, 7})
+
+
+def _maybe(value, show) -> str:  # noqa: ANN001
+    return "-" if value is None else show(value)
 
 
 def logs(attempts, *, as_json: bool) -> None:  # noqa: ANN001
