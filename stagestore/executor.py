@@ -200,9 +200,8 @@ class Attempt:
         import msgspec
 
         try:
-            stats = json.loads((self.folder / KIND_STATS).read_bytes())
-            return msgspec.convert(dict(stats, workers=stats.get("workers", 1)), Resources)
-        except (OSError, ValueError, msgspec.ValidationError):
+            return msgspec.json.decode((self.folder / KIND_STATS).read_bytes(), type=Resources)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
 
     def environment(self) -> dict[str, str]:

@@ -1,0 +1,63 @@
+"""The files and folders of an input folder, in the one order every kind uses.
+
+The order is bytewise on the UTF-8 relative path with `/` separators, so it does not depend on
+the file system, the locale or the order files were created in; a folder always comes before
+what it holds, because a path sorts before every longer path it is a prefix of.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import msgspec
+
+from ..errors import InvalidNameError
+from ..layout import validate_relpath
+from .errors import KindError
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One file or folder below an input folder."""
+
+    relpath: str
+    path: Path
+    is_dir: bool
+    size: int
+    executable: bool
+
+
+def walk(root: Path) -> list[Entry]:
+    """Every file and folder below `root` (not `root` itself), sorted bytewise by relpath.
+
+    Raises `KindError` for a symlink, a device, FIFO or socket, and a name that is not valid
+    UTF-8 or not a portable relative path (the same check stored trees use).
+    """
+    found: list[Entry] = []
+    pending = [(root, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as scan:
+            for item in scan:
+                relpath = _checked_relpath(prefix + item.name)
+                info = item.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    found.append(Entry(relpath, Path(item.path), True, 0, False))
+                    pending.append((Path(item.path), relpath + "/"))
+                elif stat.S_ISREG(info.st_mode):
+                    found.append(Entry(relpath, Path(item.path), False, info.st_size,
+                                       bool(info.st_mode & 0o111)))
+                else:
+                    what = "a symlink" if stat.S_ISLNK(info.st_mode) else "a device, FIFO or socket"
+                    raise KindError(f"{relpath} in {root} is {what}; built-in kinds take only "
+                                    "regular files and folders")
+    found.sort(key=lambda entry: entry.relpath.encode("utf-8"))
+    return found
+
+
+def _checked_relpath(relpath: str) -> str:
+    try:
+        return validate_relpath(relpath, "file name")
+    except InvalidNameError as exc:
+        raise KindError(f"{exc} (built-in kinds take only portable names)") from None
