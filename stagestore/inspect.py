@@ -252,7 +252,18 @@ def contracts(pipeline: Pipeline) -> ContractsReport:
         upstream_used = {u: list(pipeline.stages[u].outputs) for u in spec.upstream}
         rows.append(StageContract(
             stage=stage, description=spec.description, command=spec.cmd, call=spec.call,
+            kind=_kind_line(spec),
             inputs=dict(spec.inputs), upstream=upstream_used, outputs=list(spec.outputs),
             entry_criteria=entry, exit_criteria=exit_,
             manifest_path=f"runs/<run_id>/{stage}.json"))
     return ContractsReport(pipeline=pipeline.name, stages=rows)
+
+
+def _kind_line(spec) -> str | None:  # noqa: ANN001 - a StageSpec
+    if spec.kind is None:
+        return None
+    from .kinds import DEFAULT_ALGORITHMS
+
+    how = spec.algorithm or DEFAULT_ALGORITHMS.get(spec.kind, "")
+    return " ".join(filter(None, [spec.kind, how and f"({how})", f"of {spec.input}",
+                                  "" if spec.enabled else "[disabled]"]))

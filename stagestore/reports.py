@@ -165,6 +165,7 @@ class StageContract(Report, kw_only=True):
     description: str
     command: list[str] | str | None
     call: str | None
+    kind: str | None = None  # a built-in kind (docs/kinds.md): what it reads, and how
     inputs: dict[str, str]
     upstream: dict[str, list[str]]
     outputs: list[str]

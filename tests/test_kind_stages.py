@@ -474,3 +474,33 @@ def test_manifests_of_kind_stages_decode_as_records(kws):
     for stage in ("sums", "pack", "seal", "open", "unpack", "debug"):
         raw = (kws.store / "runs" / "r1" / f"{stage}.json").read_bytes()
         assert msgspec.json.decode(raw, type=StageManifest).stage == stage
+
+
+def test_a_transform_stage_applies_its_workspace_function_and_reruns_when_it_changes(ws):
+    ws.write("upper.py", "def chunk(data):\n    return data.upper()\n")
+    (ws.root / "text.txt").write_bytes(b"abc\n" * 50000)
+    ws.pipeline("""
+        [pipeline]
+        name = "transform"
+
+        [stages.shout]
+        kind = "transform"
+        call = "upper:chunk"
+        inputs = { text = "text.txt" }
+        input = "{inputs.text}"
+        outputs = ["loud"]
+        chunk_size = "4KiB"
+        parallel = true
+        workers = 2
+    """)
+    first = ws.cli("run", "--run-id", "r1", "--json")
+    assert first.returncode == 0, first.stderr
+    loud = _manifest(ws, "r1", "shout")
+    assert "inputs._code" in loud["inputs"]  # the function's module is an input
+    out = ws.root / "out"
+    assert ws.cli("checkout", "r1", "shout", "--to", str(out)).returncode == 0
+    assert (out / "loud").read_bytes() == b"ABC\n" * 50000
+    ws.write("upper.py", "def chunk(data):\n    return data.upper()[::-1]\n")
+    second = ws.cli("run", "--run-id", "r2", "--json")
+    assert json.loads(second.stdout)["stages"][0]["outcome"] == "succeeded"
+    assert _manifest(ws, "r2", "shout")["outputs"] != loud["outputs"]

@@ -453,7 +453,10 @@ def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         return
     for c in report.stages:
         click.echo(f"stage {c.stage}" + (f": {c.description}" if c.description else ""))
-        click.echo(f"  command: {c.command if c.command is not None else 'call ' + str(c.call)}")
+        if c.kind is not None:
+            click.echo(f"  kind: {c.kind}")
+        else:
+            click.echo(f"  command: {c.command if c.command is not None else 'call ' + str(c.call)}")
         for name, path in c.inputs.items():
             click.echo(f"  input {name}: {path}")
         for up, outs in c.upstream.items():
