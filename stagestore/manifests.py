@@ -230,9 +230,11 @@ def check_manifest(manifest: StageManifest, run_id: str, stage: str, where: str,
     for value in hashes:
         if not is_digest(value):
             raise bad(f"{value!r} is not a blake3 digest")
-    if manifest.status in ("succeeded", "degraded"):
+    if manifest.status in ("succeeded", "degraded", "disabled"):
         if manifest.output_hash != output_hash(manifest.outputs):
             raise bad("output_hash does not match its outputs")
+    if manifest.status == "disabled" and (manifest.attempts or manifest.failure is not None):
+        raise bad("a disabled manifest records attempts or a failure")
     if manifest.status == "succeeded" and manifest.failure is not None:
         raise bad("a succeeded manifest carries a failure")
     if manifest.status == "degraded" and (manifest.failure is None or manifest.degraded_from is None):

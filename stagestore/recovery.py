@@ -254,7 +254,7 @@ class _Recovery:
             except StagestoreError:
                 manifest, damage = None, "it is not a valid manifest"
             else:
-                if manifest is None or manifest.status != "succeeded":
+                if manifest is None or manifest.status not in ("succeeded", "disabled"):
                     todo.append(stage)
                     continue
                 damage = self._damage(manifest, loaded)

@@ -4,6 +4,7 @@
 * `fanout`: one source, two stages that produce identical content, and a stage joining them
   (identical objects committed twice, by two stages of one run).
 * `tree50`: one stage producing a 50-file tree with an empty file and an empty folder.
+* `kinds`: a folder through checksum, compress, decompress, passthrough and a disabled stage.
 
 `make(name, folder)` writes the workspace (data and `stagestore.toml`) into `folder` and returns
 the loaded pipeline.  `STAGES[name]` lists the stages, and `sentinel(folder)` creates the
@@ -79,11 +80,58 @@ shell = true
 outputs = ["tree"]
 """
 
-TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50}
+# Built-in kinds (docs/kinds.md): each runs in its own child process and commits like any stage;
+# passthrough and a disabled stage write only a manifest.  No encrypt: its output is not
+# deterministic, and invariant 5 compares output hashes with a reference run.
+KINDS = """
+[pipeline]
+name = "kinds"
+
+[stages.make]
+cmd = "mkdir -p {outputs.tree}/sub && echo a > {outputs.tree}/a.txt && seq 1 3000 > {outputs.tree}/sub/n.txt"
+shell = true
+outputs = ["tree"]
+
+[stages.sums]
+kind = "checksum"
+upstream = ["make"]
+input = "{upstream.make.tree}"
+outputs = ["sums"]
+
+[stages.pack]
+kind = "compress"
+upstream = ["make"]
+input = "{upstream.make.tree}"
+outputs = ["packed"]
+parallel = true
+workers = 2
+
+[stages.unpack]
+kind = "decompress"
+upstream = ["pack"]
+input = "{upstream.pack.packed}"
+outputs = ["tree"]
+
+[stages.look]
+kind = "passthrough"
+upstream = ["unpack"]
+input = "{upstream.unpack.tree}"
+outputs = ["tree"]
+
+[stages.off]
+kind = "compress"
+upstream = ["look"]
+input = "{upstream.look.tree}"
+outputs = ["packed"]
+enabled = false
+"""
+
+TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS}
 STAGES = {
     "linear": ("make", "count", "report"),
     "fanout": ("source", "left", "right", "join"),
     "tree50": ("tree",),
+    "kinds": ("make", "sums", "pack", "unpack", "look", "off"),
 }
 
 
