@@ -12,7 +12,7 @@ help:
 	@echo "                then an item run and its failure report"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
-	@echo "make bench      the benchmark suite against b3sum, DVC and the floors (about 6 min on"
+	@echo "make bench      the benchmark suite against b3sum, zstd, DVC and the floors (about 12 min on"
 	@echo "                2 cores; the first run installs dvc into benchmarks/.venv-dvc);"
 	@echo "                writes benchmarks/results/latest.json (see benchmarks/README.md)"
 	@echo "make schemas    regenerate schemas/*.json from the record types"

@@ -30,7 +30,8 @@ METHOD = (
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks",
-                                description="Benchmark stagestore against b3sum, DVC and floors.")
+                                description="Benchmark stagestore against b3sum, DVC, zstd, "
+                                            "cryptography and floors.")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and one repetition; dvc only if already installed")
     p.add_argument("--only", metavar="S,...",
@@ -43,6 +44,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--no-dvc", action="store_true", help="skip the DVC rows")
     p.add_argument("--no-b3sum", action="store_true", help="skip the b3sum rows")
+    p.add_argument("--no-zstd", action="store_true",
+                   help="do not use the zstd command (scenario 10 then compares with "
+                        "python-zstandard's one-shot compressor)")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be at least 1")
@@ -94,8 +98,8 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
     load_start = loadavg()
     log(f"workdir {workdir}; load average {load_start}")
     peers = discover(install_dvc=not cfg.quick, use_dvc=not args.no_dvc,
-                     use_b3sum=not args.no_b3sum, log=log)
-    for name in ("b3sum", "dvc"):
+                     use_b3sum=not args.no_b3sum, log=log, use_zstd=not args.no_zstd)
+    for name in ("b3sum", "dvc", "zstd"):
         path = getattr(peers, name)
         log(f"{name}: {path} ({getattr(peers, name + '_version')})" if path
             else f"{name}: skipped: {getattr(peers, name + '_missing')}")
@@ -138,6 +142,7 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
                               "changed_during_run": source_end["digest"] != source_start["digest"]},
         "config": {"reps": cfg.reps, "big_reps": cfg.big_reps, "big_size": cfg.big_size,
                    "mem_size": cfg.mem_size, "nfiles": cfg.nfiles, "file_size": cfg.file_size,
+                   "kind_size": cfg.kind_size,
                    "scale_steps": cfg.scale_steps},
         "peers": peers.to_json(),
         "floors": {k: m.to_json() for k, m in bench.floors.items()},

@@ -46,6 +46,23 @@ def run(cmd: Sequence[str], *, cwd: str | os.PathLike[str] | None = None,
     return elapsed, proc
 
 
+def run_to_file(cmd: Sequence[str], out: str | os.PathLike[str], *,
+                cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
+                timeout: float | None = 3600) -> float:
+    """Run `cmd` with its stdout written to the file `out` (as `cmd > out` in a shell), for
+    peers whose output is a file the stage also writes; returns the wall seconds."""
+    with open(out, "wb") as sink:
+        t0 = time.perf_counter()
+        proc = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                              stdout=sink, stderr=subprocess.PIPE, timeout=timeout)
+        elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise BenchError(f"command failed with exit code {proc.returncode}: "
+                         f"{' '.join(map(str, cmd))[:500]}\n"
+                         f"stderr: {proc.stderr.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
 def run_json(cmd: Sequence[str], **kwargs: Any) -> dict[str, Any]:
     """Run a probe that prints one JSON line; returns that object (plus `wall`)."""
     wall, proc = run(cmd, **kwargs)
@@ -307,6 +324,9 @@ def machine_info(workdir: Path, peers: dict[str, Any]) -> dict[str, Any]:
             "filelock": _pkg_version("filelock"),
             "dvc": peers.get("dvc_version"),
             "b3sum": peers.get("b3sum_version"),
+            "zstd": peers.get("zstd_version"),
+            "zstandard": _pkg_version("zstandard"),
+            "cryptography": _pkg_version("cryptography"),
         },
     }
 
@@ -381,8 +401,9 @@ def render_table(report: dict[str, Any], results: list[ScenarioResult]) -> str:
                  f"{m['kernel']}, workdir on {m['filesystem']} ({m['mount']}), "
                  f"python {m['python']}")
     v = m["versions"]
-    names = ("stagestore", "blake3", "msgspec", "click", "dvc", "b3sum")
-    lines.append("versions: " + ", ".join(f"{k} {v[k] or 'absent'}" for k in names))
+    names = ("stagestore", "blake3", "msgspec", "click", "dvc", "b3sum", "zstd", "zstandard",
+             "cryptography")
+    lines.append("versions: " + ", ".join(f"{k} {v.get(k) or 'absent'}" for k in names))
     lines.append(f"load average: start {report['loadavg_start']}, end {report['loadavg_end']}")
     src = report.get("stagestore_source", {})
     if src:

@@ -1,9 +1,10 @@
-"""The peers stagestore is compared with: `b3sum` (on PATH) and `dvc` (in its own venv).
+"""The peers stagestore is compared with: `b3sum` and `zstd` (on PATH) and `dvc` (in its own
+venv).
 
 DVC lives in `benchmarks/.venv-dvc`, created on first use of the full benchmark with
 `python3 -m venv` and `pip install dvc`, so it never touches the project's own environment.
 When the install fails, or b3sum is not on PATH, the rows that need them are skipped with the
-reason.
+reason; without `zstd` on PATH, scenario 10 compares with python-zstandard's one-shot compressor.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ class Peers:
     dvc: str | None = None
     dvc_version: str | None = None
     dvc_missing: str = ""
+    zstd: str | None = None
+    zstd_version: str | None = None
+    zstd_missing: str = ""
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, str | None]:
         return {"b3sum": self.b3sum, "b3sum_version": self.b3sum_version,
                 "b3sum_missing": self.b3sum_missing or None, "dvc": self.dvc,
-                "dvc_version": self.dvc_version, "dvc_missing": self.dvc_missing or None}
+                "dvc_version": self.dvc_version, "dvc_missing": self.dvc_missing or None,
+                "zstd": self.zstd, "zstd_version": self.zstd_version,
+                "zstd_missing": self.zstd_missing or None}
 
 
 def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
@@ -56,6 +62,18 @@ def find_b3sum() -> tuple[str | None, str | None, str]:
     if version is None:
         return None, None, f"{path} --version failed"
     return path, version.removeprefix("b3sum ").strip(), ""
+
+
+def find_zstd() -> tuple[str | None, str | None, str]:
+    path = shutil.which("zstd")
+    if path is None:
+        return None, None, "zstd is not on PATH (Debian: apt-get install zstd)"
+    version = _version([path, "--version"])
+    if version is None:
+        return None, None, f"{path} --version failed"
+    # "*** Zstandard CLI (64-bit) v1.5.4, by Yann Collet ***"
+    words = [w.strip(",") for w in version.split() if w.startswith("v") and w[1:2].isdigit()]
+    return path, words[0].removeprefix("v") if words else version, ""
 
 
 def dvc_env(site_cache: Path | None = None) -> dict[str, str]:
@@ -99,8 +117,12 @@ def find_dvc(install: bool, log: callable = print) -> tuple[str | None, str | No
 
 
 def discover(install_dvc: bool, use_dvc: bool = True, use_b3sum: bool = True,
-             log: callable = print) -> Peers:
+             log: callable = print, use_zstd: bool = True) -> Peers:
     peers = Peers()
+    if use_zstd:
+        peers.zstd, peers.zstd_version, peers.zstd_missing = find_zstd()
+    else:
+        peers.zstd_missing = "zstd disabled (--no-zstd)"
     if use_b3sum:
         peers.b3sum, peers.b3sum_version, peers.b3sum_missing = find_b3sum()
     else:

@@ -1,4 +1,4 @@
-"""The scenarios of issue 5, each measured against its peers and floors in the same run.
+"""The scenarios of issues 5 and 6, each measured against its peers and floors in the same run.
 
 Every scenario returns a `ScenarioResult`: its measurements (all repetitions), the ratios, and
 one `Criterion` per target with PASS, FAIL or SKIP (a peer that is not installed).  Methods are
@@ -19,7 +19,7 @@ from pathlib import Path
 from . import data
 from .data import EXAMPLE, GiB, MiB, human
 from .harness import (BenchError, Criterion, Measurement, ScenarioResult, disk_free,
-                      interleave, median, run, run_json, run_sampled)
+                      interleave, median, run, run_json, run_sampled, run_to_file)
 from .peers import Peers, dvc_env
 
 PY = sys.executable
@@ -35,6 +35,7 @@ class Config:
     mem_size: int
     nfiles: int
     file_size: int
+    kind_size: int  # the input of the zstd and encrypt kind scenarios (10, 11)
     scale_steps: list[tuple[int, int]]  # (runs, files per run), smallest first
     keep: bool = False
 
@@ -42,11 +43,11 @@ class Config:
     def make(cls, quick: bool, reps: int | None, keep: bool = False) -> Config:
         if quick:
             return cls(quick=True, reps=reps or 1, big_reps=reps or 1, big_size=8 * MiB,
-                       mem_size=16 * MiB, nfiles=200, file_size=4096,
+                       mem_size=16 * MiB, nfiles=200, file_size=4096, kind_size=8 * MiB,
                        scale_steps=[(2, 50), (20, 50)], keep=keep)
         reps = reps or 5
         return cls(quick=False, reps=reps, big_reps=min(reps, 3), big_size=2 * GiB,
-                   mem_size=4 * GiB, nfiles=10_000, file_size=4096,
+                   mem_size=4 * GiB, nfiles=10_000, file_size=4096, kind_size=1 * GiB,
                    scale_steps=[(100, 100), (1000, 100)], keep=keep)
 
 
@@ -107,6 +108,7 @@ class Bench:
         self.dvc_env["PATH"] = env["PATH"]
         self.floors: dict[str, Measurement] = {}
         self._big_file: Path | None = None
+        self._kind_files: dict[str, Path] = {}
 
     def warm_up(self) -> None:
         """Untimed: compile every stagestore module into the bytecode cache, start each tool
@@ -171,6 +173,22 @@ class Bench:
                 run([PY, data.STAGECMD, "write-file", path, self.cfg.big_size, "--fsync"])
             self._big_file = path
         return self._big_file
+
+    def kind_file(self, what: str) -> Path:
+        """A shared input of kind_size bytes for the kind scenarios, written once per run:
+        `text` (text-like, about 3x compressible, deterministic from a seed) or `random`
+        (stagecmd write-file: pseudo-random 1 MiB chunks, each distinct)."""
+        if what not in self._kind_files:
+            size = self.cfg.kind_size
+            path = self.dir("shared") / f"kind-{what}-{size}.bin"
+            if not path.exists():
+                self.log(f"  generating {human(size)} of {what} data in {path}")
+                if what == "text":
+                    run([PY, data.STAGECMD, "write-text", path, size, "--seed", 6])
+                else:
+                    run([PY, data.STAGECMD, "write-file", path, size])
+            self._kind_files[what] = path
+        return self._kind_files[what]
 
     def floor_hash_big(self) -> Measurement:
         """Python blake3, update_mmap with max_threads=AUTO, over big_size bytes (its own time)."""
@@ -835,6 +853,344 @@ def s9_scale(b: Bench) -> ScenarioResult:
     return r
 
 
+# --- 10-12. the built-in kinds (issue 6) -----------------------------------------------------
+
+KIND_KEY_ENV = "STAGESTORE_BENCH_KEY"
+KIND_KEY = bytes(range(32)).hex()  # 64 hex characters, as docs/kinds.md "Keys" accepts
+_KIND_METHOD = (
+    "Each repetition, interleaved in a rotating order after one untimed warm-up of every step "
+    "(warm page cache): (a) the stage's child process `python -m stagestore.kindstage "
+    "CONTEXT.json` (the process the runner starts for a built-in stage; context as in "
+    "docs/kinds.md \"The child process\", output to a new path, key in an environment "
+    "variable), timed as a whole command: interpreter start-up, imports, reading, the kind's "
+    "work and writing the output (no fsync: the child never fsyncs); its own `seconds` from "
+    "the stats file is an extra row (run_kind's own time, in-process); (b) the peer as a whole "
+    "command; (c) `stagestore run` of a one-stage pipeline of the same stage into a fresh store "
+    "(so it executes: snapshot of the input, the child, commit of the output with hash and "
+    "fsync), for information. Outputs are deleted after each step, untimed. The criterion is "
+    "peer time / child time over the same bytes (a throughput ratio). ")
+
+
+def _kind_context(ws: Path, tag: str, settings: dict, src: Path) -> tuple[Path, Path, Path]:
+    """A context file for `python -m stagestore.kindstage` (docs/kinds.md, "The child
+    process"); returns (context, dest, stats).  Unset settings are null (the defaults)."""
+    dest, stats = ws / f"out-{tag}", ws / f"stats-{tag}.json"
+    context = {key: settings.get(key) for key in ("kind", "algorithm", "params", "chunk_size",
+                                                  "parallel", "workers", "call", "expect",
+                                                  "key_env", "key_file")}
+    context.update(src=str(src), dest=str(dest), workdir=str(ws), stats=str(stats))
+    path = ws / f"context-{tag}.json"
+    path.write_text(json.dumps(context, indent=1) + "\n")
+    return path, dest, stats
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+class _KindSteps:
+    """The steps of a kind scenario: the child process, the whole run, with the kind's own
+    `seconds` (its stats file, or the manifest's `resources`) kept per repetition."""
+
+    def __init__(self, b: Bench, r: ScenarioResult, ws: Path, settings: dict, src: Path,
+                 bytes_in: int, env: dict[str, str]) -> None:
+        self.b, self.r, self.ws, self.settings, self.src = b, r, ws, settings, src
+        self.bytes_in, self.env = bytes_in, env
+        self.counter = iter(range(1_000_000))
+        self.peak_rss: list[int] = []
+        self.run_own = Measurement("kind's own time inside the run (manifest, in-process)")
+
+    def child(self, tag: str, own: Measurement, overrides: dict | None = None,
+              keep: Path | None = None) -> Callable[[], float]:
+        """A step timing the kindstage child with these settings (plus `overrides`); its own
+        seconds go to `own` (not for the warm-up).  With `keep`, the output is moved there
+        instead of deleted (to compare it with the peer's)."""
+        settings = {**self.settings, **(overrides or {})}
+        context, dest, stats = _kind_context(self.ws, tag, settings, self.src)
+        warm = [True]
+
+        def step() -> float:
+            _remove(dest)
+            _remove(stats)
+            elapsed, _ = run([PY, "-m", "stagestore.kindstage", context], cwd=self.ws,
+                             env=self.env)
+            result = json.loads(stats.read_text())
+            if result["bytes_in"] != self.bytes_in:
+                raise BenchError(f"the kind read {result['bytes_in']} bytes, not "
+                                 f"{self.bytes_in}: {result}")
+            if warm[0]:
+                warm[0] = False
+                if keep is not None:
+                    _remove(keep)
+                    os.replace(dest, keep)
+            else:
+                own.times.append(result["seconds"])
+                self.peak_rss.append(result["peak_rss_bytes"])
+            _remove(dest)
+            return elapsed
+
+        return step
+
+    def pipeline(self, stage: str, inputs: dict[str, str]) -> Path:
+        spec = {"kind": self.settings["kind"], "input": "{inputs.data}", "inputs": inputs,
+                "outputs": ["out"]}
+        spec.update({k: v for k, v in self.settings.items() if k != "kind" and v is not None})
+        return data.write_pipeline(self.ws / "pipeline", {stage: spec}, name=f"bench-{stage}")
+
+    def whole_run(self, toml: Path) -> Callable[[], float]:
+        warm = [True]
+
+        def step() -> float:
+            store = self.ws / f"store-{next(self.counter)}"
+            elapsed, proc = run([*self.b.ss, "run", "-p", toml, "--store", store, "--run-id",
+                                 "r1", "--json"], env=self.env)
+            stage = json.loads(proc.stdout)["stages"][0]
+            if stage["outcome"] != "succeeded" or not stage.get("executed", True):
+                raise BenchError(f"the stage did not execute: {stage}")
+            manifest = json.loads(Path(stage["manifest"]).read_text())
+            if warm[0]:
+                warm[0] = False
+            elif manifest.get("resources"):
+                self.run_own.times.append(manifest["resources"]["seconds"])
+            _rmtree(store)
+            return elapsed
+
+        return step
+
+    def finish(self, own: Measurement, *rows: Measurement) -> None:
+        for m in (own, *rows):
+            if m.times:
+                m.extra["throughput_gbps"] = round(self.bytes_in / m.median / 1e9, 3)
+        if self.peak_rss:
+            own.extra["peak_rss_mb"] = round(max(self.peak_rss) / MB, 1)
+        if self.run_own.times:
+            self.r.add(self.run_own)
+            self.run_own.extra["throughput_gbps"] = round(
+                self.bytes_in / self.run_own.median / 1e9, 3)
+
+
+def s10_zstd(b: Bench) -> ScenarioResult:
+    size, level, workers = b.cfg.kind_size, 3, 2
+    peer_cli = b.peers.zstd is not None
+    peer_text = (f"`zstd -q -T{workers} -{level} -f IN -o OUT`" if peer_cli else
+                 f"python-zstandard's one-shot ZstdCompressor(level={level}, "
+                 f"threads={workers}).compress(data)")
+    r = ScenarioResult(
+        "10", "zstd", f"compress kind, zstd level {level}, {workers} workers, {human(size)} of "
+                      "text",
+        target=f"at least 0.9x the throughput of `zstd -T{workers} -{level}` (the stage's child "
+               "process, whole command)",
+        method=_KIND_METHOD + (
+            f"Stage: kind = \"compress\", algorithm = \"zstd\", params = {{ level = {level} }}, "
+            f"parallel = true, workers = {workers}, default chunk_size (4 MiB). Input: "
+            f"{human(size)} of text-like data (stagecmd write-text: Zipf-distributed made-up "
+            "words with commas, capitals, numbers and line ends, about 3x compressible), "
+            "generated once per run from a fixed seed. Peer: " + peer_text + ", a whole command "
+            "reading the file and writing a file, as the kind does; without the zstd command "
+            "the peer is the one-shot compressor in a Python process that reads the whole file, "
+            "compresses it in one call and writes it (`stagecmd.py zstd-oneshot`)."))
+    if (why := b.need_disk(2 * size, "the input, the compressed outputs and a store")):
+        r.skip_reason = why
+        return r
+    src = b.kind_file("text")
+    ws = b.dir("s10")
+    settings = {"kind": "compress", "algorithm": "zstd", "params": {"level": level},
+                "parallel": True, "workers": workers}
+    k = _KindSteps(b, r, ws, settings, src, size, b.env)
+    child = r.add(Measurement("kindstage child process, whole command"))
+    peer = r.add(Measurement(f"zstd -T{workers} -{level} (whole command)" if peer_cli else
+                             f"python-zstandard one-shot, threads={workers} (whole command)"))
+    whole = r.add(Measurement("stagestore run, one stage (fresh store), wall"))
+    own = r.add(Measurement("kind's own time (stats seconds, in-process)"))
+    peer_call = Measurement("zstandard one-shot compress() call alone (in-process)")
+    r.primary = child.label
+    kept, peer_out = ws / "kind.zst", ws / "peer.zst"
+    first_peer = [True]
+
+    def do_peer() -> float:
+        _remove(peer_out)
+        if peer_cli:
+            elapsed, _ = run([b.peers.zstd, "-q", f"-T{workers}", f"-{level}", "-f", src, "-o",
+                              peer_out], env=b.env)
+        else:
+            result = run_json([PY, data.STAGECMD, "zstd-oneshot", src, peer_out, level, workers],
+                              env=b.env)
+            elapsed = result["wall"]
+            if not first_peer[0]:
+                peer_call.times.append(result["compress"])
+        if first_peer[0]:
+            first_peer[0] = False
+            sizes["peer"] = peer_out.stat().st_size
+        _remove(peer_out)
+        return elapsed
+
+    sizes: dict[str, int] = {}
+    toml = k.pipeline("pack", {"data": str(src)})
+    steps = [(child.label, k.child("zstd", own, keep=kept)), (peer.label, do_peer),
+             (whole.label, k.whole_run(toml))]
+    for _, step in steps:  # untimed warm-up: page cache, bytecode
+        step()
+    sizes["kind"] = kept.stat().st_size
+    _remove(kept)
+    interleave(b.cfg.reps, steps, {m.label: m for m in (child, peer, whole)})
+    _rmtree(ws)
+    if peer_call.times:
+        r.add(peer_call)
+    k.finish(own, child, peer, whole, peer_call)
+    ratio = _ratio(peer.median, child.median)
+    r.ratios["peer time / child time (throughput ratio)"] = ratio
+    r.ratios["peer time / kind's own time (info)"] = _ratio(peer.median, own.median)
+    r.ratios["peer time / stagestore run (info)"] = _ratio(peer.median, whole.median)
+    r.criteria.append(Criterion(f"throughput vs {'zstd CLI' if peer_cli else 'zstandard one-shot'}",
+                                ratio, 0.9, ">="))
+    r.notes.append(f"peer: {peer_text}" + (f" (zstd {b.peers.zstd_version}, {b.peers.zstd})"
+                                           if peer_cli else f" ({b.peers.zstd_missing})"))
+    r.notes.append(f"compressed: kind {sizes['kind']:,} bytes ({size / sizes['kind']:.2f}x), "
+                   f"peer {sizes['peer']:,} bytes ({size / sizes['peer']:.2f}x)")
+    return r
+
+
+def s11_encrypt(b: Bench) -> ScenarioResult:
+    size = b.cfg.kind_size
+    r = ScenarioResult(
+        "11", "encrypt", f"encrypt kind, AES-256-GCM, {human(size)}",
+        target="at least 0.7x the throughput of one AESGCM.encrypt call over the whole input "
+               "(read + encrypt + write, whole commands)",
+        method=_KIND_METHOD + (
+            "Stage: kind = \"encrypt\" with its defaults (algorithm aes-256-gcm, chunk_size "
+            "4 MiB, parallel = false: one thread, like the one call it is compared with), the "
+            f"key as 64 hex characters in ${KIND_KEY_ENV}; an extra row runs the child with "
+            "parallel = true, workers = 2 (info). Input: pseudo-random bytes (stagecmd "
+            "write-file). Peer: `stagecmd.py aesgcm-file IN OUT`, a Python process that "
+            "imports cryptography, reads the whole file (f.read()), encrypts it in ONE "
+            "AESGCM(key).encrypt(nonce, data, None) call and writes the result: the same work a "
+            "user sees from the kind (read + encrypt + write), timed as a whole command like the "
+            "child. Its in-process phases are rows too: the pure encrypt call alone, and read + "
+            "encrypt + write without start-up, which is compared (info) with the kind's own "
+            "time."))
+    if (why := b.need_disk(2 * size, "the input, the encrypted outputs and a store")):
+        r.skip_reason = why
+        return r
+    src = b.kind_file("random")
+    ws = b.dir("s11")
+    env = dict(b.env, **{KIND_KEY_ENV: KIND_KEY})
+    settings = {"kind": "encrypt", "algorithm": "aes-256-gcm", "key_env": KIND_KEY_ENV}
+    k = _KindSteps(b, r, ws, settings, src, size, env)
+    child = r.add(Measurement("kindstage child process, whole command"))
+    peer = r.add(Measurement("one AESGCM call: read+encrypt+write (whole command)"))
+    child2 = r.add(Measurement("kindstage child, parallel, workers = 2 (info)"))
+    whole = r.add(Measurement("stagestore run, one stage (fresh store), wall"))
+    own = r.add(Measurement("kind's own time (stats seconds, in-process)"))
+    own2 = Measurement("kind's own time, parallel, workers = 2 (in-process)")
+    call = r.add(Measurement("AESGCM encrypt call alone (in-process)"))
+    peer_inner = r.add(Measurement("AESGCM read + encrypt + write (in-process)"))
+    r.primary = child.label
+    peer_out = ws / "peer.enc"
+    first_peer = [True]
+
+    def do_peer() -> float:
+        _remove(peer_out)
+        result = run_json([PY, data.STAGECMD, "aesgcm-file", src, peer_out], env=b.env)
+        if result["bytes_out"] != size + 16:
+            raise BenchError(f"the peer wrote {result['bytes_out']} bytes")
+        if first_peer[0]:
+            first_peer[0] = False
+        else:
+            call.times.append(result["encrypt"])
+            peer_inner.times.append(result["seconds"])
+        _remove(peer_out)
+        return result["wall"]
+
+    toml = k.pipeline("seal", {"data": str(src)})
+    steps = [(child.label, k.child("aes", own)), (peer.label, do_peer),
+             (child2.label, k.child("aes-par", own2, {"parallel": True, "workers": 2})),
+             (whole.label, k.whole_run(toml))]
+    for _, step in steps:  # untimed warm-up: page cache, bytecode
+        step()
+    interleave(b.cfg.reps, steps, {m.label: m for m in (child, peer, child2, whole)})
+    _rmtree(ws)
+    r.add(own2)
+    k.finish(own, child, peer, child2, whole, own2, call, peer_inner)
+    ratio = _ratio(peer.median, child.median)
+    r.ratios["peer time / child time (throughput ratio)"] = ratio
+    r.ratios["peer in-process / kind's own time (info)"] = _ratio(
+        peer_inner.median, own.median)
+    r.ratios["pure encrypt call / kind's own time (info)"] = _ratio(call.median, own.median)
+    r.ratios["peer time / child time, 2 workers (info)"] = _ratio(peer.median,
+                                                                             child2.median)
+    r.criteria.append(Criterion("throughput vs one AESGCM call (whole commands)", ratio,
+                                0.7, ">="))
+    return r
+
+
+def s12_checksum_folder(b: Bench) -> ScenarioResult:
+    n, fsize = b.cfg.nfiles, b.cfg.file_size
+    r = ScenarioResult(
+        "12", "checksum_folder", f"checksum kind, blake3, a folder of {n:,} files of "
+                                 f"{fsize // 1024} KiB",
+        target="at least 0.9x the throughput of b3sum over the same files (the stage's child "
+               "process, whole command)",
+        method=_KIND_METHOD + (
+            "Stage: kind = \"checksum\", algorithm = \"blake3\", its other settings the "
+            "defaults (chunk_size 4 MiB, parallel = false); an extra row runs the child with "
+            "parallel = true, workers = 2 (info). Input: the folder scenario 3's stage writes "
+            "(stagecmd write-files: N files of 4 KiB, pseudo-random, each distinct), written "
+            "once. Peer: `b3sum` with every file as an argument in bytewise order, run in that "
+            "folder, its output to a file (the kind writes a sums file of the same format; the "
+            "two are compared once)."))
+    if (why := b.need_disk(3 * n * fsize, "the files")) is not None:
+        r.skip_reason = why
+        return r
+    ws = b.dir("s12")
+    folder = ws / "pipeline" / "files"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    run([PY, data.STAGECMD, "write-files", folder, n, fsize])
+    names = sorted(os.listdir(folder), key=lambda name: name.encode())
+    settings = {"kind": "checksum", "algorithm": "blake3"}
+    k = _KindSteps(b, r, ws, settings, folder, n * fsize, b.env)
+    child = r.add(Measurement("kindstage child process, whole command"))
+    peer = r.add(Measurement("b3sum FILES > sums (whole command)"))
+    child2 = r.add(Measurement("kindstage child, parallel, workers = 2 (info)"))
+    whole = r.add(Measurement("stagestore run, one stage (fresh store), wall"))
+    own = r.add(Measurement("kind's own time (stats seconds, in-process)"))
+    own2 = Measurement("kind's own time, parallel, workers = 2 (in-process)")
+    r.primary = child.label
+    kept, peer_sums = ws / "kind.sums", ws / "b3sum.sums"
+    toml = k.pipeline("sums", {"data": "files"})
+    steps = [(child.label, k.child("sums", own, keep=kept)),
+             (child2.label, k.child("sums-par", own2, {"parallel": True, "workers": 2})),
+             (whole.label, k.whole_run(toml))]
+    if b.peers.b3sum:
+        steps.insert(1, (peer.label,
+                         lambda: run_to_file([b.peers.b3sum, *names], peer_sums, cwd=folder,
+                                             env=b.env)))
+    else:
+        r.notes.append(f"b3sum rows skipped: {b.peers.b3sum_missing}")
+    for _, step in steps:  # untimed warm-up: page cache, bytecode
+        step()
+    if b.peers.b3sum:
+        same = kept.read_bytes() == peer_sums.read_bytes()
+        r.notes.append("the kind's sums file is byte-identical to b3sum's output" if same else
+                       "the kind's sums file DIFFERS from b3sum's output")
+        if not same:
+            raise BenchError("the checksum kind's sums file differs from b3sum's output")
+    interleave(b.cfg.reps, steps, {m.label: m for m in (child, peer, child2, whole)})
+    _rmtree(ws)
+    r.add(own2)
+    k.finish(own, child, peer, child2, whole, own2)
+    ratio = _ratio(peer.median, child.median)
+    r.ratios["b3sum time / child time (throughput ratio)"] = ratio
+    r.ratios["b3sum time / kind's own time (info)"] = _ratio(peer.median, own.median)
+    r.ratios["b3sum time / child time, 2 workers (info)"] = _ratio(peer.median,
+                                                                              child2.median)
+    r.criteria.append(Criterion("throughput vs b3sum", ratio, 0.9, ">=",
+                                note="" if b.peers.b3sum else b.peers.b3sum_missing))
+    return r
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Bench], ScenarioResult]]] = [
     ("1", "hash", s1_hash),
     ("2", "commit_big", s2_commit_big),
@@ -845,4 +1201,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Bench], ScenarioResult]]] = [
     ("7", "cli_startup", s7_cli),
     ("8", "memory", s8_memory),
     ("9", "scale", s9_scale),
+    ("10", "zstd", s10_zstd),
+    ("11", "encrypt", s11_encrypt),
+    ("12", "checksum_folder", s12_checksum_folder),
 ]

@@ -3,7 +3,8 @@
 
 It is copied into every benchmark workspace and run as a stage (`{inputs.script}`), by DVC and
 on its own (the floors), so all three run exactly the same code.  Standard library only, except
-the `hash-*` probes, which import blake3 (and stagestore for `hash-stagestore`).
+the `hash-*` probes, which import blake3 (and stagestore for `hash-stagestore`), and the peers of
+the built-in kinds, which import cryptography (`aesgcm-file`) or zstandard (`zstd-oneshot`).
 
     write-file OUT SIZE [--fsync] [--ino-file PATH]   SIZE bytes from a page-aligned 1 MiB buffer
     write-files OUTDIR COUNT SIZE [--fsync]            COUNT files of SIZE bytes in a new folder
@@ -11,6 +12,11 @@ the `hash-*` probes, which import blake3 (and stagestore for `hash-stagestore`).
     hash-blake3 FILE                                    blake3 update_mmap, max_threads=AUTO
     hash-stagestore FILE                                stagestore.hashing.hash_file
     read-chunks FILE bytearray|mmap                     read in 1 MiB chunks into that buffer
+    write-text OUT SIZE [--seed N]                      text-like data (words, ~3x compressible)
+    aesgcm-file IN OUT                                  AESGCM(key).encrypt of the whole file,
+                                                        in one call (read, encrypt, write)
+    zstd-oneshot IN OUT LEVEL THREADS                   ZstdCompressor(...).compress of the whole
+                                                        file, in one call (read, compress, write)
 
 Every probe prints one JSON line on stdout: {"seconds": <time of the work alone>, ...}; the
 write commands print it only with --report (a stage's stdout is stored as a log object).
@@ -118,6 +124,97 @@ def read_chunks(path: str, kind: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": total}
 
 
+LETTERS = "etaoinshrdlucmfwypvbgkjqxz"
+LETTER_WEIGHTS = [12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.2, 2.0,
+                  2.0, 1.9, 1.0, 1.5, 2.0, 0.8, 0.2, 0.1, 0.2, 0.1]
+
+
+def _word_table(rng: random.Random) -> list[bytes]:
+    """65,536 word slots: 2,048 made-up words of English-like letters, each in as many slots
+    as a Zipf law (exponent 1.1) gives it, some with a comma, a capital, a number or a full
+    stop and line feed, shuffled.  A uniform 16-bit index into it draws words the Zipf way."""
+    words = []
+    for _ in range(2048):
+        n = min(12, max(1, int(rng.expovariate(1 / 5)) + 1))
+        words.append("".join(rng.choices(LETTERS, LETTER_WEIGHTS, k=n)).encode())
+    ranks = [1 / (r + 1) ** 1.1 for r in range(len(words))]
+    total = sum(ranks)
+    table: list[bytes] = []
+    for word, p in zip(words, ranks):
+        table += [word] * max(1, round(p / total * 65536))
+    table = table[:65536]
+    while len(table) < 65536:
+        table.append(rng.choice(words))
+    rng.shuffle(table)
+    for i in range(0, 65536, 7):
+        word = table[i]
+        table[i] = (word + b"," if i % 3 == 0 else word.capitalize() if i % 3 == 1
+                    else word + str(rng.randrange(1000)).encode())
+    for i in range(0, 65536, 97):
+        table[i] += b".\n"
+    return table
+
+
+def write_text(out: str, size: int, seed: int = 3) -> dict:
+    """SIZE bytes of text-like data, the same for the same seed: words drawn from a Zipf-like
+    vocabulary with random variation (about 3x compressible by zstd level 3, like prose or
+    logs, and never a repetition of a whole block that a compressor's window could find)."""
+    from array import array
+
+    rng = random.Random(seed)
+    table = _word_table(rng)
+    t0 = time.perf_counter()
+    done = 0
+    with open(out, "xb") as f:
+        while done < size:
+            n = min(CHUNK, size - done)
+            index = array("H")
+            index.frombytes(rng.randbytes(2 * (n // 5 + 16)))  # words average over 5 bytes
+            if sys.byteorder == "big":
+                index.byteswap()  # the same words on every machine
+            piece = b" ".join(map(table.__getitem__, index))[:n]
+            f.write(piece)
+            done += len(piece)
+    return {"seconds": time.perf_counter() - t0, "bytes": done}
+
+
+def aesgcm_file(src: str, out: str) -> dict:
+    """The peer of the encrypt kind: the whole file in one `AESGCM(key).encrypt` call, as a
+    user with the cryptography package would write it (read it all, one call, write it all)."""
+    t0 = time.perf_counter()
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    t1 = time.perf_counter()
+    with open(src, "rb") as f:
+        data = f.read()
+    t2 = time.perf_counter()
+    sealed = AESGCM(bytes(range(32))).encrypt(bytes(12), data, None)
+    t3 = time.perf_counter()
+    with open(out, "xb") as f:
+        f.write(sealed)
+    t4 = time.perf_counter()
+    return {"import": t1 - t0, "read": t2 - t1, "encrypt": t3 - t2, "write": t4 - t3,
+            "seconds": t4 - t1, "bytes": len(data), "bytes_out": len(sealed)}
+
+
+def zstd_oneshot(src: str, out: str, level: int, threads: int) -> dict:
+    """python-zstandard's own one-shot compressor over the whole file (read, compress, write)."""
+    t0 = time.perf_counter()
+    import zstandard
+
+    t1 = time.perf_counter()
+    with open(src, "rb") as f:
+        data = f.read()
+    t2 = time.perf_counter()
+    packed = zstandard.ZstdCompressor(level=level, threads=threads).compress(data)
+    t3 = time.perf_counter()
+    with open(out, "xb") as f:
+        f.write(packed)
+    t4 = time.perf_counter()
+    return {"import": t1 - t0, "read": t2 - t1, "compress": t3 - t2, "write": t4 - t3,
+            "seconds": t4 - t1, "bytes": len(data), "bytes_out": len(packed)}
+
+
 def main(argv: list[str]) -> int:
     report = "--report" in argv
     argv = [a for a in argv if a != "--report"]
@@ -146,6 +243,17 @@ def main(argv: list[str]) -> int:
         result, report = hash_stagestore(args[0]), True
     elif cmd == "read-chunks":
         result, report = read_chunks(args[0], args[1]), True
+    elif cmd == "write-text":
+        seed = 3
+        if "--seed" in args:
+            i = args.index("--seed")
+            seed = int(args[i + 1])
+            del args[i:i + 2]
+        result, report = write_text(args[0], int(args[1]), seed), True
+    elif cmd == "aesgcm-file":
+        result, report = aesgcm_file(args[0], args[1]), True
+    elif cmd == "zstd-oneshot":
+        result, report = zstd_oneshot(args[0], args[1], int(args[2]), int(args[3])), True
     else:
         print(f"stagecmd: unknown command {cmd!r}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from .kinds import (KindError, KindOptions, ValidationFailureError, load_key, parse_chunk_size,
+from .kinds import (KindError, KindOptions, ValidationFailureError, parse_chunk_size,
                     run_kind)
 
 EXIT_OK = 0
@@ -52,6 +52,8 @@ def run(data: dict[str, Any]) -> None:
     workdir = Path(data["workdir"])
     key = None
     if data.get("key_env") is not None or data.get("key_file") is not None:
+        from .kinds.crypto import load_key
+
         key = load_key(data.get("key_env"), data.get("key_file"), workdir, os.environ)
     opts = build_options(data)
     if data.get("code_dir") and opts.call:

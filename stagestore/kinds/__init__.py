@@ -14,16 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .checksum import checksum
 from .chunks import peak_rss_bytes
-from .compress import compress, decompress
-from .crypto import decrypt, encrypt, key_id, load_key
 from .errors import ChecksumMismatchError, DecryptionError, KindError, ValidationFailureError
 from .options import (ALGORITHMS, COMPRESSION_PARAMS, DEFAULT_ALGORITHMS, DEFAULT_CHUNK_SIZE,
                       DEFAULT_WORKERS, KINDS, MAX_CHUNK_SIZE, MAX_WORKERS, MIN_CHUNK_SIZE,
                       KindOptions, KindStats, option_problems, parse_chunk_size, validate,
                       with_defaults)
-from .transform import transform
 
 __all__ = [
     "ALGORITHMS", "COMPRESSION_PARAMS", "DEFAULT_ALGORITHMS", "DEFAULT_CHUNK_SIZE",
@@ -62,20 +58,35 @@ def run_kind(opts: KindOptions, src: Path, dest: Path, *, key: bytes | None = No
                      seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
 
 
+def __getattr__(name: str) -> object:
+    """`key_id` and `load_key`, imported on first use: they pull in `cryptography`."""
+    if name in ("key_id", "load_key"):
+        from . import crypto
+
+        return getattr(crypto, name)
+    raise AttributeError(f"module 'stagestore.kinds' has no attribute {name!r}")
+
+
 def _dispatch(opts: KindOptions, src: Path, dest: Path, key: bytes | None,
               workdir: Path) -> tuple[int, int]:
+    # Each kind's module is imported when it runs: checksum needs neither zstandard nor
+    # cryptography, and a child process that imports them pays 30 ms for nothing.
     match opts.kind:
         case "checksum":
+            from .checksum import checksum
+
             return checksum(opts, src, dest, workdir)
-        case "compress":
-            return compress(opts, src, dest)
-        case "decompress":
-            return decompress(opts, src, dest)
-        case "encrypt":
-            return encrypt(opts, src, dest, key)
-        case "decrypt":
-            return decrypt(opts, src, dest, key)
+        case "compress" | "decompress":
+            from . import compress
+
+            return getattr(compress, opts.kind)(opts, src, dest)
+        case "encrypt" | "decrypt":
+            from . import crypto
+
+            return getattr(crypto, opts.kind)(opts, src, dest, key)
         case "transform":
+            from .transform import transform
+
             return transform(opts, src, dest, workdir)
     raise KindError("passthrough is handled by the runner: its output is its input object")
 

@@ -9,6 +9,8 @@ file and every difference is reported at once.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .options import KindOptions
 from .walk import walk
 
 HEX_LENGTHS = {"blake3": 64, "sha256": 64, "sha512": 128}
+POOL_MIN_AVERAGE = 1 << 20  # a folder's files are hashed on a thread pool from this mean size
 
 
 def checksum(opts: KindOptions, src: Path, dest: Path, workdir: Path) -> tuple[int, int]:
@@ -29,16 +32,25 @@ def checksum(opts: KindOptions, src: Path, dest: Path, workdir: Path) -> tuple[i
     """
     algorithm = opts.algorithm
     if src.is_dir():
-        files = [(entry.relpath, entry.path) for entry in walk(src) if not entry.is_dir]
+        entries = [entry for entry in walk(src) if not entry.is_dir]
+        files = [(entry.relpath, entry.path) for entry in entries]
+        average = sum(entry.size for entry in entries) / max(1, len(entries))
     else:
-        files = [(src.name, src)]
-    # Many files: one file per worker.  One file: blake3 can spread it over threads itself.
+        files = [(src.name, os.fspath(src))]
+        average = 0
+    # One file: blake3 spreads it over threads itself.  Many files: a thread per file pays only
+    # when files are large; for small ones, opening and reading them holds the GIL longer than
+    # hashing releases it, and the pool's overhead per task is larger than the hashing.
     per_file_threads = opts.threads if len(files) == 1 else 1
-    pool_workers = opts.threads if len(files) > 1 else 1
+    pool_workers = opts.threads if len(files) > 1 and average >= POOL_MIN_AVERAGE else 1
+    buffers = threading.local()  # one read buffer per thread, not one per file
 
-    def hash_one(item: tuple[str, Path]) -> tuple[str, str, int]:
+    def hash_one(item: tuple[str, str]) -> tuple[str, str, int]:
         relpath, path = item
-        digest, size = hash_file(path, algorithm, opts.chunk_size, per_file_threads)
+        buffer = getattr(buffers, "buffer", None)
+        if buffer is None:
+            buffer = buffers.buffer = bytearray(opts.chunk_size)
+        digest, size = hash_file(path, algorithm, opts.chunk_size, per_file_threads, buffer)
         return relpath, digest, size
 
     sums = list(ordered_map(hash_one, files, pool_workers))
@@ -52,16 +64,22 @@ def checksum(opts: KindOptions, src: Path, dest: Path, workdir: Path) -> tuple[i
     return sum(size for _, _, size in sums), len(text)
 
 
-def hash_file(path: Path, algorithm: str, chunk_size: int, threads: int = 1) -> tuple[str, int]:
-    """The hex digest and size of a file, read `chunk_size` bytes at a time into one buffer."""
+def hash_file(path: str | os.PathLike[str], algorithm: str, chunk_size: int, threads: int = 1,
+              buffer: bytearray | None = None) -> tuple[str, int]:
+    """The hex digest and size of a file, read `chunk_size` bytes at a time into `buffer`
+    (a new one when not given)."""
     hasher = _new_hasher(algorithm, threads)
-    buffer = bytearray(chunk_size)
+    if buffer is None:
+        buffer = bytearray(chunk_size)
     view = memoryview(buffer)
     size = 0
-    with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while count := os.readv(fd, (buffer,)):
             hasher.update(view[:count])
             size += count
+    finally:
+        os.close(fd)
     return hasher.hexdigest(), size
 
 

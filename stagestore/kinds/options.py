@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-from ..syntax import parse_size
 from .errors import KindError
 
 KINDS = ("checksum", "compress", "decompress", "encrypt", "decrypt", "transform", "passthrough")
@@ -96,6 +95,8 @@ def parse_chunk_size(value: int | str) -> int:
 
     Raises `KindError` unless the result is from 1 KiB to 100 MiB inclusive.
     """
+    from ..syntax import parse_size  # here: syntax imports the records, which the child needs not
+
     try:
         size = parse_size(value)
     except ValueError as exc:

@@ -22,7 +22,7 @@ class Entry(msgspec.Struct, frozen=True):
     """One file or folder below an input folder."""
 
     relpath: str
-    path: Path
+    path: str  # a str, not a Path: building 10,000 Path objects costs more than hashing
     is_dir: bool
     size: int
     executable: bool
@@ -35,7 +35,7 @@ def walk(root: Path) -> list[Entry]:
     UTF-8 or not a portable relative path (the same check stored trees use).
     """
     found: list[Entry] = []
-    pending = [(root, "")]
+    pending: list[tuple[str | Path, str]] = [(root, "")]
     while pending:
         folder, prefix = pending.pop()
         with os.scandir(folder) as scan:
@@ -43,10 +43,10 @@ def walk(root: Path) -> list[Entry]:
                 relpath = _checked_relpath(prefix + item.name)
                 info = item.stat(follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    found.append(Entry(relpath, Path(item.path), True, 0, False))
-                    pending.append((Path(item.path), relpath + "/"))
+                    found.append(Entry(relpath, item.path, True, 0, False))
+                    pending.append((item.path, relpath + "/"))
                 elif stat.S_ISREG(info.st_mode):
-                    found.append(Entry(relpath, Path(item.path), False, info.st_size,
+                    found.append(Entry(relpath, item.path, False, info.st_size,
                                        bool(info.st_mode & 0o111)))
                 else:
                     what = "a symlink" if stat.S_ISLNK(info.st_mode) else "a device, FIFO or socket"
