@@ -265,8 +265,10 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             pass
 
 
-def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy a file's bytes into a new file `dst` (created exclusively) and fsync it."""
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+              sync: bool = True) -> None:
+    """Copy a file's bytes into a new file `dst` (created exclusively) and fsync it; with
+    `sync=False` the caller makes it durable later (`syncfs`), before anything names it."""
     fd_out = create_exclusive(dst)
     try:
         with open(src, "rb") as f_in:
@@ -283,7 +285,8 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
                 f_in.seek(0)
                 while chunk := f_in.read(_COPY_CHUNK):
                     write_all(fd_out, chunk, dst)
-        fsync_fd(fd_out, dst)
+        if sync:
+            fsync_fd(fd_out, dst)
     finally:
         os.close(fd_out)
 

@@ -153,6 +153,52 @@ class ObjectStore:
             results[path] = (digest, size)
         return [results[path] for path in paths]
 
+    def ingest_files(self, sources: list[Path], owner: str,
+                     batch: SyncBatch) -> list[tuple[str, int]]:
+        """`ingest_file` for every file of a folder input, with the syncs of the copies batched.
+
+        From `SYNCFS_MIN_FILES` files on, a file whose content is not stored yet is copied into
+        `tmp/` without an fsync, and `commit_files` then hashes the copies, makes them durable
+        with one `syncfs` and only then renames them into the store (docs/format.md, rule 1).
+        """
+        if len(sources) < SYNCFS_MIN_FILES:
+            return [self.ingest_file(source, owner, batch) for source in sources]
+        results: dict[int, tuple[str, int]] = {}
+        copies: list[tuple[int, str, os.stat_result, int, str, Path]] = []
+        try:
+            for index, source in enumerate(sources):
+                key, seen_ns, st, digest, hashed = self._known(source)
+                if self.exists(digest):
+                    if hashed:
+                        self.stat_cache.remember(key, st, digest, seen_ns)
+                    self._synced(self.path(digest).parent, batch)
+                    results[index] = (digest, st.st_size)
+                    continue
+                copy = self.layout.new_tmp_path(owner, "snapshot")
+                durable.copy_file(source, copy, sync=False)
+                copies.append((index, key, st, seen_ns, digest, copy))
+            stored = self.commit_files([copy for *_, copy in copies], owner, batch)
+        finally:
+            for *_, copy in copies:
+                _discard(copy)
+        for (index, key, st, seen_ns, digest, _), found in zip(copies, stored):
+            if found[0] == digest:  # else the source changed while it was copied
+                self.stat_cache.remember(key, st, digest, seen_ns)
+            results[index] = found
+        return [results[index] for index in range(len(sources))]
+
+    def _known(self, source: Path) -> tuple[str, int, os.stat_result, str, bool]:
+        """(stat cache key, when it was looked at, its stat, its digest, whether it was hashed
+        now): the digest comes from the stat cache when the file is unchanged since it was last
+        hashed and its object exists, else from hashing it."""
+        key = os.path.abspath(source)
+        seen_ns = time.time_ns()
+        st = os.stat(source)
+        digest = self.stat_cache.lookup(key, st)
+        if digest is not None and self.exists(digest):
+            return key, seen_ns, st, digest, False
+        return key, seen_ns, st, hash_file(source, st.st_size), True
+
     def ingest_file(self, source: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Snapshot a file from outside the store (a workspace input) by copying its bytes in.
 
@@ -160,22 +206,18 @@ class ObjectStore:
         Otherwise the copy is hashed, not the source, so a source edited meanwhile can never
         yield an object whose name does not match its bytes.
         """
-        key = os.path.abspath(source)
-        seen_ns = time.time_ns()
-        st = os.stat(source)
-        digest = self.stat_cache.lookup(key, st)
-        if digest is None or not self.exists(digest):
-            digest = hash_file(source, st.st_size)
-            if not self.exists(digest):
-                copy = self.layout.new_tmp_path(owner, "snapshot")
-                try:
-                    durable.copy_file(source, copy)
-                    stored = self.commit_file(copy, owner, batch)
-                finally:
-                    _discard(copy)
-                if stored[0] == digest:  # else the source changed while it was copied
-                    self.stat_cache.remember(key, st, digest, seen_ns)
-                return stored
+        key, seen_ns, st, digest, hashed = self._known(source)
+        if not self.exists(digest):
+            copy = self.layout.new_tmp_path(owner, "snapshot")
+            try:
+                durable.copy_file(source, copy)
+                stored = self.commit_file(copy, owner, batch)
+            finally:
+                _discard(copy)
+            if stored[0] == digest:  # else the source changed while it was copied
+                self.stat_cache.remember(key, st, digest, seen_ns)
+            return stored
+        if hashed:
             self.stat_cache.remember(key, st, digest, seen_ns)
         self._synced(self.path(digest).parent, batch)  # as in put_bytes
         return digest, st.st_size

@@ -93,7 +93,7 @@ def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch,
                                        follow_symlinks=False, what=what)
     else:
         listing, total = build_listing(
-            folder, lambda ps: [objects.ingest_file(p, owner, batch) for p in ps],
+            folder, lambda ps: objects.ingest_files(ps, owner, batch),
             follow_symlinks=True, what=what)
     digest = objects.put_bytes(encode_tree(listing), owner, batch)
     return ArtifactRef(hash=digest, size=total, kind="tree")

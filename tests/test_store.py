@@ -335,3 +335,41 @@ def test_a_failed_syncfs_renames_nothing_into_the_store(store, monkeypatch):
         durable.set_fault_hook(None)
     assert set(store.objects.list()) == before
     assert len(list(folder.iterdir())) == SYNCFS_MIN_FILES
+
+
+def test_a_large_folder_input_is_copied_then_synced_once(store, tmp_path):
+    """From SYNCFS_MIN_FILES files on, an input folder's copies are not fsynced one by one: one
+    syncfs makes them durable, and only then are they renamed into the store.  The workspace
+    files are left as they were, and a second snapshot copies nothing."""
+    from stagestore import durable
+    from stagestore.objects import SYNCFS_MIN_FILES
+
+    source = tmp_path / "input"
+    source.mkdir()
+    for i in range(SYNCFS_MIN_FILES + 8):
+        (source / f"f{i:03}").write_bytes(b"same" if i % 2 else f"input {i}".encode())
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in source.iterdir()}
+    ops = []
+    durable.set_recorder(lambda op, path, src: ops.append((op, os.path.basename(path))))
+    try:
+        ref = store_tree(source, store.objects, "test", SyncBatch(), move=False, what="input")
+    finally:
+        durable.set_recorder(None)
+    kinds = [op for op, _ in ops]
+    assert kinds.count("syncfs") == 1
+    synced_at = kinds.index("syncfs")
+    renames = [i for i, op in enumerate(kinds) if op == "rename"]
+    assert renames and min(renames) > synced_at  # every copy durable before any rename
+    assert not [name for op, name in ops if op == "fsync" and "snapshot" in name]
+    listing = read_tree(store.objects, ref.hash)
+    for entry in listing.entries:
+        assert store.objects.path(entry.hash).read_bytes() == (source / entry.path).read_bytes()
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in source.iterdir()} == before
+    assert list(store.layout.tmp.iterdir()) == []
+    ops.clear()
+    durable.set_recorder(lambda op, path, src: ops.append(op))
+    try:
+        again = store_tree(source, store.objects, "test", SyncBatch(), move=False, what="input")
+    finally:
+        durable.set_recorder(None)
+    assert again == ref and "write" not in ops and "syncfs" not in ops
