@@ -383,14 +383,7 @@ def _decode(data: bytes, file: str) -> PipelineDef:
                             path=file) from None
     stages = {}
     for name, table in top.stages.items():
-        try:
-            stages[name] = msgspec.convert(table, StageSpec)
-        except msgspec.ValidationError as exc:
-            hint = None
-            if _UNKNOWN_FIELD_RE.search(str(exc)):
-                hint = "valid stage keys: " + ", ".join(StageSpec.__struct_fields__)
-            raise PipelineError(f"{file}: {_with_key(str(exc), f'.stages.{name}')}", path=file,
-                                stage=name, hint=hint) from None
+        stages[name] = _convert_stage(name, table, file, file)
     return PipelineDef(pipeline=top.pipeline, stages=stages)
 
 
