@@ -42,9 +42,12 @@ def hash_file(path: str | os.PathLike[str], size: int | None = None) -> str:
         hasher.update_mmap(os.fspath(path))
         return PREFIX + hasher.hexdigest()
     hasher = blake3.blake3()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # not open(): no buffered file object
+    try:
+        while chunk := os.read(fd, _CHUNK):
             hasher.update(chunk)
+    finally:
+        os.close(fd)
     return PREFIX + hasher.hexdigest()
 
 

@@ -9,6 +9,7 @@ are removed only by `gc`.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .statcache import StatCache
 
 OBJECT_MODE = 0o444
+_HEX64 = re.compile("[0-9a-f]{64}")  # a well-formed object name: shard + rest
 # From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
 # file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
 SYNCFS_MIN_FILES = 32
@@ -228,19 +230,20 @@ class ObjectStore:
             if name is not None:
                 yield name
 
-    def scan(self) -> Iterator[tuple[str | None, Path]]:
-        """(digest or None when the entry is not a well-formed object name, path) of each entry."""
+    def scan(self) -> Iterator[tuple[str | None, str]]:
+        """(digest or None when the entry is not a well-formed object name, path) of each entry.
+        Paths are strings: a store of 100,000 objects would spend a second building Paths."""
         root = self.layout.objects
         if not root.is_dir():
             return
         for shard in sorted(os.scandir(root), key=lambda e: e.name):
             if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
-                yield None, Path(shard.path)
+                yield None, shard.path
                 continue
             for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
                 hexdigest = shard.name + entry.name
-                ok = len(hexdigest) == 64 and all(c in "0123456789abcdef" for c in hexdigest)
-                yield (PREFIX + hexdigest if ok else None), Path(entry.path)
+                ok = _HEX64.fullmatch(hexdigest) is not None
+                yield (PREFIX + hexdigest if ok else None), entry.path
 
     def delete(self, digest: str) -> bool:
         return durable.unlink(self.path(digest))

@@ -125,7 +125,7 @@ def check_no_temps(store: Store) -> None:
             if TMP_SEP in name:
                 raise _fail(3, f"temp-named entry {Path(folder) / name} outside tmp/")
     for digest, path in store.objects.scan():
-        if digest is not None and path.stat().st_size == 0 and digest != EMPTY_DIGEST:
+        if digest is not None and os.stat(path).st_size == 0 and digest != EMPTY_DIGEST:
             raise _fail(3, f"object {digest} is empty")
 
 

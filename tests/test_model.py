@@ -197,7 +197,7 @@ class StoreMachine(RuleBasedStateMachine):
     def corrupt_object(self, data: st.DataObject) -> None:
         candidates = []
         for digest, path in self.store.objects.scan():
-            if digest is not None and digest not in self.corrupt and path.stat().st_size:
+            if digest is not None and digest not in self.corrupt and os.stat(path).st_size:
                 candidates.append(digest)
         if not candidates:
             return
