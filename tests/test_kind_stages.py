@@ -504,3 +504,41 @@ def test_a_transform_stage_applies_its_workspace_function_and_reruns_when_it_cha
     second = ws.cli("run", "--run-id", "r2", "--json")
     assert json.loads(second.stdout)["stages"][0]["outcome"] == "succeeded"
     assert _manifest(ws, "r2", "shout")["outputs"] != loud["outputs"]
+
+
+def test_kind_stages_run_per_item_each_on_its_own_input(ws):
+    """An item run through encrypt and decrypt: each item reads its own input and gets its own
+    manifests; a new key makes every item's encrypt stage run again."""
+    for item in ("a", "b", "c"):
+        ws.write(f"data/{item}.txt", f"item {item}\n" * 500)
+    ws.write("items.txt", "a\nb\nc\n")
+    ws.pipeline("""
+        [pipeline]
+        name = "per-item"
+
+        [stages.seal]
+        kind = "encrypt"
+        inputs = { plain = "data/{item}.txt" }
+        input = "{inputs.plain}"
+        outputs = ["sealed"]
+        key_env = "DOCS_KEY"
+
+        [stages.open]
+        kind = "decrypt"
+        upstream = ["seal"]
+        input = "{upstream.seal.sealed}"
+        outputs = ["plain"]
+        key_env = "DOCS_KEY"
+    """)
+    result = _run(ws, "--run-id", "r1", "--items", "items.txt", "--json")
+    assert result.returncode == 0, result.stderr
+    for item in ("a", "b", "c"):
+        opened = json.loads((ws.store / "runs" / "r1" / "items" / item / "open.json").read_text())
+        digest = opened["outputs"]["plain"]["hash"].split(":")[1]
+        stored = (ws.store / "objects" / digest[:2] / digest[2:]).read_bytes()
+        assert stored == (ws.root / "data" / f"{item}.txt").read_bytes()
+    # the same items with another key: every stage runs again, nothing is reused wrongly
+    again = _run(ws, "--run-id", "r2", "--items", "items.txt", "--json", key=OTHER_KEY)
+    assert again.returncode == 0, again.stderr
+    stages = [s for i in json.loads(again.stdout)["items"] for s in i["stages"]]
+    assert {s["outcome"] for s in stages if s["stage"] == "seal"} == {"succeeded"}
