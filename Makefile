@@ -4,12 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAGESTORE := $(VENV)/bin/stagestore
 DEMO   := .demo
+DEMO_KEY := 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f
 
 .PHONY: help venv demo test test-long bench schemas docs clean
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff;"
-	@echo "                then an item run and its failure report"
+	@echo "                then an item run and its failure report, then the built-in kinds"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
 	@echo "make bench      the benchmark suite against b3sum, zstd, DVC and the floors (about 12 min on"
@@ -66,6 +67,15 @@ demo: venv
 		|| test $$? -eq 1
 	@echo "== 9. the failure report of that run: by stage, build failures by class, infrastructure, per item"
 	$(STAGESTORE) report demo-items --store $(DEMO)/item-store
+	@echo "== 10. built-in kinds: a folder checksummed, compressed, encrypted, decrypted, decompressed"
+	@cp -r examples/kinds $(DEMO)/kinds
+	DEMO_KEY=$(DEMO_KEY) $(STAGESTORE) check -p $(DEMO)/kinds/stagestore.toml
+	DEMO_KEY=$(DEMO_KEY) $(STAGESTORE) plan -p $(DEMO)/kinds/stagestore.toml
+	DEMO_KEY=$(DEMO_KEY) $(STAGESTORE) run -p $(DEMO)/kinds/stagestore.toml --run-id kinds-1
+	$(STAGESTORE) checkout kinds-1 unpack --to $(DEMO)/kinds-out -p $(DEMO)/kinds/stagestore.toml
+	diff -r $(DEMO)/kinds/data $(DEMO)/kinds-out/delivery && echo "unpacked folder identical to data/"
+	$(STAGESTORE) checkout kinds-1 sums --to $(DEMO)/kinds-sums -p $(DEMO)/kinds/stagestore.toml
+	cd $(DEMO)/kinds/data && sha256sum -c ../../kinds-sums/sha256
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info

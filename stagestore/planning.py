@@ -73,7 +73,11 @@ def plan(pipeline: Pipeline, store: Store | None) -> PlanReport:
         if not spec.enabled or spec.kind == "passthrough":
             sizes[name] = {spec.outputs[0]: bytes_in} if spec.kind is not None else {}
             action = "disabled" if not spec.enabled else "passthrough"
-            plans.append(StagePlan(stage=name, action=action, reason=row.reason,
+            reason = ("passes its input through" if spec.kind is not None else
+                      "does not run; the stages downstream of it are skipped")
+            if not spec.enabled:
+                reason = f"disabled (enabled = false): {reason}"
+            plans.append(StagePlan(stage=name, action=action, reason=reason,
                                    input_bytes=bytes_in, output_bytes=sum(sizes[name].values())))
             continue
         if not row.would_execute:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -542,3 +543,31 @@ def test_kind_stages_run_per_item_each_on_its_own_input(ws):
     assert again.returncode == 0, again.stderr
     stages = [s for i in json.loads(again.stdout)["items"] for s in i["stages"]]
     assert {s["outcome"] for s in stages if s["stage"] == "seal"} == {"succeeded"}
+
+
+def test_the_kinds_example_runs_and_gives_the_folder_back(tmp_path):
+    """examples/kinds, as `make demo` runs it: valid with no warnings, and `unpack` is the same
+    tree object as the delivery folder it started from."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "kinds"
+    ws_root = tmp_path / "kinds"
+    shutil.copytree(example, ws_root)
+    env = dict(os.environ, DEMO_KEY="00" * 32)
+    env.pop("STAGESTORE_STORE", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stagestore", *args], cwd=ws_root, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    checked = cli("check")
+    assert checked.returncode == 0 and "0 warnings" in checked.stdout, checked.stderr
+    ran = cli("run", "--run-id", "r1", "--json")
+    assert ran.returncode == 0, ran.stderr
+    outcomes = {s["stage"]: s["outcome"] for s in json.loads(ran.stdout)["stages"]}
+    assert outcomes["inspect"] == "disabled" and outcomes["unpack"] == "succeeded"
+    store = Store.open(ws_root / ".stagestore")
+    unpack = store.manifests.read("r1", "unpack")
+    from stagestore.trees import hash_artifact
+
+    assert unpack.outputs["delivery"] == hash_artifact(ws_root / "data", "data")
