@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import StagestoreError
 from .pipeline import Pipeline, stage_input_paths
 from .records import StageManifest, StageSpec
-from .reports import CheckReport, CompatProblem, PlanReport, StagePlan
+from .reports import CheckReport, PlanReport, StagePlan
 from .stagekinds import compatibility, source, stage_config_hash
 from .store import Store
 
@@ -38,6 +38,8 @@ DEFAULT_RATIO = {"checksum": 0.0, "compress": 0.5, "decompress": 2.0, "encrypt":
                  "decrypt": 1.0, "transform": 1.0}
 """Output bytes per input byte when a stage has no history."""
 
+SUMS_LINE = 100  # bytes of one line of a sums file: a checksum's output with no history
+
 HISTORY = 20  # most recent runs read for a stage's history
 
 
@@ -52,10 +54,8 @@ def check(pipeline: Pipeline) -> CheckReport:
                 stage_config_hash(spec, pipeline.workdir)
             except StagestoreError as exc:
                 errors.append(f"stage {name!r}: {exc.message}")
-    warnings = [CompatProblem(stage=w.stage, stages=w.stages, message=w.message)
-                for w in compatibility(pipeline.stages)]
     return CheckReport(pipeline=pipeline.name, stages=len(pipeline.stages), errors=errors,
-                       warnings=warnings)
+                       warnings=compatibility(pipeline.stages))
 
 
 def plan(pipeline: Pipeline, store: Store | None) -> PlanReport:
@@ -117,16 +117,12 @@ def _estimate(name: str, spec: StageSpec, reason: str, bytes_in: int,
         memory = BASE_MEMORY + chunk * workers * BUFFER_FACTOR[spec.kind]
     if peaks:  # what the stage itself measured beats the formula
         memory = max(peaks)
-    output = int(bytes_in * ratio) if spec.kind != "checksum" else _sums_bytes(bytes_in, ratio)
+    # A sums file grows with the number of files, not their bytes: with no history, one line.
+    output = int(bytes_in * ratio) or (SUMS_LINE if spec.kind == "checksum" else 0)
     return StagePlan(stage=name, action="run", reason=reason, input_bytes=bytes_in,
                      output_bytes=output, memory_bytes=memory, cores=workers,
                      disk_bytes=output, seconds=round(bytes_in / rate, 3) if rate else None,
                      basis=basis)
-
-
-def _sums_bytes(bytes_in: int, ratio: float) -> int:
-    """A sums file grows with the number of files, not their bytes: history, else one line."""
-    return int(bytes_in * ratio) if ratio else 100
 
 
 def _measure(manifest: StageManifest) -> tuple[float, float, int | None] | None:

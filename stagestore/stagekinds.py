@@ -9,26 +9,12 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import msgspec
-
 from .errors import PipelineError
 from .records import StageSpec
+from .reports import CompatProblem
 from .syntax import Placeholder, placeholders
 
-ONE_TO_ONE = frozenset({"checksum", "compress", "decompress", "encrypt", "decrypt", "transform",
-                        "passthrough"})
-"""Kinds that take one input and produce one output (every kind today): disabled, they pass
-their input through to downstream stages."""
-
 KEYED = frozenset({"encrypt", "decrypt"})
-
-
-class CompatWarning(msgspec.Struct, frozen=True, kw_only=True):
-    """A combination of kinds that works but makes no sense (docs/kinds.md, "Compatibility")."""
-
-    stage: str
-    stages: list[str]  # every stage involved, upstream first
-    message: str
 
 
 def source(spec: StageSpec) -> Placeholder:
@@ -111,7 +97,7 @@ def stage_config_hash(spec: StageSpec, workdir: Path,
     return config_hash(spec, config(spec, workdir, environ))
 
 
-def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatWarning]:
+def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatProblem]:
     """Compressing after encrypting, compressing twice and encrypting twice, along the chain
     of kind stages each kind stage's input comes through.  Passthrough and disabled stages pass
     their input on unchanged; decompress and decrypt undo the layer below them; checksum and
@@ -123,15 +109,15 @@ def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatWarning]:
         layers = _layers(stages, spec, set())
         encrypted = [stage for stage, layer in layers if layer == "encrypt"]
         if spec.kind == "compress" and layers and layers[-1][1] == "compress":
-            warnings.append(CompatWarning(stage=name, stages=[layers[-1][0], name], message=(
+            warnings.append(CompatProblem(stage=name, stages=[layers[-1][0], name], message=(
                 f"stage {name!r} compresses the output of {layers[-1][0]!r}, which is already "
                 "compressed: the second pass costs time and saves nothing")))
         elif spec.kind == "compress" and encrypted:
-            warnings.append(CompatWarning(stage=name, stages=[encrypted[-1], name], message=(
+            warnings.append(CompatProblem(stage=name, stages=[encrypted[-1], name], message=(
                 f"stage {name!r} compresses the output of {encrypted[-1]!r}, which is "
                 "encrypted: encrypted data does not compress; compress before encrypting")))
         elif spec.kind == "encrypt" and encrypted:
-            warnings.append(CompatWarning(stage=name, stages=[encrypted[-1], name], message=(
+            warnings.append(CompatProblem(stage=name, stages=[encrypted[-1], name], message=(
                 f"stage {name!r} encrypts the output of {encrypted[-1]!r}, which is already "
                 "encrypted: one layer is enough")))
     return warnings
