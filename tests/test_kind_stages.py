@@ -421,6 +421,8 @@ def _half_compressible(size: int) -> bytes:
 
 
 def test_plan_estimates_from_history_within_twice_the_measured_figures(ws):
+    """Output bytes and peak memory within 2x of what the next run measures; the duration is
+    the recorded throughput applied to the new input."""
     env = {"DOCS_KEY": KEY}
     (ws.root / "data.bin").write_bytes(_half_compressible(16 << 20))
     ws.pipeline(PLAN)
@@ -440,8 +442,12 @@ def test_plan_estimates_from_history_within_twice_the_measured_figures(ws):
         assert measured["bytes_out"] / 2 <= planned["output_bytes"] <= measured["bytes_out"] * 2
         assert measured["peak_rss_bytes"] / 2 <= planned["memory_bytes"] \
             <= measured["peak_rss_bytes"] * 2
-        assert measured["seconds"] / 2 <= planned["seconds"] <= measured["seconds"] * 2, (
-            stage, planned["seconds"], measured["seconds"])
+        # Duration: the first run's throughput applied to this input, exactly.  How close
+        # that comes to the next run's time is the machine's timing noise (tens of ms here),
+        # so it is not asserted: docs/performance.md's rule, no timed assertions in tests.
+        history = _manifest(ws, "r1", stage)["resources"]
+        rate = history["bytes_in"] / history["seconds"]
+        assert planned["seconds"] == pytest.approx(planned["input_bytes"] / rate, abs=1e-3)
 
 
 def test_plan_prints_a_table_and_runs_without_a_store(ws):
