@@ -437,7 +437,7 @@ def test_powerloss_linear_every_prefix(recorded, scratch):
     checker.assert_ok()
 
 
-@pytest.mark.parametrize("name", ["fanout", "tree50"])
+@pytest.mark.parametrize("name", ["fanout", "tree50", "bigin"])
 def test_powerloss_every_prefix_dropped(recorded, scratch, name):
     checker = Checker(recorded(name), scratch)
     checker.sweep(("synced", "all"), ("dropped",))

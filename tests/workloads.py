@@ -5,6 +5,8 @@
   (identical objects committed twice, by two stages of one run).
 * `tree50`: one stage producing a 50-file tree with an empty file and an empty folder.
 * `kinds`: a folder through checksum, compress, decompress, passthrough and a disabled stage.
+* `bigin`: one stage reading a folder input of `SYNCFS_MIN_FILES` files, whose snapshot is
+  synced once (`ingest_files`).
 
 `make(name, folder)` writes the workspace (data and `stagestore.toml`) into `folder` and returns
 the loaded pipeline.  `STAGES[name]` lists the stages, and `sentinel(folder)` creates the
@@ -126,12 +128,26 @@ outputs = ["packed"]
 enabled = false
 """
 
-TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS}
+# A folder input big enough for the snapshot's batched sync (`ObjectStore.ingest_files`: copies
+# without per-file fsync, one syncfs, then the renames).
+BIGIN = """
+[pipeline]
+name = "bigin"
+
+[stages.list]
+cmd = "ls {inputs.src} > {outputs.names}"
+shell = true
+inputs = { src = "data" }
+outputs = ["names"]
+"""
+
+TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS, "bigin": BIGIN}
 STAGES = {
     "linear": ("make", "count", "report"),
     "fanout": ("source", "left", "right", "join"),
     "tree50": ("tree",),
     "kinds": ("make", "sums", "pack", "unpack", "look", "off"),
+    "bigin": ("list",),
 }
 
 
@@ -142,6 +158,11 @@ def make(name: str, folder: Path) -> Pipeline:
             _write(folder / "data" / f"f{i}.txt", f"file {i}\n")
     elif name == "fanout":
         _write(folder / "data" / "source.txt", "hello fan-out\n")
+    elif name == "bigin":
+        from stagestore.objects import SYNCFS_MIN_FILES
+
+        for i in range(SYNCFS_MIN_FILES):
+            _write(folder / "data" / f"d{i:02}.txt", f"datum {i}\n")
     _write(folder / "stagestore.toml", textwrap.dedent(TOML[name]))
     return load_pipeline(folder / "stagestore.toml")
 
