@@ -190,7 +190,9 @@ def check_rerun(pipeline, store: Store, reference: dict, run_id: str = "a", **ru
 
 def check_reported_kept(store: Store, reported: list[tuple[str, str | None, str, str]]) -> None:
     """6: each (run, item, stage, output_hash) reported successful still has that manifest, and
-    every object it names."""
+    every object it names: its outputs and its inputs, and for a folder every file of it (a
+    file inside a tree, or an input snapshot, lost to a missing sync would otherwise pass: a
+    later recover re-runs the deterministic stage and hides it)."""
     for run_id, item, stage, output_hash in reported:
         try:
             manifest = store.manifests.read(run_id, stage, item)
@@ -200,9 +202,17 @@ def check_reported_kept(store: Store, reported: list[tuple[str, str | None, str,
         if manifest.output_hash != output_hash:
             raise _fail(6, f"stage {stage} of run {run_id}: output_hash changed")
         names = {}
-        for name, ref in manifest.outputs.items():
-            names[ref.hash] = f"run {run_id} stage {stage} output {name}"
-        check_objects_named(store, names, number=6)
+        refs = [(f"output {name}", ref) for name, ref in manifest.outputs.items()]
+        refs += [(f"input {name}", ref) for name, ref in manifest.inputs.items()]
+        for what, ref in refs:
+            names[ref.hash] = f"run {run_id} stage {stage} {what}"
+        check_objects_named(store, names, number=6)  # tree objects first: they are read next
+        for what, ref in refs:
+            if ref.kind == "tree":
+                check_objects_named(store, {
+                    entry.hash: f"run {run_id} stage {stage} {what} file {entry.path}"
+                    for entry in read_tree(store.objects, ref.hash).entries
+                    if entry.hash is not None}, number=6)
 
 
 def check_no_leaks(fds_before: set[int], store: Store, run_ids: tuple[str, ...] = ("a",)) -> None:
