@@ -52,6 +52,19 @@ def _open_store(store_dir: str | None, pipeline_file: str | None = None):  # noq
     return Store.open(_store_root(store_dir, pipeline_file))
 
 
+def _pipeline_and_store(pipeline_file: str | None, store_dir: str | None):  # noqa: ANN202
+    """The loaded pipeline, and its store if one exists (None: nothing has run yet)."""
+    from ..errors import StoreNotFoundError
+    from ..pipeline import load_pipeline
+    from ..store import Store
+
+    pipeline = load_pipeline(pipeline_file)
+    try:
+        return pipeline, Store.open(_store_root(store_dir, str(pipeline.path)))
+    except StoreNotFoundError:
+        return pipeline, None
+
+
 def _quiet() -> bool:
     ctx = click.get_current_context().find_object(Ctx)
     return bool(ctx and ctx.quiet)
@@ -196,17 +209,10 @@ def plan(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> Non
     Estimates come from the input sizes and what earlier runs of the same stage measured, or
     stated defaults for a built-in kind with no history (docs/kinds.md).  Stores nothing.
     """
-    from ..errors import StoreNotFoundError
-    from ..pipeline import load_pipeline
     from ..planning import plan as plan_pipeline
-    from ..store import Store
 
-    pipeline = load_pipeline(pipeline_file)
-    try:
-        store = Store.open(_store_root(store_dir, str(pipeline.path)))
-    except StoreNotFoundError:
-        store = None
-    render.plan_report(plan_pipeline(pipeline, store), as_json=as_json)
+    render.plan_report(plan_pipeline(*_pipeline_and_store(pipeline_file, store_dir)),
+                       as_json=as_json)
 
 
 def _warn_network_filesystem(store) -> None:  # noqa: ANN001
@@ -363,17 +369,10 @@ def runs(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> Non
 @_json_option
 def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Which stages a run would execute now, and why.  Stores nothing."""
-    from ..errors import StoreNotFoundError
     from ..inspect import status as pipeline_status
-    from ..pipeline import load_pipeline
-    from ..store import Store
 
-    pipeline = load_pipeline(pipeline_file)
-    try:
-        store = Store.open(_store_root(store_dir, str(pipeline.path)))
-    except StoreNotFoundError:
-        store = None
-    render.status_report(pipeline_status(pipeline, store), as_json=as_json)
+    render.status_report(pipeline_status(*_pipeline_and_store(pipeline_file, store_dir)),
+                         as_json=as_json)
 
 
 @cli.command()
