@@ -84,6 +84,10 @@ class ObjectMissingError(StoreError, FileNotFoundError):
         self.digest = digest
 
 
+class ObjectDamagedError(StoreError):
+    """An object's bytes do not hash to its name (found while reading or receiving it)."""
+
+
 class RunNotFoundError(UsageError):
     """The named run does not exist in the store."""
 

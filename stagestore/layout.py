@@ -148,6 +148,7 @@ class StoreLayout:
         self.locks = self.root / "locks"
         self.cache = self.root / "cache"
         self.format_file = self.root / "stagestore.json"
+        self.config_file = self.root / "config.json"  # StoreConfig: the remotes
         self.readme = self.root / "README.md"
         self.stat_cache = self.root / "stat-cache.json"
         self.store_lock = self.locks / "store.lock"

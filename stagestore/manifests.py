@@ -54,6 +54,15 @@ class ManifestStore:
                                   self.layout.new_tmp_path(owner, "manifest"))
         return path
 
+    def install(self, run_id: str, item: str | None, name: str, data: bytes, owner: str) -> Path:
+        """Write a record pulled from a remote byte for byte: `<stage>.json`, `_item.json` or
+        `_run.json` of the run's (or the item's) folder.  The caller has decoded and checked
+        it, and made every object it names durable."""
+        scope = self._ensure_scope_dir(run_id, item)
+        path = scope / name
+        durable.write_file_atomic(path, data, self.layout.new_tmp_path(owner, "pulled"))
+        return path
+
     def write_item(self, record: ItemRecord, owner: str) -> Path:
         self._ensure_scope_dir(record.run_id, record.item)
         path = self.layout.item_record_path(record.run_id, record.item)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,6 +102,44 @@ class ObjectStore:
             raise
         self._synced(target.parent, batch)
         return digest
+
+    def receive(self, chunks: Iterable[bytes], digest: str, owner: str,
+                batch: SyncBatch | None = None, source: str = "") -> int:
+        """Store bytes that arrive in `chunks` (a download) as object `digest`; returns the
+        size.  They are written to a temp and hashed as they arrive, and the temp becomes the
+        object only if they hash to `digest` (`ObjectDamagedError` otherwise, and nothing of
+        them remains)."""
+        import blake3
+
+        from .errors import ObjectDamagedError
+
+        tmp = self.layout.new_tmp_path(owner, "receive")
+        hasher = blake3.blake3()
+        size = 0
+        fd = durable.create_exclusive(tmp, OBJECT_MODE)
+        try:
+            try:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    durable.write_all(fd, chunk, tmp)
+                    size += len(chunk)
+                got = PREFIX + hasher.hexdigest()
+                if got != digest:
+                    raise ObjectDamagedError(
+                        f"object {digest} from {source or 'the remote'} is damaged: its bytes "
+                        f"hash to {got}; it was not stored",
+                        hint="run `stagestore verify --remote NAME` to find every damaged "
+                             "remote object; push it again from a store that has it intact")
+                durable.fsync_fd(fd, tmp)
+            finally:
+                os.close(fd)
+            target = self._shard(digest)
+            durable.rename(tmp, target)
+        except BaseException:
+            _discard(tmp)
+            raise
+        self._synced(target.parent, batch)
+        return size
 
     def commit_file(self, path: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Move a file that lives in `tmp/` into the store by rename; returns (digest, size).

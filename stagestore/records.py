@@ -20,6 +20,8 @@ RUN_SCHEMA_VERSION = 3
 CACHE_ENTRY_SCHEMA_VERSION = 2
 STAT_CACHE_SCHEMA_VERSION = 1
 ITEM_SCHEMA_VERSION = 1
+STORE_CONFIG_SCHEMA_VERSION = 1
+REMOTE_FORMAT_VERSION = 1
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -351,6 +353,30 @@ class StoreFormat(Record, kw_only=True):
     version: int
 
 
+class RemoteSpec(Record, kw_only=True):
+    """One remote of a store: where it is.  Never a credential (docs/remote.md)."""
+
+    name: str
+    url: str  # s3://BUCKET/PREFIX, or file:///PATH
+    endpoint: str | None = None  # an S3-compatible server's URL; None: AWS
+    region: str | None = None
+    probed_at: datetime | None = None  # when create-only writes were last seen to hold
+
+
+class StoreConfig(Record, kw_only=True):
+    """`config.json` at the store's root: the store's settings (today: its remotes)."""
+
+    schema_version: int = STORE_CONFIG_SCHEMA_VERSION
+    remotes: list[RemoteSpec] = []
+
+
+class RemoteFormat(Record, kw_only=True):
+    """`stagestore-remote.json` at a remote's root: which format the remote holds."""
+
+    schema_version: int = REMOTE_FORMAT_VERSION
+    format: Literal["stagestore-remote"] = "stagestore-remote"
+
+
 DOCUMENTS: dict[str, type[Record]] = {
     "stage-manifest": StageManifest,
     "run-record": RunRecord,
@@ -359,6 +385,8 @@ DOCUMENTS: dict[str, type[Record]] = {
     "cache-entry": CacheEntry,
     "stat-cache": StatCacheRecord,
     "pipeline": PipelineDef,
+    "store-config": StoreConfig,
+    "remote-format": RemoteFormat,
 }
 
 
@@ -371,6 +399,8 @@ _CURRENT_VERSIONS: dict[type[Record], int] = {
     CacheEntry: CACHE_ENTRY_SCHEMA_VERSION,
     ItemRecord: ITEM_SCHEMA_VERSION,
     StatCacheRecord: STAT_CACHE_SCHEMA_VERSION,
+    StoreConfig: STORE_CONFIG_SCHEMA_VERSION,
+    RemoteFormat: REMOTE_FORMAT_VERSION,
 }
 
 def _manifest_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:

@@ -148,6 +148,56 @@ class GcReport(Report, kw_only=True):
     removed: list[str]
 
 
+class Conflict(Report, kw_only=True):
+    """A manifest that exists in both places with different content: both versions, named."""
+
+    run_id: str
+    stage: str
+    item: str | None = None
+    local: str  # the local manifest's path
+    remote: str  # the remote manifest's URL
+    local_version: str  # status, output hash and finish time, in words
+    remote_version: str
+
+
+class PushReport(Report, kw_only=True):
+    ok: bool
+    remote: str
+    runs: list[str]
+    objects_uploaded: int
+    bytes_uploaded: int
+    objects_present: int  # already on the remote: not sent again
+    manifests_pushed: int
+    manifests_present: int  # already on the remote with the same bytes
+    not_pushed: list[str]  # manifests left out on purpose (failed), in words
+    conflicts: list[Conflict]
+    problems: list[str]  # what kept a manifest from being pushed (a missing or damaged object)
+
+
+class PullReport(Report, kw_only=True):
+    ok: bool
+    remote: str
+    runs: list[str]
+    objects_downloaded: int
+    bytes_downloaded: int
+    objects_present: int  # already in the local store
+    manifests_pulled: int
+    manifests_present: int  # already in the local store with the same bytes
+    conflicts: list[Conflict]
+    problems: list[str]
+
+
+class RemoteGcReport(Report, kw_only=True):
+    dry_run: bool
+    remote: str
+    grace_seconds: float
+    objects_kept: int
+    objects_young: int  # unreferenced but younger than the grace period: kept
+    objects_removed: int
+    bytes_removed: int
+    removed: list[str]
+
+
 class StageStatus(Report, kw_only=True):
     stage: str
     would_execute: bool

@@ -515,3 +515,5 @@ def stats(stage: str | None, last: int, pipeline_file: str | None, store_dir: st
 
     report = stage_stats(_open_store(store_dir, pipeline_file), stage=stage, last=last)
     render.stats_report(report, as_json=as_json)
+
+from . import remote_commands  # noqa: E402, F401 - registers remote, push and pull

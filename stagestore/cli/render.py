@@ -516,3 +516,59 @@ def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if report.unreadable:
         _err(f"warning: {report.unreadable} unreadable manifests skipped; "
              "`stagestore verify` names them")
+
+
+def remote_list(remotes, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(remotes)
+        return
+    if not remotes:
+        click.echo("no remotes (add one: stagestore remote add NAME s3://BUCKET/PREFIX)")
+    for r in remotes:
+        extra = "".join(f"  {k} {v}" for k, v in (("endpoint", r.endpoint), ("region", r.region))
+                        if v)
+        click.echo(f"{r.name}\t{r.url}{extra}")
+
+
+def _conflicts(report) -> None:  # noqa: ANN001
+    for c in report.conflicts:
+        where = f"run {c.run_id} " + (f"item {c.item!r} " if c.item else "") + f"stage {c.stage}"
+        _err(f"conflict: {where}: the remote holds a different manifest; neither was changed")
+        _err(f"  local  {c.local}: {c.local_version}")
+        _err(f"  remote {c.remote}: {c.remote_version}")
+    for problem in report.problems:
+        _err(f"error: {problem}")
+
+
+def push_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    click.echo(f"pushed {report.manifests_pushed} manifests to {report.remote} "
+               f"({report.manifests_present} already there); uploaded {report.objects_uploaded} "
+               f"objects ({_size(report.bytes_uploaded)}), {report.objects_present} already there")
+    if report.not_pushed:
+        click.echo(f"not pushed (only results are): {', '.join(report.not_pushed)}")
+    _conflicts(report)
+
+
+def pull_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    click.echo(f"pulled {report.manifests_pulled} manifests from {report.remote} "
+               f"({report.manifests_present} already here); downloaded "
+               f"{report.objects_downloaded} objects ({_size(report.bytes_downloaded)}), "
+               f"{report.objects_present} already here")
+    _conflicts(report)
+
+
+def remote_gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
+    if as_json:
+        _json(report)
+        return
+    verb = "would remove" if report.dry_run else "removed"
+    click.echo(f"{report.remote}: {verb} {report.objects_removed} objects "
+               f"({_size(report.bytes_removed)}); kept {report.objects_kept}, and "
+               f"{report.objects_young} unreferenced ones younger than "
+               f"{report.grace_seconds / 3600:g} h")

@@ -1,0 +1,127 @@
+"""`remote add|list|remove`, `push` and `pull`: the store's remotes (docs/remote.md)."""
+
+from __future__ import annotations
+
+import click
+
+from . import render
+from .commands import _json_option, _open_store, _pipeline_option, _store_option, cli
+
+REMOTE_HELP = "The remote (default: the only one configured)."
+
+
+@cli.group()
+def remote() -> None:
+    """The store's remotes: S3-compatible buckets that stores share runs through."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--endpoint", metavar="URL", help="An S3-compatible server (default: AWS S3).")
+@click.option("--region", metavar="R", help="The bucket's region (default: $AWS_REGION, "
+              "$AWS_DEFAULT_REGION, else us-east-1).")
+@_pipeline_option
+@_store_option
+def remote_add(name: str, url: str, endpoint: str | None, region: str | None,
+               pipeline_file: str | None, store_dir: str | None) -> None:
+    """Add remote NAME at s3://BUCKET/PREFIX, after checking that it can be reached and that
+    the server refuses a second create-only write (it is refused otherwise).  Credentials come
+    from the AWS environment variables or profile and are never stored."""
+    from ..remotes import add_remote
+    from ..store import Store
+    from .commands import _store_root
+
+    store = Store.create(_store_root(store_dir, pipeline_file))  # a fresh machine has none yet
+    spec = add_remote(store.layout, name, url,
+                      endpoint=endpoint, region=region)
+    click.echo(f"added remote {spec.name} ({spec.url}); create-only writes hold")
+
+
+@remote.command("list")
+@_pipeline_option
+@_store_option
+@_json_option
+def remote_list(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """List the remotes: name, URL, endpoint and region."""
+    from ..remotes import read_config
+
+    render.remote_list(read_config(_open_store(store_dir, pipeline_file).layout).remotes,
+                       as_json=as_json)
+
+
+@remote.command("remove")
+@click.argument("name")
+@_pipeline_option
+@_store_option
+def remote_remove(name: str, pipeline_file: str | None, store_dir: str | None) -> None:
+    """Forget remote NAME's settings.  Nothing on the remote is deleted."""
+    from ..remotes import remove_remote
+
+    spec = remove_remote(_open_store(store_dir, pipeline_file).layout, name)
+    click.echo(f"removed remote {spec.name} ({spec.url}); its data was left as it is")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP)
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Transfers at once.")
+@_pipeline_option
+@_store_option
+@_json_option
+def push(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
+         pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Push runs (default: every run) to a remote: the objects their manifests name that the
+    remote lacks, then each manifest with a create-only write.  A manifest the remote holds
+    with other content is a conflict (exit 1), never overwritten.  Failed stages are not
+    pushed."""
+    from ..transfer import push as push_runs
+
+    report = push_runs(_open_store(store_dir, pipeline_file), run_ids, remote=remote_name,
+                       jobs=jobs)
+    render.push_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP)
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Transfers at once.")
+@_pipeline_option
+@_store_option
+@_json_option
+def pull(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
+         pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Pull runs from a remote: their manifests and every object they name, each object
+    checked against its BLAKE3 name as it downloads.  The store is created if needed."""
+    from ..store import Store
+    from ..transfer import pull as pull_runs
+    from .commands import _store_root
+
+    store = Store.create(_store_root(store_dir, pipeline_file))
+    report = pull_runs(store, run_ids, remote=remote_name, jobs=jobs)
+    render.pull_report(report, as_json=as_json)
+    raise SystemExit(0 if report.ok else 1)
+
+
+@remote.command("runs")
+@click.argument("name", required=False)
+@_pipeline_option
+@_store_option
+@_json_option
+def remote_runs(name: str | None, pipeline_file: str | None, store_dir: str | None,
+                as_json: bool) -> None:
+    """List the run ids remote NAME (default: the only one) holds."""
+    from ..remotes import open_remote
+    from ..transfer import Transfer
+
+    store = _open_store(store_dir, pipeline_file)
+    spec, storage = open_remote(store.layout, name)
+    runs = Transfer(store, spec.name, storage).runs()
+    if as_json:
+        render._json(runs)
+    else:
+        for run_id in runs:
+            click.echo(run_id)
