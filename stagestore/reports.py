@@ -68,6 +68,7 @@ class RunReport(Report, kw_only=True):
     processed: int = 0
     systemic: SystemicFailure | None = None
     store: str
+    push: PushReport | None = None  # `run --push`: what was pushed, and what could not be
 
 
 Severity = Literal["problem", "warning"]

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -31,13 +32,16 @@ from .locking import owner_locked, store_lock
 from .objects import SyncBatch
 from .pipeline import Pipeline, item_stages, stage_input_paths
 from .records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
-                      RunRecord, SystemicFailure, now)
-from .reports import ItemReport, RunEvent, RunReport, StageReport
+                      RunRecord, StageManifest, SystemicFailure, decode_record, now)
+from .reports import ItemReport, PushReport, RunEvent, RunReport, StageReport
 from .resilience import CircuitBreaker, SystemicDetector
 from .stagework import ProgressCallback, StageWork
 from .store import Store
 from .syntax import placeholders, render_item_path
 from .trees import store_tree
+
+if TYPE_CHECKING:
+    from .transfer import Transfer
 
 
 def new_run_id() -> str:
@@ -47,9 +51,15 @@ def new_run_id() -> str:
 def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         stages: Iterable[str] = (), jobs: int = 1, force: bool = False,
         items: list[str] | None = None, execution: ExecutionOptions | None = None,
-        progress: ProgressCallback | None = None) -> RunReport:
+        progress: ProgressCallback | None = None, remote: str | None = None,
+        push: bool = False) -> RunReport:
     """Run `stages` (all when empty) and whatever they need upstream, as run `run_id`; with
-    `items`, every item through the stages that run per item (see `read_items`)."""
+    `items`, every item through the stages that run per item (see `read_items`).
+
+    With `remote` (a remote's name), a stage whose keys have a
+    succeeded manifest on that remote is reused from it (its outputs pulled) instead of
+    executed; with `push`, each stage's result is pushed there as it commits, and the run's
+    records when it ends (`RunReport.push`)."""
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if not pipeline.validated:  # built in Python and not validated yet
@@ -67,13 +77,14 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
                          hint="use {item} in a stage's cmd or input paths, or set per_item = true")
     run_id = validate_name(run_id, "run id") if run_id else new_run_id()
     owner = run_owner(run_id)
+    transfer = _transfer(store, remote, push)
     with store_lock(store.layout, exclusive=False), \
             owner_locked(store.layout, owner, f"run {run_id!r}"):
         record = _open_or_start_run(pipeline, store, run_id, selected, owner, items or [],
                                     execution)
         try:
             report = Execution(store, record, selected, jobs=jobs, force=force,
-                               progress=progress).run()
+                               progress=progress, remote=transfer, push=push).run()
         except BaseException:
             try:
                 store.objects.stat_cache.save(owner)
@@ -84,6 +95,18 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         # save rewrites the whole file); if the run dies first, they are hashed again next time.
         store.objects.stat_cache.save(owner)
         return report
+
+
+def _transfer(store: Store, remote: str | None, push: bool):  # noqa: ANN202
+    if remote is None:
+        if push:
+            raise UsageError("--push needs --remote NAME")
+        return None
+    from .remotes import open_remote
+    from .transfer import Transfer
+
+    spec, storage = open_remote(store.layout, remote)
+    return Transfer(store, spec.name, storage)
 
 
 def check_execution(options: ExecutionOptions) -> ExecutionOptions:
@@ -198,8 +221,12 @@ class Execution:
 
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
                  force: bool, progress: ProgressCallback | None, resuming: bool = False,
-                 redo: set[str] | None = None) -> None:
+                 redo: set[str] | None = None, remote: Transfer | None = None,
+                 push: bool = False) -> None:
         self.store = store
+        self.remote = remote
+        self.pushing = push and remote is not None
+        self.push_report: PushReport | None = None
         self.redo = redo
         self.record = record
         self.selected = selected
@@ -223,7 +250,7 @@ class Execution:
         self._started = 0
         self.work = StageWork(store, record, force=force, item_stages=per_item,
                               breaker=CircuitBreaker(options.max_consecutive_failures),
-                              emit=self.emit)
+                              emit=self.emit, remote=remote)
 
     def emit(self, event: str, stage: str | None = None, detail: str = "",
              item: str | None = None) -> None:
@@ -249,10 +276,14 @@ class Execution:
         else:
             status = "succeeded"
         self._finish(ordered, status)
+        if self.pushing:  # the records, and any result a per-stage push could not send
+            self._push(lambda transfer, tally, into: transfer.push_run(self.record.run_id,
+                                                                        tally, into))
         return RunReport(run_id=self.record.run_id, pipeline=self.record.pipeline.name,
                          ok=status == "succeeded", status=status, stages=ordered, items=items,
                          processed=sum(i.status != "not_processed" for i in items),
-                         systemic=self.systemic, store=str(self.store.root))
+                         systemic=self.systemic, store=str(self.store.root),
+                         push=self.push_report)
 
     # --- the stages that run once per run: a DAG, independent stages in parallel ---
 
@@ -271,7 +302,7 @@ class Execution:
                             reports[stage] = self._skip(stage, blocked, reports[blocked])
                         elif all(u in reports for u in ups) and len(running) < self.jobs:
                             pending.remove(stage)
-                            running[pool.submit(self.work.process, stage)] = stage
+                            running[pool.submit(self.process, stage)] = stage
                     if running:
                         done, _ = wait(running, return_when=FIRST_COMPLETED)
                         for future in done:
@@ -283,6 +314,43 @@ class Execution:
                     future.cancel()
                 raise
         return reports
+
+    def process(self, stage: str, item: str | None = None,
+                item_inputs: dict[str, ArtifactRef] | None = None) -> StageReport:
+        """One stage, and with `--push` its result pushed as soon as its manifest is written."""
+        report = self.work.process(stage, item, item_inputs)
+        if self.pushing and report.manifest is not None and report.outcome != "failed":
+            self._push(lambda transfer, tally, into: transfer.push_manifests(
+                [self._committed(stage, item)], tally, into))
+        return report
+
+    def _committed(self, stage: str, item: str | None) -> tuple[StageManifest, bytes]:
+        path = self.store.layout.manifest_path(self.record.run_id, stage, item)
+        data = path.read_bytes()
+        return decode_record(data, StageManifest, str(path)), data
+
+    def _push(self, step) -> None:  # noqa: ANN001
+        """Run one push step into the run's push report; a push that fails leaves the run's
+        results as they are (they are safe locally) and is reported at the end."""
+        from .storage import RemoteError
+        from .transfer import new_push_report, _Tally
+
+        assert self.remote is not None
+        with self._lock:
+            if self.push_report is None:
+                self.push_report = new_push_report(self.remote.name, [self.record.run_id])
+            into = self.push_report
+        tally = _Tally()
+        try:
+            step(self.remote, tally, into)
+        except RemoteError as exc:
+            tally.problems.append(exc.message)
+        with self._lock:
+            into.objects_uploaded += tally.objects
+            into.bytes_uploaded += tally.bytes
+            into.objects_present += tally.present
+            into.problems.extend(tally.problems)
+            into.ok = not into.conflicts and not into.problems
 
     def _blocker(self, upstream: list[str], reports: dict[str, StageReport]) -> str | None:
         """The first upstream stage that keeps a stage from running: it failed or was skipped,
@@ -412,7 +480,7 @@ class Execution:
                                          item)
                 status = "degraded"
                 continue
-            report = self.work.process(stage, item, record.inputs.get(stage, {}))
+            report = self.process(stage, item, record.inputs.get(stage, {}))
             done[stage] = report
             if report.outcome == "failed":
                 failure = report.failure or runner_failure(spec, UPSTREAM_MISSING, report.reason or "")

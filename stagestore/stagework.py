@@ -5,7 +5,8 @@
 1. computes the stage's input_hash (its inputs' and upstream outputs' content hashes, and the
    item id for a per-item stage) and config_hash (its definition as written);
 2. reuses a succeeded manifest with the same two keys, from this run or any other (unless
-   `force`); a manifest carrying check warnings is reused only in sampling mode;
+   `force`), or, with `run --remote`, from the remote, its outputs pulled first; a manifest
+   carrying check warnings is reused only in sampling mode;
 3. else, holding the key's work lock: asks the circuit breaker (item runs), runs the disk
    preflight, then runs attempts, retrying only `retryable` failures with capped backoff;
 4. when the attempts fail, applies `on_failure` (`skip`, `use_last_good`) unless the failure is
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -38,6 +40,9 @@ from .reports import RunEvent, StageReport
 from .resilience import CircuitBreaker, human_size, last_good, last_output_size, preflight
 from .store import Store
 from .trees import artifact_present
+
+if TYPE_CHECKING:
+    from .transfer import Transfer
 
 ProgressCallback = Callable[[RunEvent], None]
 """`progress(event)`, called from worker threads; see `RunEvent` for the events."""
@@ -69,8 +74,10 @@ class StageWork:
     """Processes stages of one run; shared by the run's worker threads."""
 
     def __init__(self, store: Store, record: RunRecord, *, force: bool, item_stages: set[str],
-                 breaker: CircuitBreaker, emit: Callable[..., None]) -> None:
+                 breaker: CircuitBreaker, emit: Callable[..., None],
+                 remote: Transfer | None = None) -> None:
         self.store = store
+        self.remote = remote  # `run --remote`: also a build cache
         self.record = record
         self.force = force
         self.item_stages = item_stages
@@ -227,6 +234,9 @@ class StageWork:
     def _reuse(self, c: _Context) -> StageManifest | None:
         """Record a cache hit as this run's manifest for the stage, if there is one."""
         hit = self.store.cache.lookup(*c.keys)
+        from_remote = False
+        if (hit is None or not self._usable(hit)) and self.remote is not None:
+            hit, from_remote = self._remote_hit(c), True
         if hit is None or not self._usable(hit):
             return None
         manifest = self._manifest(c, status="succeeded", outputs=dict(hit.outputs),
@@ -234,7 +244,23 @@ class StageWork:
                                   cached_from=hit.cached_from or hit.run_id,
                                   warnings=list(hit.warnings))
         self.store.manifests.write(manifest, self.owner)
+        if from_remote:  # found locally next time
+            self.store.cache.record(manifest, self.owner)
+            self.emit("note", c.stage, f"reused from remote {self.remote.name!r} "
+                      f"(run {manifest.cached_from})", c.item)
         return manifest
+
+    def _remote_hit(self, c: _Context) -> StageManifest | None:
+        """The remote's succeeded manifest with these keys, its outputs pulled; a remote that
+        cannot be asked is a miss, and is said to be one."""
+        from .storage import RemoteError
+
+        assert self.remote is not None
+        try:
+            return self.remote.fetch_cached(*c.keys, owner=self.owner)
+        except RemoteError as exc:
+            self.emit("note", c.stage, f"remote lookup failed, executing: {exc.message}", c.item)
+            return None
 
     def _execute(self, c: _Context, previous: StageManifest | None,
                  report: Callable[..., StageReport]) -> StageReport:

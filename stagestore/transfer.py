@@ -45,6 +45,12 @@ class _Tally:
     problems: list[str] = field(default_factory=list)
 
 
+def new_push_report(remote: str, runs: list[str]) -> PushReport:
+    return PushReport(ok=True, remote=remote, runs=runs, objects_uploaded=0, bytes_uploaded=0,
+                      objects_present=0, manifests_pushed=0, manifests_present=0, not_pushed=[],
+                      conflicts=[], problems=[])
+
+
 def _version(manifest: StageManifest | None, data: bytes | None = None) -> str:
     if manifest is None:
         return "not a readable manifest"
@@ -92,6 +98,7 @@ class Transfer:
         self.jobs = jobs
         self.progress = progress
         self._present: set[str] = set()  # objects known to be on the remote
+        self._committed: set[str] = set()  # manifest keys this Transfer has committed
 
     # --- objects ---
 
@@ -222,18 +229,18 @@ class Transfer:
                 raise RunNotFoundError(f"run {run_id!r} not found in {self.store.root}",
                                        hint="`stagestore runs` lists the runs")
         tally = _Tally()
-        report = PushReport(ok=True, remote=self.name, runs=runs, objects_uploaded=0,
-                            bytes_uploaded=0, objects_present=0, manifests_pushed=0,
-                            manifests_present=0, not_pushed=[], conflicts=[], problems=[])
+        report = new_push_report(self.name, runs)
         for run_id in runs:
-            self._push_run(run_id, tally, report)
+            self.push_run(run_id, tally, report)
         report.objects_uploaded, report.bytes_uploaded = tally.objects, tally.bytes
         report.objects_present = tally.present
         report.problems = tally.problems
         report.ok = not report.conflicts and not report.problems
         return report
 
-    def _push_run(self, run_id: str, tally: _Tally, report: PushReport) -> None:
+    def push_run(self, run_id: str, tally: _Tally, report: PushReport) -> None:
+        """Push one run's results (succeeded, degraded and disabled manifests), then its ended
+        run and item records."""
         manifests = self.store.manifests
         chosen: list[tuple[StageManifest, bytes]] = []
         for _, item, stage, manifest in manifests.iter_manifests([run_id]):
@@ -279,6 +286,7 @@ class Transfer:
                        report: PushReport) -> None:
         """Each manifest's objects, then the manifest itself (create-only), then its cache
         entry; a manifest one of whose objects could not be sent is not pushed."""
+        chosen = [(m, data) for m, data in chosen if m.status in PUSHED]
         direct: set[str] = set()
         trees: set[str] = set()
         for manifest, _ in chosen:
@@ -306,7 +314,10 @@ class Transfer:
 
     def _commit_manifest(self, manifest: StageManifest, data: bytes, report: PushReport) -> None:
         key = manifest_key(manifest.run_id, manifest.stage, manifest.item)
+        if key in self._committed:
+            return  # `run --push` pushed it as it committed; the run's end pushes all again
         if self.storage.create(key, data):
+            self._committed.add(key)
             report.manifests_pushed += 1
         else:
             theirs = self.storage.read(key)

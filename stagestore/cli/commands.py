@@ -119,6 +119,10 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
               help="json: every progress event as a JSON line on stderr (also when not a "
                    "terminal).")
 @click.option("-q", "--quiet", "quiet_here", is_flag=True, help="No progress output.")
+@click.option("--remote", "remote_name", metavar="NAME",
+              help="Also reuse results from this remote (pulling their outputs) instead of "
+                   "executing.")
+@click.option("--push", is_flag=True, help="Push each stage's result to --remote as it commits.")
 @click.option("--strict", is_flag=True,
               help="Refuse to run (exit 2) when `stagestore check` has warnings.")
 @_json_option
@@ -126,7 +130,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         stages: tuple[str, ...], jobs: int, force: bool, items_file: str | None,
         execution_mode: str, systemic_min_items: int, systemic_threshold: float,
         max_consecutive_failures: int | None, log_format: str, quiet_here: bool,
-        strict: bool, as_json: bool) -> None:
+        remote_name: str | None, push: bool, strict: bool, as_json: bool) -> None:
     """Run the pipeline's stages in dependency order, reusing identical work.
 
     Prints the run id.  Exit 0 when every stage (and item) succeeded; 1 when a stage or an
@@ -157,9 +161,13 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
     else:
         progress = render.RunProgress() if (_live() and not quiet_here) else None
     report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
-                          items=items, execution=execution, progress=progress)
+                          items=items, execution=execution, progress=progress,
+                          remote=remote_name, push=push)
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
-    raise SystemExit(RUN_EXIT_CODES[report.status])
+    code = RUN_EXIT_CODES[report.status]
+    if report.push is not None and not report.push.ok and code == 0:
+        code = 1  # the results are safe locally; `stagestore push RUN_ID` sends them
+    raise SystemExit(code)
 
 
 RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
@@ -516,4 +524,7 @@ def stats(stage: str | None, last: int, pipeline_file: str | None, store_dir: st
     report = stage_stats(_open_store(store_dir, pipeline_file), stage=stage, last=last)
     render.stats_report(report, as_json=as_json)
 
-from . import remote_commands  # noqa: E402, F401 - registers remote, push and pull
+# `remote`, `push` and `pull` live in their own module, which adds them to `cli` on import.
+import importlib  # noqa: E402
+
+importlib.import_module(".remote_commands", __package__)

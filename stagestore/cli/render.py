@@ -143,6 +143,14 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
     elif report.status == "degraded":
         _err("warning: the run completed DEGRADED: a fallback was used (see above); "
              f"`stagestore report {report.run_id}` has the details")
+    if report.push is not None:
+        p = report.push
+        _err(f"pushed {p.manifests_pushed} manifests to {p.remote} ({p.manifests_present} "
+             f"already there), {p.objects_uploaded} objects ({_size(p.bytes_uploaded)})")
+        _conflicts(p)
+        if not p.ok:
+            _err(f"hint: the results are safe here; `stagestore push {report.run_id} --remote "
+                 f"{p.remote}` sends them once the remote is fixed")
     click.echo(report.run_id)
 
 
