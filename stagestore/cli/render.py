@@ -555,8 +555,6 @@ def push_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     click.echo(f"pushed {report.manifests_pushed} manifests to {report.remote} "
                f"({report.manifests_present} already there); uploaded {report.objects_uploaded} "
                f"objects ({_size(report.bytes_uploaded)}), {report.objects_present} already there")
-    if report.not_pushed:
-        click.echo(f"not pushed (only results are): {', '.join(report.not_pushed)}")
     _conflicts(report)
 
 
