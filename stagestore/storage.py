@@ -299,14 +299,14 @@ class S3Storage(Storage):
 
         try:
             return fn()
-        except oe.NotFoundError:
+        except (oe.NotFoundError, FileNotFoundError):  # obstore raises either
             raise RemoteNotFound(f"{self.where(key)} does not exist") from None
-        except (oe.UnauthenticatedError, oe.PermissionDeniedError) as exc:
+        except (oe.UnauthenticatedError, oe.PermissionDeniedError, PermissionError) as exc:
             raise RemoteError(
                 f"cannot {action} {self.where(key)}: access denied ({_reason(exc)})",
                 hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to "
                      "credentials that may read and write this bucket") from None
-        except oe.BaseError as exc:
+        except (oe.BaseError, OSError) as exc:
             raise RemoteError(f"cannot {action} {self.where(key)}: {_reason(exc)}",
                               hint=self._hint(exc)) from None
 
