@@ -13,7 +13,8 @@ import pytest
 from conftest import Workspace
 
 COMMANDS = ["run", "verify", "recover", "diff", "show", "runs", "status", "checkout", "logs",
-            "forget", "gc", "schema", "contracts", "report", "doctor", "stats", "check", "plan"]
+            "forget", "gc", "schema", "contracts", "report", "doctor", "stats", "check", "plan",
+            "remote", "push", "pull"]
 
 # A run id is a plain name (it becomes a folder under runs/); the default one is time-based.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
