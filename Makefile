@@ -10,7 +10,7 @@ DEMO_KEY := 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff;"
-	@echo "                then an item run and its failure report, then the built-in kinds"
+	@echo "                then an item run and its failure report, the built-in kinds, a remote"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
 	@echo "make bench      the benchmark suite against b3sum, zstd, DVC and the floors (about 12 min on"
@@ -76,6 +76,17 @@ demo: venv
 	diff -r $(DEMO)/kinds/data $(DEMO)/kinds-out/delivery && echo "unpacked folder identical to data/"
 	$(STAGESTORE) checkout kinds-1 sums --to $(DEMO)/kinds-sums -p $(DEMO)/kinds/stagestore.toml
 	cd $(DEMO)/kinds/data && sha256sum -c ../../kinds-sums/sha256
+	@echo "== 11. a remote (a folder here; s3://BUCKET/PREFIX with --endpoint in real use): push run-3,"
+	@echo "   pull it into an empty store, then reuse it from a fresh copy of the workspace (docs/remote.md)"
+	$(STAGESTORE) remote add origin file://$(abspath $(DEMO))/remote -p $(DEMO)/workspace/stagestore.toml
+	$(STAGESTORE) push run-3 -p $(DEMO)/workspace/stagestore.toml
+	$(STAGESTORE) --store $(DEMO)/other-store remote add origin file://$(abspath $(DEMO))/remote
+	$(STAGESTORE) --store $(DEMO)/other-store pull run-3
+	$(STAGESTORE) --store $(DEMO)/other-store verify
+	@cp -r $(DEMO)/workspace $(DEMO)/laptop && rm -rf $(DEMO)/laptop/.stagestore
+	$(STAGESTORE) remote add origin file://$(abspath $(DEMO))/remote -p $(DEMO)/laptop/stagestore.toml
+	$(STAGESTORE) run --remote origin --run-id laptop-1 -p $(DEMO)/laptop/stagestore.toml
+	$(STAGESTORE) show laptop-1 -p $(DEMO)/laptop/stagestore.toml
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache *.egg-info
