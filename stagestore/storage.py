@@ -361,12 +361,19 @@ class S3Storage(Storage):
                 self._call("create", key, lambda: _put_create(obstore, self._store, key, data))
                 return True
             except _AlreadyThere:
-                return False
+                # obstore reports a `409 ConditionalRequestConflict` (another conditional write
+                # to the key is in flight) as AlreadyExistsError too: only a key that is really
+                # there means "already exists".
+                if self.stat(key) is not None:
+                    return False
             except RemoteError as exc:
-                if attempt == CONFLICT_RETRIES or not _is_conflict(exc.message):
+                if not _is_conflict(exc.message):
                     raise
+            if attempt < CONFLICT_RETRIES:
                 time.sleep(0.05 * 2 ** attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise RemoteError(f"cannot create {self.where(key)}: the server kept answering 409 "
+                          f"ConditionalRequestConflict ({CONFLICT_RETRIES + 1} tries)",
+                          hint="another writer of the same key is stuck; try again later")
 
     def list(self, prefix: str) -> Iterator[list[BlobInfo]]:
         import obstore

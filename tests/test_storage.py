@@ -112,27 +112,39 @@ def test_file_storage_leaves_no_temps(tmp_path):
 
 
 def test_s3_conflict_409_is_retried(monkeypatch):
-    """A `409 ConditionalRequestConflict` (a concurrent conditional write in flight) is retried,
-    and the create then reports what the key holds."""
-    import stagestore.storage as storage_module
-
+    """A `409 ConditionalRequestConflict` (a concurrent conditional write in flight) is retried.
+    obstore raises it as a generic error or, on a create, as AlreadyExistsError; the latter is
+    told apart from a real "exists" by looking at the key."""
     import obstore.exceptions as oe
 
-    calls = []
+    import stagestore.storage as storage_module
+
+    calls, exists = [], {"m/x.json": False}
 
     def flaky(obstore, store, key, data):  # noqa: ANN001
         calls.append(key)
-        if len(calls) < 3:
+        if len(calls) == 1:
             raise oe.GenericError("Generic S3 error: 409 Conflict "
                                   "<Code>ConditionalRequestConflict</Code>")
-        raise storage_module._AlreadyThere()
+        if len(calls) == 2:
+            raise storage_module._AlreadyThere()  # a 409 seen as "exists": the key is not there
+        exists[key] = True
 
     monkeypatch.setattr(storage_module, "_put_create", flaky)
     monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
     s3 = S3Storage.__new__(S3Storage)
     s3.url, s3.endpoint, s3._store = "s3://b/p", None, None
-    assert s3.create("m/x.json", b"{}") is False
+    monkeypatch.setattr(S3Storage, "stat", lambda self, key: object() if exists[key] else None)
+    assert s3.create("m/x.json", b"{}") is True
     assert len(calls) == 3
+
+    def always(obstore, store, key, data):  # noqa: ANN001
+        raise storage_module._AlreadyThere()
+
+    monkeypatch.setattr(storage_module, "_put_create", always)
+    exists["m/y.json"] = False
+    with pytest.raises(RemoteError, match="kept answering 409"):
+        s3.create("m/y.json", b"{}")
 
 
 def test_open_storage_refuses_bad_urls():
