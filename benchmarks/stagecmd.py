@@ -17,6 +17,13 @@ the built-in kinds, which import cryptography (`aesgcm-file`) or zstandard (`zst
                                                         in one call (read, encrypt, write)
     zstd-oneshot IN OUT LEVEL THREADS                   ZstdCompressor(...).compress of the whole
                                                         file, in one call (read, compress, write)
+    obstore-put DIR BUCKET PREFIX ENDPOINT [JOBS]      obstore.put(store, key, Path) of every file
+                                                        under DIR (key PREFIX/relative path), JOBS
+                                                        threads (default 8); credentials: AWS_* env
+    obstore-get BUCKET PREFIX DIR ENDPOINT [JOBS]      obstore.get of every key under PREFIX, each
+                                                        streamed into DIR/key, JOBS threads
+    count-requests STAGESTORE-ARGS...                   run the stagestore CLI in-process, counting
+                                                        the S3 requests of its remote (S3Storage)
 
 Every probe prints one JSON line on stdout: {"seconds": <time of the work alone>, ...}; the
 write commands print it only with --report (a stage's stdout is stored as a log object).
@@ -215,6 +222,104 @@ def zstd_oneshot(src: str, out: str, level: int, threads: int) -> dict:
             "seconds": t4 - t1, "bytes": len(data), "bytes_out": len(packed)}
 
 
+def _s3(bucket: str, prefix: str, endpoint: str):  # noqa: ANN202
+    """An obstore S3Store on BUCKET (credentials and region from the AWS_* environment)."""
+    from obstore.store import S3Store
+
+    return S3Store(bucket, prefix=prefix.strip("/") or None, endpoint=endpoint,
+                   client_options={"allow_http": True} if endpoint.startswith("http://") else None)
+
+
+def obstore_put(src: str, bucket: str, prefix: str, endpoint: str, jobs: int) -> dict:
+    """The peer of `stagestore push`: a plain obstore PUT loop, `obstore.put(store, key,
+    Path)` for every file under SRC (obstore's defaults: multipart above 5 MiB), JOBS at once."""
+    t0 = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import obstore
+
+    t1 = time.perf_counter()
+    store = _s3(bucket, "", endpoint)
+    files = []
+    for folder, _, names in os.walk(src):
+        files += [os.path.join(folder, name) for name in names]
+    base = prefix.strip("/")
+
+    def put(path: str) -> int:
+        rel = os.path.relpath(path, src).replace(os.sep, "/")
+        obstore.put(store, f"{base}/{rel}" if base else rel, Path(path))
+        return os.path.getsize(path)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        total = sum(pool.map(put, files))
+    t2 = time.perf_counter()
+    return {"import": t1 - t0, "seconds": t2 - t1, "objects": len(files), "bytes": total}
+
+
+def obstore_get(bucket: str, prefix: str, dest: str, endpoint: str, jobs: int) -> dict:
+    """The peer of `stagestore pull`: list PREFIX, then a plain obstore GET loop, each object
+    streamed into DEST/KEY (no fsync), JOBS at once."""
+    t0 = time.perf_counter()
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+
+    t1 = time.perf_counter()
+    store = _s3(bucket, "", endpoint)
+    keys = [meta["path"] for page in obstore.list(store, prefix=prefix.strip("/") or None,
+                                                   chunk_size=1000) for meta in page]
+    for folder in {os.path.dirname(key) for key in keys}:
+        os.makedirs(os.path.join(dest, folder), exist_ok=True)
+
+    def get(key: str) -> int:
+        n = 0
+        with open(os.path.join(dest, key), "xb") as f:
+            for chunk in obstore.get(store, key):
+                n += f.write(chunk)
+        return n
+
+    with ThreadPoolExecutor(jobs) as pool:
+        total = sum(pool.map(get, keys))
+    t2 = time.perf_counter()
+    return {"import": t1 - t0, "seconds": t2 - t1, "objects": len(keys), "bytes": total}
+
+
+def count_requests(args: list[str]) -> dict:
+    """Run `stagestore ARGS...` in this process with every S3 request of its remote counted
+    (a list page is one request; an empty listing still one)."""
+    from stagestore import storage
+    from stagestore.cli import main as cli_main
+
+    counts: dict[str, int] = {}
+    cls = storage.S3Storage
+
+    def counted(name: str):  # noqa: ANN202
+        original = getattr(cls, name)
+
+        def call(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            counts[name] = counts.get(name, 0) + 1
+            return original(self, *a, **k)
+        return call
+
+    original_list = cls.list
+
+    def listing(self, prefix: str):  # noqa: ANN001, ANN202
+        pages = 0
+        for page in original_list(self, prefix):
+            pages += 1
+            yield page
+        counts["list"] = counts.get("list", 0) + max(1, pages)
+
+    for name in ("read", "read_chunks", "write", "write_file", "create", "delete", "stat"):
+        setattr(cls, name, counted(name))
+    cls.list = listing
+    t0 = time.perf_counter()
+    code = cli_main(args)
+    return {"seconds": time.perf_counter() - t0, "exit_code": code, "requests": counts,
+            "total": sum(counts.values())}
+
+
 def main(argv: list[str]) -> int:
     report = "--report" in argv
     argv = [a for a in argv if a != "--report"]
@@ -254,6 +359,14 @@ def main(argv: list[str]) -> int:
         result, report = aesgcm_file(args[0], args[1]), True
     elif cmd == "zstd-oneshot":
         result, report = zstd_oneshot(args[0], args[1], int(args[2]), int(args[3])), True
+    elif cmd == "obstore-put":
+        jobs = int(args[4]) if len(args) > 4 else 8
+        result, report = obstore_put(args[0], args[1], args[2], args[3], jobs), True
+    elif cmd == "obstore-get":
+        jobs = int(args[4]) if len(args) > 4 else 8
+        result, report = obstore_get(args[0], args[1], args[2], args[3], jobs), True
+    elif cmd == "count-requests":
+        result, report = count_requests(args), True
     else:
         print(f"stagecmd: unknown command {cmd!r}", file=sys.stderr)
         return 2

@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,14 @@ if TYPE_CHECKING:
     from .transfer import Transfer
 
 
+ItemExecutorFactory = Callable[[int], Executor]
+"""Makes the executor an item run's items run on, given `jobs`; used as a context manager for
+the item run.  None (the default): a thread pool here, each item running in this process.  Else
+each item runs as `distributed.run_item(ItemTask)`, submitted in list order, possibly in
+another process or machine that sees the store and workspace at the same paths (see
+stagestore/distributed.py; `distributed.DaskExecutor` is the Dask one)."""
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
@@ -52,9 +60,10 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         stages: Iterable[str] = (), jobs: int = 1, force: bool = False,
         items: list[str] | None = None, execution: ExecutionOptions | None = None,
         progress: ProgressCallback | None = None, remote: str | None = None,
-        push: bool = False) -> RunReport:
+        push: bool = False, executor: ItemExecutorFactory | None = None) -> RunReport:
     """Run `stages` (all when empty) and whatever they need upstream, as run `run_id`; with
-    `items`, every item through the stages that run per item (see `read_items`).
+    `items`, every item through the stages that run per item (see `read_items`), on the
+    executor `executor` makes (None: a thread pool of `jobs` threads here).
 
     With `remote` (a remote's name), a stage whose keys have a
     succeeded manifest on that remote is reused from it (its outputs pulled) instead of
@@ -84,7 +93,8 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
                                     execution)
         try:
             report = Execution(store, record, selected, jobs=jobs, force=force,
-                               progress=progress, remote=transfer, push=push).run()
+                               progress=progress, remote=transfer, push=push,
+                               executor=executor).run()
         except BaseException:
             try:
                 store.objects.stat_cache.save(owner)
@@ -222,8 +232,9 @@ class Execution:
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
                  force: bool, progress: ProgressCallback | None, resuming: bool = False,
                  redo: set[str] | None = None, remote: Transfer | None = None,
-                 push: bool = False) -> None:
+                 push: bool = False, executor: ItemExecutorFactory | None = None) -> None:
         self.store = store
+        self.executor = executor
         self.remote = remote
         self.pushing = push and remote is not None
         self.push_report: PushReport | None = None
@@ -388,7 +399,12 @@ class Execution:
 
     def _run_items(self, shared: dict[str, StageReport]) -> list[ItemReport]:
         """Every item through the per-item stages.  The pool takes items in the order of the
-        list, so they start in that order (strictly one after another with jobs=1)."""
+        list, so they start in that order (strictly one after another with jobs=1).  With an
+        executor factory, on that executor (`distributed.run_items_elsewhere`)."""
+        if self.executor is not None:
+            from .distributed import run_items_elsewhere
+
+            return run_items_elsewhere(self, shared)
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="item") as pool:
             futures = [pool.submit(self._item, index, item, shared)
                        for index, item in enumerate(self.record.items)]
@@ -419,31 +435,54 @@ class Execution:
             self._take_turn(index)  # a no-op once the item has started
 
     def _item_started(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
+        decided, record = self.item_before(item)
+        if decided is not None:
+            return decided
+        try:
+            record, reports = self.item_body(item, record, shared,
+                                             started=lambda: self._take_turn(index))
+        except processes.Interrupted:
+            if self.systemic is not None:
+                return ItemReport(item=item, status="not_processed")
+            raise
+        return self.item_after(item, record, reports)
+
+    # An item in three parts, so that its body can run elsewhere (stagestore/distributed.py):
+    # the driver's decisions before, the body, and the driver's bookkeeping after.
+
+    def item_before(self, item: str) -> tuple[ItemReport | None, ItemRecord | None]:
+        """(the item's report if it is not to be taken now, else None; its record, if any)."""
         if self.systemic is not None or processes.stopping.is_set():
-            return ItemReport(item=item, status="not_processed")
-        manifests = self.store.manifests
-        record = manifests.read_item_optional(self.record.run_id, item)
+            return ItemReport(item=item, status="not_processed"), None
+        record = self.store.manifests.read_item_optional(self.record.run_id, item)
         if record is not None and self.resuming and record.status != "running":
             with self._lock:  # ended in an earlier invocation: kept as it is
                 self.detector.add(item, record.first_failure if record.status == "failed" else None)
-            return _item_report(record, [])
+            return _item_report(record, []), record
         if self.resuming and self.redo is not None and item not in self.redo:
             # Not asked for (an aborted run is repaired, never continued): it stays unprocessed.
-            return ItemReport(item=item, status="not_processed")
+            return ItemReport(item=item, status="not_processed"), record
+        return None, record
+
+    def item_body(self, item: str, record: ItemRecord | None, shared: dict[str, StageReport],
+                  started: Callable[[], None] | None = None
+                  ) -> tuple[ItemRecord, list[StageReport]]:
+        """Snapshot the item's inputs and write its `running` record (unless it has one), then
+        its stages; its ended record and stage reports.  `started` is called once it has
+        started.  Raises `processes.Interrupted` when the run is stopping."""
         if record is None or record.status != "running":
             # The same run taken again keeps each item's snapshots, as it keeps the run's own.
             inputs = record.inputs if record is not None else self._snapshot_item(item)
             record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
                                 inputs=inputs, started_at=now())
-            manifests.write_item(record, self.owner)
+            self.store.manifests.write_item(record, self.owner)
         self.emit("item_start", None, "", item)
-        self._take_turn(index)
-        try:
-            record, reports = self._item_stages(item, record, shared)
-        except processes.Interrupted:
-            if self.systemic is not None:
-                return ItemReport(item=item, status="not_processed")
-            raise
+        if started is not None:
+            started()
+        return self._item_stages(item, record, shared)
+
+    def item_after(self, item: str, record: ItemRecord, reports: list[StageReport]) -> ItemReport:
+        """An item that ended: `item_end`, the systemic detector and check."""
         self.emit("item_end", None, record.status, item)
         with self._lock:
             self.detector.add(item, record.first_failure if record.status == "failed" else None)

@@ -34,7 +34,6 @@ RESULTS = ("succeeded", "degraded", "disabled")
 # Listing whole shards beats listing each shard once a push touches this many of the 256.
 _LIST_ALL_FROM = 32
 JOBS = 8
-ProgressFn = Callable[[str], None]
 
 
 @dataclass
@@ -90,13 +89,11 @@ def _record_refs(inputs: dict[str, dict[str, ArtifactRef]]) -> tuple[set[str], s
 class Transfer:
     """One remote, used for one command (or one run's lookups and pushes)."""
 
-    def __init__(self, store: Store, name: str, storage: Storage, *, jobs: int = JOBS,
-                 progress: ProgressFn | None = None) -> None:
+    def __init__(self, store: Store, name: str, storage: Storage, *, jobs: int = JOBS) -> None:
         self.store = store
         self.name = name
         self.storage = storage
         self.jobs = jobs
-        self.progress = progress
         self._present: set[str] = set()  # objects known to be on the remote
         self._committed: set[str] = set()  # manifest keys this Transfer has committed
 
@@ -154,7 +151,11 @@ class Transfer:
         present = self.remote_objects(wanted)
         missing = []
         for digest in wanted:
-            if digest in present and present[digest] == self.store.objects.path(digest).stat().st_size:
+            try:
+                same = present.get(digest) == os.stat(self.store.objects.path(digest)).st_size
+            except FileNotFoundError:
+                same = False  # sending it fails, naming the object
+            if same:
                 tally.present += 1
                 self._present.add(digest)
             else:
@@ -218,6 +219,27 @@ class Transfer:
                          if e.hash is not None)
         return files
 
+    def _move_refs(self, direct: set[str], trees: set[str], move: Callable[[set[str]], set[str]],
+                   tally: _Tally) -> tuple[set[str], dict[str, set[str]]]:
+        """Move (send or fetch) objects, then the files of the trees among them, which are
+        known only once the tree object is local.  Returns the digests that could not be moved
+        (a tree that does not decode among them) and each moved tree's files."""
+        failed = move(direct)
+        files: dict[str, set[str]] = {}
+        for tree in trees - failed:
+            try:
+                files[tree] = self._tree_files({tree})
+            except StagestoreError as exc:
+                tally.problems.append(exc.message)
+                failed.add(tree)
+        failed |= move(set().union(*files.values()) if files else set())
+        return failed, files
+
+    @staticmethod
+    def _needs(manifest: StageManifest, files: dict[str, set[str]]) -> set[str]:
+        direct, trees = _manifest_refs(manifest)
+        return direct.union(*(files.get(tree, {tree}) for tree in trees))
+
     # --- push ---
 
     def push(self, run_ids: list[str]) -> PushReport:
@@ -261,22 +283,19 @@ class Transfer:
             if item_record is not None and item_record.status != "running":
                 path = manifests.layout.item_record_path(run_id, item)
                 records.append((item, path.read_bytes(), item_record.inputs))
+        trouble = len(tally.problems) + len(report.conflicts)
         self.push_manifests(chosen, tally, report)
+        if len(tally.problems) + len(report.conflicts) > trouble:
+            # A record that names a stage whose manifest is not on the remote would make a
+            # pulled run fail verify: the records wait until the whole run is there.
+            tally.problems.append(f"run {run_id}: its run and item records were not pushed, "
+                                  "since some of its manifests were not")
+            return
         for item, data, inputs in records:
-            direct, trees = _record_refs(inputs)
-            if self._send_with_trees(direct, trees, tally):
+            failed, _ = self._move_refs(
+                *_record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
+            if not failed:
                 self.storage.create(record_key(run_id, item, data), data)
-
-    def _send_with_trees(self, direct: set[str], trees: set[str], tally: _Tally) -> bool:
-        """Send objects and the files of the trees among them; True if all are there now."""
-        failed = self.send_objects(direct, tally)
-        try:
-            files = self._tree_files(trees - failed)
-        except StagestoreError as exc:
-            tally.problems.append(exc.message)
-            return False
-        failed |= self.send_objects(files, tally)
-        return not failed
 
     def push_manifests(self, chosen: list[tuple[StageManifest, bytes]], tally: _Tally,
                        report: PushReport) -> None:
@@ -288,16 +307,10 @@ class Transfer:
             d, t = _manifest_refs(manifest)
             direct |= d
             trees |= t
-        failed = self.send_objects(direct, tally)
-        try:
-            files = {tree: self._tree_files({tree}) for tree in trees - failed}
-        except StagestoreError as exc:
-            tally.problems.append(exc.message)
-            return
-        failed |= self.send_objects(set().union(*files.values()) if files else set(), tally)
+        failed, files = self._move_refs(
+            direct, trees, lambda digests: self.send_objects(digests, tally), tally)
         for manifest, data in chosen:
-            d, t = _manifest_refs(manifest)
-            needs = d | set().union(*(files.get(tree, set()) for tree in t))
+            needs = self._needs(manifest, files)
             where = (f"run {manifest.run_id} "
                      + (f"item {manifest.item!r} " if manifest.item else "")
                      + f"stage {manifest.stage}")
@@ -429,16 +442,18 @@ class Transfer:
             d, t = _record_refs(record_inputs)
             direct |= d
             trees |= t
-        failed = self.fetch_objects(direct, owner, batch, tally)
-        files: dict[str, set[str]] = {}
-        for tree in trees - failed:
-            try:
-                files[tree] = self._tree_files({tree})
-            except StagestoreError as exc:
-                tally.problems.append(exc.message)
-                failed.add(tree)
-        failed |= self.fetch_objects(set().union(*files.values()) if files else set(), owner,
-                                     batch, tally)
+        if run_record is not None:
+            outcomes = run_record[0].outcomes
+            lacking = sorted(stage for stage, outcome in outcomes.items()
+                             if outcome != "skipped" and (None, stage) not in chosen)
+            if lacking:
+                tally.problems.append(
+                    f"run {run_id} was not pulled: its run record on the remote names stages "
+                    f"whose manifests are not there ({', '.join(lacking)})")
+                return
+        failed, _ = self._move_refs(
+            direct, trees, lambda digests: self.fetch_objects(digests, owner, batch, tally),
+            tally)
         batch.flush()
         if failed or len(tally.problems) > problems_before:
             tally.problems.append(
@@ -500,17 +515,11 @@ class Transfer:
             return None
         tally = _Tally()
         batch = SyncBatch()
-        direct, trees = _ref_hashes(manifest.outputs.values())
-        if self.fetch_objects(direct, owner, batch, tally):
-            return None
-        try:
-            files = self._tree_files(trees)
-        except StagestoreError:
-            return None
-        if self.fetch_objects(files, owner, batch, tally):
-            return None
+        failed, _ = self._move_refs(
+            *_ref_hashes(manifest.outputs.values()),
+            lambda digests: self.fetch_objects(digests, owner, batch, tally), tally)
         batch.flush()
-        return manifest
+        return None if failed else manifest
 
     def runs(self) -> list[str]:
         """The run ids the remote holds (those with at least one key under `runs/<id>/`)."""

@@ -373,3 +373,16 @@ def test_gc_remote_keeps_referenced_and_young_objects(pushed):
     assert done["objects_removed"] == 1 and done["objects_kept"] == len(before) - 1
     assert set(remote_keys(remote, "objects/")) == before - {stray}
     ok(cli(ws, remote, "verify", "--remote", "origin"))
+
+
+def test_a_run_whose_record_names_a_missing_manifest_is_not_pulled(pushed, tmp_path):
+    ws, remote, run_id = pushed
+    remote.storage().delete(f"runs/{run_id}/count.json")
+    other = tmp_path / "other"
+    ok(cli(ws, remote, *remote.add_args(), store=other))
+    res = cli(ws, remote, "pull", run_id, store=other)
+    assert res.returncode == 1
+    no_traceback(res)
+    assert "names stages whose manifests are not there (count)" in res.stderr
+    assert not (other / "runs" / run_id / "_run.json").exists()
+    ok(ws.cli("--store", str(other), "verify"))

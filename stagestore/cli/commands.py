@@ -125,12 +125,21 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 @click.option("--push", is_flag=True, help="Push each stage's result to --remote as it commits.")
 @click.option("--strict", is_flag=True,
               help="Refuse to run (exit 2) when `stagestore check` has warnings.")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local",
+              show_default=True,
+              help="Where items run: local (threads here, up to --jobs), or dask (one Dask task "
+                   "per item; with --items; needs stagestore[dask]).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="With --executor dask: the scheduler (tcp://HOST:PORT) of a cluster sharing "
+                   "the store's filesystem; default: a local cluster of --jobs worker processes "
+                   "(one per CPU when --jobs is 1).")
 @_json_option
 def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         stages: tuple[str, ...], jobs: int, force: bool, items_file: str | None,
         execution_mode: str, systemic_min_items: int, systemic_threshold: float,
         max_consecutive_failures: int | None, log_format: str, quiet_here: bool,
-        remote_name: str | None, push: bool, strict: bool, as_json: bool) -> None:
+        remote_name: str | None, push: bool, strict: bool, executor: str,
+        scheduler: str | None, as_json: bool) -> None:
     """Run the pipeline's stages in dependency order, reusing identical work.
 
     Prints the run id.  Exit 0 when every stage (and item) succeeded; 1 when a stage or an
@@ -144,6 +153,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
     from ..runner import run as run_pipeline
     from ..store import Store
 
+    _check_executor(executor, scheduler, items_file, remote_name, push)
     pipeline = load_pipeline(pipeline_file)
     pipeline.check_stage_names(stages)  # before the store is created
     if any(spec.kind is not None for spec in pipeline.stages.values()):
@@ -160,9 +170,15 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         progress = render.JsonLogProgress()
     else:
         progress = render.RunProgress() if (_live() and not quiet_here) else None
-    report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
-                          items=items, execution=execution, progress=progress,
-                          remote=remote_name, push=push)
+    pool = _dask_executor(scheduler, jobs, store, pipeline) if executor == "dask" else None
+    try:
+        report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs,
+                              force=force, items=items, execution=execution, progress=progress,
+                              remote=remote_name, push=push,
+                              executor=None if pool is None else lambda _jobs: pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)  # a no-op once the items have run
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     code = RUN_EXIT_CODES[report.status]
     if report.push is not None and not report.push.ok and code == 0:
@@ -171,6 +187,42 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
 
 
 RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+
+
+def _check_executor(executor: str, scheduler: str | None, items_file: str | None,
+                    remote_name: str | None, push: bool) -> None:
+    """The usage errors of --executor and --scheduler, and dask being importable."""
+    from ..errors import UsageError
+
+    if executor != "dask":
+        if scheduler is not None:
+            raise UsageError("--scheduler needs --executor dask",
+                             hint="add --executor dask, or leave out --scheduler")
+        return
+    if items_file is None:
+        raise UsageError("--executor dask runs the items of an item run, and needs --items FILE",
+                         hint="pass --items FILE, or leave out --executor dask")
+    if remote_name is not None or push:
+        raise UsageError("--executor dask does not work with --remote or --push yet",
+                         hint="leave out --remote and --push, or run with --executor local")
+    from ..distributed import require_dask
+
+    require_dask()
+
+
+def _dask_executor(scheduler: str | None, jobs: int, store, pipeline):  # noqa: ANN001, ANN202
+    """The Dask executor of `run --executor dask`, its workers checked to see the store and
+    the workspace."""
+    from ..distributed import DaskExecutor, local_workers
+
+    ctx = click.get_current_context().find_object(Ctx)
+    pool = DaskExecutor(scheduler, workers=local_workers(jobs), debug=bool(ctx and ctx.debug))
+    try:
+        pool.check_paths([str(store.root), str(pipeline.workdir)])
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
 
 
 def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
