@@ -95,13 +95,12 @@ def push(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
 def pull(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
          pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Pull runs from a remote: their manifests and every object they name, each object
-    checked against its BLAKE3 name as it downloads.  The store is created if needed."""
-    from ..store import Store
+    checked against its BLAKE3 name as it downloads.  On a new machine, `remote add` first
+    (it creates the store)."""
     from ..transfer import pull as pull_runs
-    from .commands import _store_root
 
-    store = Store.create(_store_root(store_dir, pipeline_file))
-    report = pull_runs(store, run_ids, remote=remote_name, jobs=jobs)
+    report = pull_runs(_open_store(store_dir, pipeline_file), run_ids, remote=remote_name,
+                       jobs=jobs)
     render.pull_report(report, as_json=as_json)
     raise SystemExit(0 if report.ok else 1)
 
