@@ -114,19 +114,22 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
         log(f"warm-up failed: {exc}")
     results: list[ScenarioResult] = []
     errors = 0
-    for sid, name, func in selected:
-        log(f"scenario {sid} {name} ...")
-        t0 = time.perf_counter()
-        try:
-            result = func(bench)
-        except Exception as exc:  # noqa: BLE001 - reported, and the others still run
-            errors += 1
-            result = ScenarioResult(sid, name, name, target="", error=(
-                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
-            log(f"scenario {sid} {name} ERROR: {exc}")
-        result.seconds = time.perf_counter() - t0
-        results.append(result)
-        log(f"scenario {sid} {name}: {result.verdict} ({result.seconds:.1f} s)")
+    try:
+        for sid, name, func in selected:
+            log(f"scenario {sid} {name} ...")
+            t0 = time.perf_counter()
+            try:
+                result = func(bench)
+            except Exception as exc:  # noqa: BLE001 - reported, and the others still run
+                errors += 1
+                result = ScenarioResult(sid, name, name, target="", error=(
+                    f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
+                log(f"scenario {sid} {name} ERROR: {exc}")
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            log(f"scenario {sid} {name}: {result.verdict} ({result.seconds:.1f} s)")
+    finally:
+        bench.close()  # the S3 server of scenarios 13-15, before the scratch folder goes
     source_end = source_fingerprint()
     if source_end["digest"] != source_start["digest"]:
         log("WARNING: the stagestore source changed during the run; results mix versions")
@@ -143,7 +146,8 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
         "config": {"reps": cfg.reps, "big_reps": cfg.big_reps, "big_size": cfg.big_size,
                    "mem_size": cfg.mem_size, "nfiles": cfg.nfiles, "file_size": cfg.file_size,
                    "kind_size": cfg.kind_size,
-                   "scale_steps": cfg.scale_steps},
+                   "scale_steps": cfg.scale_steps, "remote_rows": cfg.remote_rows,
+                   "noop_objects": cfg.noop_objects},
         "peers": peers.to_json(),
         "floors": {k: m.to_json() for k, m in bench.floors.items()},
         "scenarios": [r.to_json() for r in results],

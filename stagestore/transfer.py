@@ -13,7 +13,9 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import durable
 from .errors import ObjectDamagedError, RunNotFoundError, StagestoreError
 from .hashing import PREFIX, digest_bytes, hash_file
 from .layout import run_owner
@@ -191,25 +193,33 @@ class Transfer:
         tally.present += len(digests) - len(missing)
         failed: set[str] = set()
 
-        def fetch(digest: str) -> int | StagestoreError:
+        def fetch(digest: str) -> tuple[Path, int] | StagestoreError:
             key = object_key(digest)
             try:
-                return objects.receive(self.storage.read_chunks(key), digest, owner, batch,
+                return objects.receive(self.storage.read_chunks(key), digest, owner,
                                        source=self.storage.where(key))
             except RemoteNotFound:
                 return RemoteError(f"object {digest} is missing from remote {self.name!r} "
                                    f"({self.storage.where(key)})")
-            except ObjectDamagedError as exc:
+            except StagestoreError as exc:  # damaged, or the remote failed mid-download
                 return exc
 
-        with ThreadPoolExecutor(self.jobs) as pool:
-            for digest, result in zip(missing, pool.map(fetch, missing), strict=True):
-                if isinstance(result, StagestoreError):
-                    failed.add(digest)
-                    tally.problems.append(result.message)
-                else:
-                    tally.objects += 1
-                    tally.bytes += result
+        received: list[tuple[Path, str]] = []
+        try:
+            with ThreadPoolExecutor(self.jobs) as pool:
+                for digest, result in zip(missing, pool.map(fetch, missing), strict=True):
+                    if isinstance(result, StagestoreError):
+                        failed.add(digest)
+                        tally.problems.append(result.message)
+                    else:
+                        received.append((result[0], digest))
+                        tally.objects += 1
+                        tally.bytes += result[1]
+        except BaseException:
+            for tmp, _ in received:
+                durable.discard(tmp)
+            raise
+        objects.adopt(received, batch)
         return failed
 
     def _tree_files(self, trees: set[str]) -> set[str]:

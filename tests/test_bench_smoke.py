@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["hash", "commit_big", "commit_files", "noop_rerun", "noop_big_input", "verify",
-             "cli_startup", "memory", "scale", "zstd", "encrypt", "checksum_folder"]
+             "cli_startup", "memory", "scale", "zstd", "encrypt", "checksum_folder", "push",
+             "pull", "noop_push"]
 
 
 def _number(value: object) -> bool:
