@@ -1442,7 +1442,8 @@ def s14_pull(b: Bench) -> ScenarioResult:
             "process (whole command): one listing of the bucket's store/objects/ prefix, then "
             "`obstore.get` of every key, each streamed into its own new file (no hash check, no "
             "fsync), from a ThreadPoolExecutor of stagestore's default concurrency (8). "
-            "Criterion per row: peer time / pull time."))
+            "An info row runs the same peer with an fsync of each file, the durability pull "
+            "gives. Criterion per row: peer time / pull time (against the peer without fsync)."))
     if (why := b.s3_missing()) is not None:
         r.skip_reason = why
         return r
@@ -1472,8 +1473,10 @@ def s14_pull(b: Bench) -> ScenarioResult:
         ss = r.add(Measurement(f"stagestore pull, {tag} (whole command)"))
         peer = r.add(Measurement(f"obstore GET loop, {tag} (whole command)"))
         peer_own = Measurement(f"obstore GET loop, {tag} (in-process, info)")
+        durable_peer = r.add(Measurement(f"obstore GET loop + fsync each, {tag} (whole command, "
+                                         "info)"))
         r.primary = r.primary or ss.label
-        pairs.append((tag, ss, peer, peer_own, nbytes, nobj))
+        pairs.append((tag, ss, peer, peer_own, nbytes, nobj, durable_peer))
 
         def do_pull(bucket: str = bucket, nobj: int = nobj) -> float:
             dest = ws / f"store-{next(counter)}"
@@ -1486,31 +1489,38 @@ def s14_pull(b: Bench) -> ScenarioResult:
             _rmtree(dest)
             return elapsed
 
-        def do_peer(bucket: str = bucket, nobj: int = nobj, own: Measurement = peer_own,
-                    warm: list[bool] = [True]) -> float:  # noqa: B006 - one flag per row
+        def do_peer(bucket: str = bucket, nobj: int = nobj, own: Measurement | None = peer_own,
+                    warm: list[bool] = [True], fsync: str = "nofsync"  # noqa: B006 - per row
+                    ) -> float:
             dest = ws / f"get-{next(counter)}"
             result = run_json([PY, data.STAGECMD, "obstore-get", bucket, "store/objects", dest,
-                               server.endpoint, jobs], env=b.s3_env)
+                               server.endpoint, jobs, fsync], env=b.s3_env)
             if result["objects"] != nobj:
                 raise BenchError(f"obstore-get fetched {result['objects']} of {nobj} objects")
             if warm[0]:
                 warm[0] = False
-            else:
+            elif own is not None:
                 own.times.append(result["seconds"])
             _rmtree(dest)
             return result["wall"]
 
-        steps += [(ss.label, do_pull), (peer.label, do_peer)]
-        into[ss.label], into[peer.label] = ss, peer
+        def do_durable_peer(bucket: str = bucket, nobj: int = nobj) -> float:
+            return do_peer(bucket, nobj, None, [False], "fsync")
+
+        steps += [(ss.label, do_pull), (peer.label, do_peer),
+                  (durable_peer.label, do_durable_peer)]
+        into[ss.label], into[peer.label], into[durable_peer.label] = ss, peer, durable_peer
     for _, step in steps:  # untimed warm-up
         step()
     interleave(b.cfg.big_reps, steps, into)
     for bucket in sources:
         b.drop_bucket(bucket)
     _rmtree(ws)
-    for tag, ss, peer, peer_own, nbytes, nobj in pairs:
+    for tag, ss, peer, peer_own, nbytes, nobj, durable_peer in pairs:
         r.add(peer_own)
-        for m in (ss, peer, peer_own):
+        r.ratios[f"fsyncing peer time / pull time, {tag} (info)"] = _ratio(durable_peer.median,
+                                                                          ss.median)
+        for m in (ss, peer, peer_own, durable_peer):
             if m.times:
                 m.extra["throughput_gbps"] = round(nbytes / m.median / 1e9, 3)
         ratio = _ratio(peer.median, ss.median)

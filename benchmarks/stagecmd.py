@@ -20,8 +20,9 @@ the built-in kinds, which import cryptography (`aesgcm-file`) or zstandard (`zst
     obstore-put DIR BUCKET PREFIX ENDPOINT [JOBS]      obstore.put(store, key, Path) of every file
                                                         under DIR (key PREFIX/relative path), JOBS
                                                         threads (default 8); credentials: AWS_* env
-    obstore-get BUCKET PREFIX DIR ENDPOINT [JOBS]      obstore.get of every key under PREFIX, each
-                                                        streamed into DIR/key, JOBS threads
+    obstore-get BUCKET PREFIX DIR ENDPOINT [JOBS] [fsync]  obstore.get of every key under PREFIX,
+                                                        each streamed into DIR/key, JOBS threads
+                                                        (with `fsync`: each file fsynced)
     count-requests STAGESTORE-ARGS...                   run the stagestore CLI in-process, counting
                                                         the S3 requests of its remote (S3Storage)
 
@@ -257,9 +258,10 @@ def obstore_put(src: str, bucket: str, prefix: str, endpoint: str, jobs: int) ->
     return {"import": t1 - t0, "seconds": t2 - t1, "objects": len(files), "bytes": total}
 
 
-def obstore_get(bucket: str, prefix: str, dest: str, endpoint: str, jobs: int) -> dict:
+def obstore_get(bucket: str, prefix: str, dest: str, endpoint: str, jobs: int,
+                fsync: bool = False) -> dict:
     """The peer of `stagestore pull`: list PREFIX, then a plain obstore GET loop, each object
-    streamed into DEST/KEY (no fsync), JOBS at once."""
+    streamed into DEST/KEY (fsynced only with `fsync`), JOBS at once."""
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
 
@@ -277,6 +279,8 @@ def obstore_get(bucket: str, prefix: str, dest: str, endpoint: str, jobs: int) -
         with open(os.path.join(dest, key), "xb") as f:
             for chunk in obstore.get(store, key):
                 n += f.write(chunk)
+            if fsync:
+                os.fsync(f.fileno())
         return n
 
     with ThreadPoolExecutor(jobs) as pool:
@@ -364,7 +368,8 @@ def main(argv: list[str]) -> int:
         result, report = obstore_put(args[0], args[1], args[2], args[3], jobs), True
     elif cmd == "obstore-get":
         jobs = int(args[4]) if len(args) > 4 else 8
-        result, report = obstore_get(args[0], args[1], args[2], args[3], jobs), True
+        fsync = len(args) > 5 and args[5] == "fsync"
+        result, report = obstore_get(args[0], args[1], args[2], args[3], jobs, fsync), True
     elif cmd == "count-requests":
         result, report = count_requests(args), True
     else:
