@@ -27,6 +27,8 @@ _HEX64 = re.compile("[0-9a-f]{64}")  # a well-formed object name: shard + rest
 # From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
 # file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
 SYNCFS_MIN_FILES = 32
+# From this size on, a downloaded object is fsynced by the thread that received it (`receive`).
+RECEIVE_SYNC_MIN_BYTES = 1 << 20
 # From this size on, a file's fsync overlaps its hashing (`_hash_and_sync`).
 OVERLAP_MIN_BYTES = 16 << 20
 
@@ -104,11 +106,13 @@ class ObjectStore:
         return digest
 
     def receive(self, chunks: Iterable[bytes], digest: str, owner: str,
-                source: str = "") -> tuple[Path, int]:
+                source: str = "") -> tuple[Path, int, bool]:
         """Write bytes that arrive in `chunks` (a download) to a temp, hashing them as they
-        arrive; returns (the temp, its size), not yet synced or in the store (`adopt` does
-        both).  Bytes that do not hash to `digest` raise `ObjectDamagedError`, and nothing of
-        them remains."""
+        arrive; returns (the temp, its size, whether it is synced), not yet in the store
+        (`adopt` puts it there).  A temp of `RECEIVE_SYNC_MIN_BYTES` or more is fsynced here,
+        so that large downloads in parallel threads sync in parallel; smaller ones are left to
+        `adopt`'s one batched sync.  Bytes that do not hash to `digest` raise
+        `ObjectDamagedError`, and nothing of them remains."""
         import blake3
 
         from .errors import ObjectDamagedError
@@ -123,6 +127,9 @@ class ObjectStore:
                     hasher.update(chunk)
                     durable.write_all(fd, chunk, tmp)
                     size += len(chunk)
+                synced = size >= RECEIVE_SYNC_MIN_BYTES
+                if synced:
+                    durable.fsync_fd(fd, tmp)
             finally:
                 os.close(fd)
             got = PREFIX + hasher.hexdigest()
@@ -135,23 +142,24 @@ class ObjectStore:
         except BaseException:
             _discard(tmp)
             raise
-        return tmp, size
+        return tmp, size, synced
 
-    def adopt(self, received: list[tuple[Path, str]], batch: SyncBatch) -> None:
+    def adopt(self, received: list[tuple[Path, str, bool]], batch: SyncBatch) -> None:
         """Make temps from `receive` durable and rename each into the store as its digest:
         the write-fsync-rename order of every object, with one `syncfs` for all from
         `SYNCFS_MIN_FILES` temps on (as `commit_files`).  The temps are gone afterwards,
         renamed or (on an error) discarded."""
         try:
-            if len(received) < SYNCFS_MIN_FILES or not durable.syncfs(self.layout.tmp):
-                for tmp, _ in received:
+            unsynced = [tmp for tmp, _, synced in received if not synced]
+            if len(unsynced) < SYNCFS_MIN_FILES or not durable.syncfs(self.layout.tmp):
+                for tmp in unsynced:
                     durable.fsync_file(tmp)
-            for tmp, digest in received:
+            for tmp, digest, _ in received:
                 target = self._shard(digest)
                 durable.rename(tmp, target)
                 self._synced(target.parent, batch)
         except BaseException:
-            for tmp, _ in received:
+            for tmp, _, _ in received:
                 _discard(tmp)
             raise
 

@@ -193,7 +193,7 @@ class Transfer:
         tally.present += len(digests) - len(missing)
         failed: set[str] = set()
 
-        def fetch(digest: str) -> tuple[Path, int] | StagestoreError:
+        def fetch(digest: str) -> tuple[Path, int, bool] | StagestoreError:
             key = object_key(digest)
             try:
                 return objects.receive(self.storage.read_chunks(key), digest, owner,
@@ -204,7 +204,7 @@ class Transfer:
             except StagestoreError as exc:  # damaged, or the remote failed mid-download
                 return exc
 
-        received: list[tuple[Path, str]] = []
+        received: list[tuple[Path, str, bool]] = []
         try:
             with ThreadPoolExecutor(self.jobs) as pool:
                 for digest, result in zip(missing, pool.map(fetch, missing), strict=True):
@@ -212,11 +212,11 @@ class Transfer:
                         failed.add(digest)
                         tally.problems.append(result.message)
                     else:
-                        received.append((result[0], digest))
+                        received.append((result[0], digest, result[2]))
                         tally.objects += 1
                         tally.bytes += result[1]
         except BaseException:
-            for tmp, _ in received:
+            for tmp, _, _ in received:
                 durable.discard(tmp)
             raise
         objects.adopt(received, batch)

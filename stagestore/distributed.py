@@ -1,0 +1,543 @@
+"""Item runs in other processes or on other machines: `stagestore run --items FILE --executor dask`.
+
+The driver (the `stagestore run` process) keeps every decision of an item run; only the body of
+an item runs elsewhere:
+
+* driver, before (`Execution.item_before`): systemic abort, interrupt and resume decisions;
+* elsewhere (`run_item(ItemTask) -> ItemOutcome`, a module-level function of plain, picklable
+  msgspec data): open the store at `ItemTask.store_root`, read the run record, snapshot the
+  item's own inputs, write its `running` record, take it through its stages, write its end
+  record (`Execution.item_body`, the code a local item runs);
+* driver, after (`Execution.item_after`): the systemic detector and check, `item_end`.
+
+The seam is a `concurrent.futures.Executor` made by a factory (`run(..., executor=...)`,
+`ItemExecutorFactory` in runner.py).  Without one, items run in a thread pool in the driver as
+they always did.  With one, `run_items_elsewhere` submits `run_item(task)` for each item, in
+list order, keeping at most as many in flight as the executor has slots (`slots()`, else
+`--jobs`), so items start in list order and a decision taken on the driver (an open circuit, a
+systemic abort) reaches the next items submitted.  `DaskExecutor` is the Dask one; any other
+Executor that runs picklable calls in processes seeing the same paths works too
+(`ProcessPoolExecutor` does).
+
+Failures.  stagestore's failure model decides retries: tasks are submitted with `retries=0`,
+and a stage failure is a result in the `ItemOutcome`, never an exception.  An exception the
+item's own code raises (a damaged record, a full disk, a bug) is re-raised on the driver, where
+it ends the run as it does locally.  A task that does not complete for any other reason (Dask
+reschedules the tasks of a worker that dies by itself; after `allowed-failures` deaths it gives
+up with `KilledWorker`) fails its item with an infrastructure failure
+(`InfrastructureGateFailure`, category `fatal`) at the first stage the item had not finished,
+its signal naming the cause.  A task that runs again after its worker died finds the item's
+`running` record and keeps the snapshots it holds; stages that had committed are reused.
+
+Circuit breaker.  It stays on the driver, shared by all items as locally.  When an item is
+submitted, the driver decides for each stage whose circuit is open whether this item fails fast
+there or is the (single) probe, and the task carries these decisions (`Gate`); the task returns
+the breaker calls its stages made (`BreakerCall`) and the driver applies them.  So an item sees
+the circuits as they were when it was submitted: at most the items already in flight (one per
+slot) miss a circuit that opens meanwhile, as locally the items already past that stage do.  A
+probe an item was given and did not use is handed back.
+
+Stopping.  A systemic abort stops submitting (the items left are `not_processed`) and asks
+every worker to kill the stage processes of this run's items (`stop_items`): those items end
+`not_processed` with their records left `running`, exactly as locally; items that end anyway
+are counted.  Ctrl-C does the same, cancels what is pending, and closes the client and the
+`LocalCluster`.
+
+Progress.  A worker cannot call the driver's progress callback: each item's events are
+collected where it runs and replayed by the driver, in order, when the item returns.
+
+Paths.  Workers must see the store and the workspace at the same paths as the driver (true for
+a `LocalCluster`, and for a cluster on a shared filesystem that supports `flock` and atomic
+`rename`); the store root is a field of each task, never global state.  Stage commands run with
+the worker's environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from . import processes
+from .errors import CorruptRecordError, StagestoreError, UsageError
+from .failures import INFRASTRUCTURE_GATE, runner_failure
+from .records import FirstFailure, ItemRecord, now
+from .reports import ItemReport, RunEvent, StageReport
+from .resilience import CircuitBreaker
+
+if TYPE_CHECKING:
+    from .runner import Execution
+
+DASK_HINT = "pip install 'stagestore[dask]'"
+CONNECT_TIMEOUT = 10  # seconds to reach a --scheduler
+SIGNAL_LIMIT = 1000  # characters of a lost item's signal
+NO_WORKERS_GRACE = 30.0  # seconds a LocalCluster may have no worker before the run gives up
+
+
+# --- what travels: a task, and what it returns -------------------------------------------------
+
+
+class Gate(msgspec.Struct, frozen=True):
+    """The driver's circuit-breaker decision for one stage of one item, taken at submission."""
+
+    admit: bool = True  # False: fail fast with `why`
+    probe: bool = False  # this item is the circuit's probe
+    why: str = ""
+    consecutive: int = 0  # failures in a row, and whether the circuit is open, at submission:
+    open: bool = False  # a failure here opens it when consecutive + 1 reaches the limit
+
+
+class BreakerCall(msgspec.Struct, frozen=True):
+    """One call an item's stages made to the breaker: `admit` (ok: admitted) or `record`."""
+
+    stage: str
+    admit: bool
+    ok: bool
+    probe: bool
+    failure_class: str = ""
+
+
+class ItemTask(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything `run_item` needs; the rest it reads from the store at `store_root`."""
+
+    store_root: str
+    run_id: str
+    item: str
+    selected: list[str]  # this invocation's stages (the run record keeps every invocation's)
+    shared: dict[str, StageReport]  # the once-per-run stages' results
+    force: bool
+    seen_ended_at: datetime | None  # the end of the item record the driver saw, if it had ended
+    breaker_limit: int | None
+    gates: dict[str, Gate] = {}
+    stop_token: str
+
+
+class ItemOutcome(msgspec.Struct, kw_only=True):
+    """What an item's task returns: a summary, never an output.  `ended`: taken through its
+    stages; `kept`: an earlier attempt of this task had ended it; `interrupted`: stopped by
+    `stop_items`; `not_started`: its run was stopping when the task started."""
+
+    status: Literal["ended", "kept", "interrupted", "not_started"]
+    record: ItemRecord | None = None
+    stages: list[StageReport] = []
+    events: list[RunEvent] = []
+    breaker: list[BreakerCall] = []
+
+
+class ItemError(Exception):
+    """An exception raised by an item's own code, carried to the driver as `args[0]`."""
+
+
+# --- the worker side -----------------------------------------------------------------------------
+
+
+class TaskBreaker:
+    """What `StageWork` sees as its circuit breaker inside a task: the driver's `Gate`s, and a
+    log of the calls, which the driver applies to the run's breaker."""
+
+    def __init__(self, limit: int | None, gates: dict[str, Gate]) -> None:
+        self.limit = limit
+        self.gates = gates
+        self.calls: list[BreakerCall] = []
+
+    def admit(self, stage: str) -> tuple[bool, bool, str]:
+        if not self.limit:
+            return True, False, ""
+        gate = self.gates.get(stage, Gate())
+        self.calls.append(BreakerCall(stage=stage, admit=True, ok=gate.admit, probe=gate.probe))
+        return gate.admit, gate.probe, gate.why
+
+    def record(self, stage: str, ok: bool, probe: bool, failure_class: str = "") -> bool:
+        if not self.limit:
+            return False
+        self.calls.append(BreakerCall(stage=stage, admit=False, ok=ok, probe=probe,
+                                      failure_class=failure_class))
+        gate = self.gates.get(stage, Gate())
+        return not ok and not gate.open and gate.consecutive + 1 >= self.limit
+
+
+# Items running in this process, by stop token, and the tokens stopped.  `processes.stopping`
+# is per process: it is set only while every item here belongs to the run being stopped, and
+# cleared once none is left, so a long-lived worker serves later runs.
+_registry = threading.Condition()
+_active: dict[str, int] = {}
+_stopped: set[str] = set()
+
+
+def _enter(token: str) -> bool:
+    with _registry:
+        while token not in _stopped and processes.stopping.is_set() and _active:
+            _registry.wait(0.1)  # another run's items are being stopped here
+        if token in _stopped:
+            return False
+        processes.stopping.clear()
+        _active[token] = _active.get(token, 0) + 1
+        return True
+
+
+def _leave(token: str) -> None:
+    with _registry:
+        _active[token] -= 1
+        if not _active[token]:
+            del _active[token]
+        if not _active:
+            processes.stopping.clear()
+        _registry.notify_all()
+
+
+def stop_items(token: str) -> int:
+    """Run on every worker (`Client.run`): items of `token` not started yet will not start, and
+    the stage processes of those running are killed.  Returns how many were running here."""
+    with _registry:
+        _stopped.add(token)
+        running = _active.get(token, 0)
+        if running and len(_active) == 1:
+            processes.kill_all()
+        return running
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    """Run on every worker: which of `paths` are not folders there."""
+    return [path for path in paths if not os.path.isdir(path)]
+
+
+def run_item(task: ItemTask) -> ItemOutcome:
+    """One item through its stages, in whatever process runs this (a Dask worker)."""
+    if not _enter(task.stop_token):
+        return ItemOutcome(status="not_started")
+    events: list[RunEvent] = []
+    breaker = TaskBreaker(task.breaker_limit, task.gates)
+    try:
+        return _run_item(task, events, breaker)
+    except processes.Interrupted:
+        return ItemOutcome(status="interrupted", events=events, breaker=breaker.calls)
+    except Exception as exc:  # noqa: BLE001 - the driver re-raises it
+        raise ItemError(exc) from None
+    finally:
+        _leave(task.stop_token)
+
+
+def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> ItemOutcome:
+    from .runner import Execution
+    from .store import Store
+
+    store = Store.open(task.store_root)
+    record = store.manifests.read_run(task.run_id)
+    execution = Execution(store, record, task.selected, jobs=1, force=task.force,
+                          progress=events.append)
+    execution.work.breaker = breaker  # type: ignore[assignment]
+    item = store.manifests.read_item_optional(task.run_id, task.item)
+    if item is not None and item.status != "running" and item.finished_at != task.seen_ended_at:
+        # Ended by an earlier attempt of this task, whose worker died before it returned.
+        return ItemOutcome(status="kept", record=item)
+    ended, stages = execution.item_body(task.item, item, task.shared)
+    return ItemOutcome(status="ended", record=ended, stages=stages, events=events,
+                       breaker=breaker.calls)
+
+
+# --- the driver side -----------------------------------------------------------------------------
+
+
+def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[ItemReport]:
+    """Every item of the run as a `run_item` task on `ex.executor`; see the module docstring."""
+    assert ex.executor is not None
+    items = ex.record.items
+    reports: dict[int, ItemReport] = {}
+    token = f"{ex.record.run_id}~{os.urandom(6).hex()}"
+    breaker = ex.work.breaker
+    with ex.executor(ex.jobs) as pool:
+        slots: Callable[[], int] | None = getattr(pool, "slots", None)
+        stop: Callable[[str], Any] | None = getattr(pool, "stop", None)
+        running: dict[Future[ItemOutcome], tuple[int, ItemTask]] = {}
+        position, stopped = 0, False
+        try:
+            while position < len(items) or running:
+                room = max(1, slots() if slots is not None else ex.jobs) - len(running)
+                while position < len(items) and room > 0:
+                    index, item = position, items[position]
+                    position += 1
+                    decided, record = ex.item_before(item)
+                    if decided is not None:
+                        reports[index] = decided
+                        continue
+                    task = ItemTask(
+                        store_root=str(ex.store.root), run_id=ex.record.run_id, item=item,
+                        selected=list(ex.selected), shared=shared, force=ex.work.force,
+                        seen_ended_at=record.finished_at if record is not None and
+                        record.status != "running" else None,
+                        breaker_limit=breaker.limit, gates=_gates(breaker, ex.item_order),
+                        stop_token=token)
+                    running[pool.submit(run_item, task)] = (index, task)
+                    room -= 1
+                if not running:
+                    continue
+                # No reference to a future is kept once it is handled: Dask then forgets its
+                # result, and does not compute it again when the worker holding it dies.
+                done = sorted(wait(running, timeout=1.0, return_when=FIRST_COMPLETED).done,
+                              key=lambda f: running[f][0])
+                while done:
+                    index, task = running.pop(done[0])
+                    reports[index] = _returned(ex, task, done.pop(0))
+                if ex.systemic is not None and not stopped:
+                    stopped = True
+                    if stop is not None:
+                        stop(token)
+        except BaseException:
+            processes.kill_all()
+            if stop is not None and running:
+                try:
+                    stop(token)
+                except Exception:  # noqa: BLE001 - the error being raised is the one to report
+                    pass
+            for future in running:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [reports[index] for index in range(len(items))]
+
+
+def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> ItemReport:
+    """The driver's part after an item's task: replay its events, apply its breaker calls,
+    then what a local item does when it ends."""
+    breaker = ex.work.breaker
+    try:
+        outcome = future.result()
+    except ItemError as exc:
+        _settle(breaker, task.gates, [])
+        raise exc.args[0] from None  # as a local run raises it
+    except Exception as exc:  # noqa: BLE001 - the task did not complete (e.g. KilledWorker)
+        _settle(breaker, task.gates, [])
+        return ex.item_after(task.item, *_lost(ex, task.item, exc))
+    if ex.progress is not None:
+        for event in outcome.events:
+            ex.progress(event)
+    for stage in _settle(breaker, task.gates, outcome.breaker):
+        if not any(e.event == "circuit_open" and e.stage == stage for e in outcome.events):
+            ex.emit("circuit_open", stage, (
+                f"circuit opened: stage {stage!r} failed {breaker.limit} times in a row; later "
+                "items fail fast here until a probe item succeeds"), task.item)
+    if outcome.status in ("interrupted", "not_started"):
+        if ex.systemic is not None or processes.stopping.is_set():
+            return ItemReport(item=task.item, status="not_processed")
+        return ex.item_after(task.item, *_lost(ex, task.item, RuntimeError(
+            "the item was stopped on its worker")))
+    assert outcome.record is not None
+    return ex.item_after(task.item, outcome.record, outcome.stages)
+
+
+def _lost(ex: Execution, item: str, exc: BaseException) -> tuple[ItemRecord, list[StageReport]]:
+    """An item whose task did not complete: failed, with an infrastructure failure at the
+    first stage it had not finished."""
+    stage = _unfinished_stage(ex, item)
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    signal = f"the item's task did not complete on the cluster: {cause}"[:SIGNAL_LIMIT]
+    failure = runner_failure(ex.stages[stage], INFRASTRUCTURE_GATE, signal)
+    try:
+        record = ex.store.manifests.read_item_optional(ex.record.run_id, item)
+    except CorruptRecordError:
+        record = None
+    if record is None:
+        record = ItemRecord(run_id=ex.record.run_id, item=item, status="running", inputs={},
+                            started_at=now())
+    ex.emit("failed", stage, f"{failure.class_} ({failure.category})", item)
+    first = FirstFailure(stage=stage, failure=failure, at=now())
+    return ex._end_item(record, "failed", first), [
+        StageReport(stage=stage, item=item, outcome="failed", failure=failure, reason=signal)]
+
+
+def _unfinished_stage(ex: Execution, item: str) -> str:
+    for stage in ex.item_order:
+        try:
+            manifest = ex.store.manifests.read_optional(ex.record.run_id, stage, item)
+        except CorruptRecordError:
+            manifest = None
+        if manifest is None or manifest.status == "failed":
+            return stage
+    return ex.item_order[-1]
+
+
+# The run's breaker is a `resilience.CircuitBreaker`; these two read and update its circuits
+# under its lock with the same rules as its `admit` and `record`.
+
+
+def _gates(breaker: CircuitBreaker, stages: list[str]) -> dict[str, Gate]:
+    """Per stage with a circuit: closed, fail fast (open, or a probe is out), or the probe
+    (reserved now, as `admit` does when it lets a probe through)."""
+    limit = breaker.limit
+    if not limit:
+        return {}
+    gates: dict[str, Gate] = {}
+    with breaker._lock:
+        for stage in stages:
+            circuit = breaker._circuits.get(stage)
+            if circuit is None:
+                continue
+            if not circuit.open:
+                gates[stage] = Gate(consecutive=circuit.consecutive)
+            elif circuit.probing or circuit.fast_failed < limit:
+                gates[stage] = Gate(admit=False, open=True, consecutive=circuit.consecutive, why=(
+                    f"circuit open: stage {stage!r} failed {circuit.consecutive} times in a row "
+                    f"(last: {circuit.last_failure}); failing fast until a probe item succeeds"))
+            else:
+                circuit.probing, circuit.fast_failed = True, 0
+                gates[stage] = Gate(probe=True, open=True, consecutive=circuit.consecutive)
+    return gates
+
+
+def _settle(breaker: CircuitBreaker, gates: dict[str, Gate], calls: list[BreakerCall]
+            ) -> list[str]:
+    """Apply an item's breaker calls; hand back a probe it did not use.  Returns the stages
+    whose circuit this opened."""
+    if not breaker.limit:
+        return []
+    opened, probed = [], set()
+    for call in calls:
+        if call.admit:
+            if not call.ok:  # a fast failure
+                with breaker._lock:
+                    circuit = breaker._circuits.get(call.stage)
+                    if circuit is not None and circuit.open:
+                        circuit.fast_failed += 1
+        else:
+            if call.probe:
+                probed.add(call.stage)
+            if breaker.record(call.stage, call.ok, call.probe, call.failure_class):
+                opened.append(call.stage)
+    with breaker._lock:
+        for stage, gate in gates.items():
+            circuit = breaker._circuits.get(stage)
+            if gate.probe and stage not in probed and circuit is not None and circuit.probing:
+                circuit.probing, circuit.fast_failed = False, breaker.limit
+    return opened
+
+
+# --- Dask ----------------------------------------------------------------------------------------
+
+
+def require_dask() -> Any:  # noqa: ANN401
+    """The `distributed` module, or a `UsageError` saying how to install it."""
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError("--executor dask needs dask.distributed, which is not installed",
+                         hint=DASK_HINT) from None
+    return distributed
+
+
+def local_workers(jobs: int) -> int:
+    """The worker processes of the `LocalCluster` for `--jobs`: jobs when above 1, else one
+    per CPU."""
+    return jobs if jobs > 1 else (os.cpu_count() or 1)
+
+
+class DaskExecutor(Executor):
+    """A `concurrent.futures.Executor` on a Dask cluster: the scheduler at `scheduler`, or a
+    `LocalCluster` of `workers` processes of one thread each, on 127.0.0.1 without a dashboard,
+    closed with the executor.  Tasks are submitted with `retries=0, pure=False`."""
+
+    def __init__(self, scheduler: str | None = None, *, workers: int = 1,
+                 debug: bool = False) -> None:
+        distributed = require_dask()
+        level = logging.INFO if debug else logging.WARNING
+        for name in ("distributed", "dask"):
+            logging.getLogger(name).setLevel(level)
+        self.cluster = None
+        self._closed = False
+        self._no_workers_since: float | None = None
+        try:
+            if scheduler is None:
+                self.cluster = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=None, silence_logs=level)
+                self.client = distributed.Client(self.cluster)
+                # Its workers share the terminal's process group: Ctrl-C is the driver's to
+                # handle (it stops the items and closes the cluster), not theirs.
+                self.client.register_plugin(_ignore_interrupts(distributed))
+            else:
+                self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as exc:
+            self._close_cluster()
+            where = f"the Dask scheduler at {scheduler}" if scheduler else "a local Dask cluster"
+            raise UsageError(f"cannot connect to {where}: {' '.join(str(exc).split())}",
+                             hint="start one with `dask scheduler` and `dask worker ADDRESS`, "
+                                  "or leave out --scheduler for a local cluster") from None
+        self._pool = self.client.get_executor(retries=0, pure=False)
+
+    @property
+    def address(self) -> str:
+        return self.client.scheduler.address
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def slots(self) -> int:
+        """Threads of the workers connected now: how many items run at once.  Raises when the
+        run's own LocalCluster has had no worker for `NO_WORKERS_GRACE` seconds (its nannies
+        could not restart them): nothing would ever run the items left."""
+        threads = sum(self.client.nthreads().values())
+        if self.cluster is not None:
+            if threads:
+                self._no_workers_since = None
+            elif self._no_workers_since is None:
+                self._no_workers_since = time.monotonic()
+            elif time.monotonic() - self._no_workers_since > NO_WORKERS_GRACE:
+                raise StagestoreError(
+                    "the local Dask cluster has lost all its workers",
+                    hint="see Dask's messages above; `stagestore recover` completes the run")
+        return threads
+
+    def stop(self, token: str) -> None:
+        self.client.run(stop_items, token, on_error="ignore")
+
+    def check_paths(self, paths: list[str]) -> None:
+        """A `UsageError` naming the workers that do not see every one of `paths`."""
+        found = self.client.run(missing_paths, paths, on_error="return")
+        bad = {worker: result for worker, result in found.items()
+               if isinstance(result, BaseException) or result}
+        if bad:
+            worker, missing = sorted(bad.items())[0]
+            what = ", ".join(missing) if isinstance(missing, list) else repr(missing)
+            raise UsageError(f"Dask worker {worker} does not see {what} (and {len(bad) - 1} "
+                             "other worker(s) have problems)" if len(bad) > 1 else
+                             f"Dask worker {worker} does not see {what}",
+                             hint="workers must see the store and the workspace at the same "
+                                  "paths as `stagestore run` (a shared filesystem)")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._pool.shutdown(wait=wait and not cancel_futures)
+        finally:
+            try:
+                self.client.close()
+            finally:
+                self._close_cluster()
+
+    def _close_cluster(self) -> None:
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            cluster.close()
+
+
+def _ignore_interrupts(distributed: Any) -> Any:  # noqa: ANN401
+    """A worker plugin that makes a worker process ignore SIGINT (pickled by value)."""
+
+    class IgnoreInterrupts(distributed.WorkerPlugin):
+        name = "stagestore-ignore-sigint"
+
+        def setup(self, worker) -> None:  # noqa: ANN001
+            import signal
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return IgnoreInterrupts()
