@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -68,7 +69,7 @@ import msgspec
 from . import processes
 from .errors import CorruptRecordError, StagestoreError, UsageError
 from .failures import INFRASTRUCTURE_GATE, runner_failure
-from .records import FirstFailure, ItemRecord, now
+from .records import FirstFailure, ItemRecord, RemoteSpec, now
 from .reports import ItemReport, RunEvent, StageReport
 from .resilience import CircuitBreaker
 
@@ -117,6 +118,11 @@ class ItemTask(msgspec.Struct, frozen=True, kw_only=True):
     breaker_limit: int | None
     gates: dict[str, Gate] = {}
     stop_token: str
+    # With `run --remote NAME --push`: the task runs in a node-local scratch store, takes what
+    # it needs from that remote and pushes its results there (see `_scratch`).
+    remote: RemoteSpec | None = None
+    run_record: bytes = b""  # the driver's run record, byte for byte
+    item_record: ItemRecord | None = None  # the `running` record the driver wrote: its inputs
 
 
 class ItemOutcome(msgspec.Struct, kw_only=True):
@@ -228,18 +234,79 @@ def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> I
     from .runner import Execution
     from .store import Store
 
-    store = Store.open(task.store_root)
+    transfer = None
+    if task.remote is None:
+        store = Store.open(task.store_root)
+    else:
+        store, transfer = _scratch(task)
     record = store.manifests.read_run(task.run_id)
     execution = Execution(store, record, task.selected, jobs=1, force=task.force,
-                          progress=events.append)
+                          progress=events.append, remote=transfer)
     execution.work.breaker = breaker  # type: ignore[assignment]
     item = store.manifests.read_item_optional(task.run_id, task.item)
     if item is not None and item.status != "running" and item.finished_at != task.seen_ended_at:
         # Ended by an earlier attempt of this task, whose worker died before it returned.
+        _push_item(transfer, task)
         return ItemOutcome(status="kept", record=item)
+    if item is None and task.item_record is not None:  # the driver's snapshots of its inputs
+        assert transfer is not None
+        transfer.fetch_inputs(task.item_record.inputs, execution.owner)
+        store.manifests.write_item(task.item_record, execution.owner)
+        item = task.item_record
     ended, stages = execution.item_body(task.item, item, task.shared)
+    _push_item(transfer, task)
     return ItemOutcome(status="ended", record=ended, stages=stages, events=events,
                        breaker=breaker.calls)
+
+
+def scratch_root(remote: RemoteSpec) -> str:
+    """The node-local store of remote-mode tasks: `$STAGESTORE_SCRATCH`, else
+    `<temp folder>/stagestore-scratch`, then one folder per remote URL."""
+    from .hashing import digest_bytes, digest_hex
+
+    base = os.environ.get("STAGESTORE_SCRATCH") or os.path.join(tempfile.gettempdir(),
+                                                                 "stagestore-scratch")
+    return os.path.join(base, digest_hex(digest_bytes(remote.url.encode()))[:16])
+
+
+def _scratch(task: ItemTask):  # noqa: ANN202
+    """The task's scratch store, holding the run record and the results of the once-per-run
+    stages (pulled from the remote, which the driver pushed them to), and the remote."""
+    from .layout import run_owner
+    from .storage import open_storage
+    from .store import Store
+    from .transfer import Transfer
+
+    assert task.remote is not None
+    store = Store.create(scratch_root(task.remote))
+    owner = run_owner(task.run_id)
+    path = store.layout.run_record_path(task.run_id)
+    if not path.exists() or path.read_bytes() != task.run_record:
+        store.manifests.install(task.run_id, None, "_run.json", task.run_record, owner)
+    spec = task.remote
+    transfer = Transfer(store, spec.name, open_storage(spec.url, endpoint=spec.endpoint,
+                                                       region=spec.region))
+    for stage, report in task.shared.items():
+        if report.manifest is not None and report.outcome != "failed":
+            if not transfer.fetch_manifest(task.run_id, stage, None, owner):
+                raise UsageError(f"stage {stage!r} of run {task.run_id} is not on remote "
+                                 f"{spec.name!r}, so items cannot run on workers",
+                                 hint="run with --push, which pushes it as it commits")
+    return store, transfer
+
+
+def _push_item(transfer, task: ItemTask) -> None:  # noqa: ANN001
+    """Push the item's results from the scratch store; an item whose results did not reach
+    the remote is an error of the run (the driver re-raises it)."""
+    if transfer is None:
+        return
+    report = transfer.push_item(task.run_id, task.item)
+    if not report.ok:
+        from .storage import RemoteError
+
+        what = report.problems[:1] or [f"a conflict at stage {report.conflicts[0].stage}"]
+        raise RemoteError(f"item {task.item!r}: its results could not be pushed to remote "
+                          f"{transfer.name!r}: {what[0]}")
 
 
 # --- the driver side -----------------------------------------------------------------------------
@@ -274,6 +341,8 @@ def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[I
                         record.status != "running" else None,
                         breaker_limit=breaker.limit, gates=_gates(breaker, ex.item_order),
                         stop_token=token)
+                    if ex.remote is not None:
+                        task = _for_remote(ex, task, record)
                     running[pool.submit(run_item, task)] = (index, task)
                     room -= 1
                 if not running:
@@ -303,6 +372,31 @@ def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[I
     return [reports[index] for index in range(len(items))]
 
 
+def _for_remote(ex: Execution, task: ItemTask, record: ItemRecord | None) -> ItemTask:
+    """A task for a worker's scratch store: the driver snapshots the item's inputs here (the
+    worker may not see the workspace), writes the `running` record and pushes the snapshots;
+    the task carries the run record and that item record."""
+    assert ex.remote is not None and ex.remote.spec is not None
+    if record is None or record.status != "running":
+        inputs = record.inputs if record is not None else ex._snapshot_item(task.item)
+        record = ItemRecord(run_id=ex.record.run_id, item=task.item, status="running",
+                            inputs=inputs, started_at=now())
+        ex.store.manifests.write_item(record, ex.owner)
+    ex.remote.send_inputs(record.inputs)
+    run_record = ex.store.layout.run_record_path(ex.record.run_id).read_bytes()
+    return msgspec.structs.replace(task, remote=ex.remote.spec, run_record=run_record,
+                                   item_record=record)
+
+
+def _results_home(ex: Execution, task: ItemTask, outcome: ItemOutcome) -> None:
+    """Remote mode: the item's manifests (and their objects) pulled from the remote, and its
+    ended record written, so the driver's store holds the whole run."""
+    assert ex.remote is not None and outcome.record is not None
+    for stage in ex.item_order:  # those it has no manifest of (skipped, not reached) are absent
+        ex.remote.fetch_manifest(ex.record.run_id, stage, task.item, ex.owner)
+    ex.store.manifests.write_item(outcome.record, ex.owner)
+
+
 def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> ItemReport:
     """The driver's part after an item's task: replay its events, apply its breaker calls,
     then what a local item does when it ends."""
@@ -329,6 +423,8 @@ def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> Ite
         return ex.item_after(task.item, *_lost(ex, task.item, RuntimeError(
             "the item was stopped on its worker")))
     assert outcome.record is not None
+    if task.remote is not None:
+        _results_home(ex, task, outcome)
     return ex.item_after(task.item, outcome.record, outcome.stages)
 
 
@@ -496,7 +592,7 @@ class DaskExecutor(Executor):
     def stop(self, token: str) -> None:
         self.client.run(stop_items, token, on_error="ignore")
 
-    def check_paths(self, paths: list[str]) -> None:
+    def check_paths(self, paths: list[str], remote: bool = False) -> None:
         """A `UsageError` naming the workers that do not see every one of `paths`."""
         found = self.client.run(missing_paths, paths, on_error="return")
         bad = {worker: result for worker, result in found.items()
@@ -507,8 +603,12 @@ class DaskExecutor(Executor):
             raise UsageError(f"Dask worker {worker} does not see {what} (and {len(bad) - 1} "
                              "other worker(s) have problems)" if len(bad) > 1 else
                              f"Dask worker {worker} does not see {what}",
-                             hint="workers must see the store and the workspace at the same "
-                                  "paths as `stagestore run` (a shared filesystem)")
+                             hint="workers must see the workspace at the same path as "
+                                  "`stagestore run` (the checkout, where stage commands run)"
+                                  if remote else
+                                  "workers must see the store and the workspace at the same "
+                                  "paths as `stagestore run` (a shared filesystem), or run "
+                                  "with --remote NAME --push")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if self._closed:

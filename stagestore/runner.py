@@ -116,7 +116,7 @@ def _transfer(store: Store, remote: str | None, push: bool):  # noqa: ANN202
     from .transfer import Transfer
 
     spec, storage = open_remote(store.layout, remote)
-    return Transfer(store, spec.name, storage)
+    return Transfer(store, spec.name, storage, spec=spec)
 
 
 def check_execution(options: ExecutionOptions) -> ExecutionOptions:

@@ -21,8 +21,8 @@ from .hashing import PREFIX, digest_bytes, hash_file
 from .layout import run_owner
 from .manifests import cache_key, check_manifest
 from .objects import SyncBatch
-from .records import (ArtifactRef, CacheEntry, ItemRecord, RunRecord, StageManifest,
-                      decode_record, encode_record)
+from .records import (ArtifactRef, CacheEntry, ItemRecord, RemoteSpec, RunRecord,
+                      StageManifest, decode_record, encode_record)
 from .remotes import (RUNS, cache_entry_key, manifest_key, object_key, parse_run_key,
                       record_key, remote_manifest_key, scope_key)
 from .reports import Conflict, PullReport, PushReport
@@ -91,9 +91,11 @@ def _record_refs(inputs: dict[str, dict[str, ArtifactRef]]) -> tuple[set[str], s
 class Transfer:
     """One remote, used for one command (or one run's lookups and pushes)."""
 
-    def __init__(self, store: Store, name: str, storage: Storage, *, jobs: int = JOBS) -> None:
+    def __init__(self, store: Store, name: str, storage: Storage, *, jobs: int = JOBS,
+                 spec: RemoteSpec | None = None) -> None:
         self.store = store
         self.name = name
+        self.spec = spec  # the remote's settings, for tasks that open it elsewhere
         self.storage = storage
         self.jobs = jobs
         self._present: set[str] = set()  # objects known to be on the remote
@@ -500,6 +502,92 @@ class Transfer:
                 manifests.install(run_id, item, "_item.json", data, owner)
         if run_record is not None and not layout.run_record_path(run_id).exists():
             manifests.install(run_id, None, "_run.json", run_record[1], owner)
+
+    # --- single manifests and items (`run --executor dask --remote`) ---
+
+    def fetch_manifest(self, run_id: str, stage: str, item: str | None, owner: str) -> bool:
+        """Install the remote's result manifest of one stage into the local store, after every
+        object it names; True when the local store has it (now or before), False when the
+        remote has no such manifest.  A local manifest with other bytes is left as it is."""
+        key = manifest_key(run_id, stage, item)
+        path = self.store.layout.manifest_path(run_id, stage, item)
+        try:
+            data = self.storage.read(key)
+        except RemoteNotFound:
+            found = self._latest_failed(run_id, stage, item)
+            if found is None:
+                return False
+            key, data = found
+        if path.exists() and path.read_bytes() == data:
+            return True
+        manifest = _decode_manifest(data, run_id, stage, item, self.storage.where(key))
+        tally = _Tally()
+        batch = SyncBatch()
+        failed, _ = self._move_refs(
+            *_manifest_refs(manifest),
+            lambda digests: self.fetch_objects(digests, owner, batch, tally), tally)
+        batch.flush()
+        if failed:
+            raise RemoteError(f"cannot pull {self.storage.where(key)}: " + "; ".join(
+                tally.problems[:3]))
+        if not path.exists():
+            self.store.manifests.install(run_id, item, f"{stage}.json", data, owner)
+        return True
+
+    def _latest_failed(self, run_id: str, stage: str, item: str | None
+                       ) -> tuple[str, bytes] | None:
+        """The latest of a stage's failed manifests on the remote: (key, bytes), or None."""
+        best = None
+        for info in pages_flat(self.storage.list(scope_key(run_id, item))):
+            kind = parse_run_key(run_id, info.key)
+            if kind is None or not kind.failed or kind.stage != stage or kind.item != item:
+                continue
+            data = self.storage.read(info.key)
+            manifest = _decode_manifest(data, run_id, stage, item, self.storage.where(info.key))
+            if best is None or manifest.finished_at > best[0]:
+                best = (manifest.finished_at, info.key, data)
+        return None if best is None else (best[1], best[2])
+
+    def fetch_inputs(self, inputs: dict[str, dict[str, ArtifactRef]], owner: str) -> None:
+        """The objects of an item's input snapshots (a record's `inputs`), into the store."""
+        tally = _Tally()
+        batch = SyncBatch()
+        failed, _ = self._move_refs(
+            *_record_refs(inputs), lambda digests: self.fetch_objects(digests, owner, batch, tally),
+            tally)
+        batch.flush()
+        if failed:
+            raise RemoteError("cannot pull an item's input snapshots: " + "; ".join(
+                tally.problems[:3]))
+
+    def send_inputs(self, inputs: dict[str, dict[str, ArtifactRef]]) -> None:
+        """The objects of an item's input snapshots, to the remote."""
+        tally = _Tally()
+        failed, _ = self._move_refs(
+            *_record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
+        if failed:
+            raise RemoteError("cannot push an item's input snapshots: " + "; ".join(
+                tally.problems[:3]))
+
+    def push_item(self, run_id: str, item: str) -> PushReport:
+        """One item's manifests, then its record once it has ended."""
+        manifests = self.store.manifests
+        tally = _Tally()
+        report = new_push_report(self.name, [run_id])
+        chosen = []
+        for stage in manifests.stages(run_id, item):
+            path = manifests.layout.manifest_path(run_id, stage, item)
+            data = path.read_bytes()
+            chosen.append((_decode_manifest(data, run_id, stage, item, str(path)), data))
+        self.push_manifests(chosen, tally, report)
+        record = manifests.read_item_optional(run_id, item)
+        if record is not None and record.status != "running" and not tally.problems \
+                and not report.conflicts:
+            data = manifests.layout.item_record_path(run_id, item).read_bytes()
+            self.storage.create(record_key(run_id, item, data), data)
+        report.problems = tally.problems
+        report.ok = not report.conflicts and not report.problems
+        return report
 
     # --- the remote as a build cache (`run --remote`) ---
 

@@ -170,7 +170,8 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         progress = render.JsonLogProgress()
     else:
         progress = render.RunProgress() if (_live() and not quiet_here) else None
-    pool = _dask_executor(scheduler, jobs, store, pipeline) if executor == "dask" else None
+    pool = (_dask_executor(scheduler, jobs, store, pipeline, remote_name is not None)
+            if executor == "dask" else None)
     try:
         report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs,
                               force=force, items=items, execution=execution, progress=progress,
@@ -202,23 +203,28 @@ def _check_executor(executor: str, scheduler: str | None, items_file: str | None
     if items_file is None:
         raise UsageError("--executor dask runs the items of an item run, and needs --items FILE",
                          hint="pass --items FILE, or leave out --executor dask")
-    if remote_name is not None or push:
-        raise UsageError("--executor dask does not work with --remote or --push yet",
-                         hint="leave out --remote and --push, or run with --executor local")
+    if remote_name is not None and not push:
+        raise UsageError("--executor dask with --remote runs items in scratch stores on the "
+                         "workers, which take the run's shared results from the remote and "
+                         "push their own there: it needs --push",
+                         hint="add --push (or leave out --remote: workers then share the store)")
     from ..distributed import require_dask
 
     require_dask()
 
 
-def _dask_executor(scheduler: str | None, jobs: int, store, pipeline):  # noqa: ANN001, ANN202
-    """The Dask executor of `run --executor dask`, its workers checked to see the store and
-    the workspace."""
+def _dask_executor(scheduler: str | None, jobs: int, store, pipeline,  # noqa: ANN001, ANN202
+                   remote: bool):
+    """The Dask executor of `run --executor dask`, its workers checked to see the workspace
+    (where stage commands run) and, unless items run in scratch stores (`remote`), the
+    store."""
     from ..distributed import DaskExecutor, local_workers
 
     ctx = click.get_current_context().find_object(Ctx)
     pool = DaskExecutor(scheduler, workers=local_workers(jobs), debug=bool(ctx and ctx.debug))
     try:
-        pool.check_paths([str(store.root), str(pipeline.workdir)])
+        pool.check_paths(([] if remote else [str(store.root)]) + [str(pipeline.workdir)],
+                         remote)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -1,0 +1,103 @@
+"""Item runs on Dask with a remote (`run --items F --executor dask --remote NAME --push`): each
+item runs in a node-local scratch store on its worker, takes the run's shared results and its
+input snapshots from the remote (SeaweedFS), pushes its results there, and the driver's store
+ends up holding the whole run, with the local executor's hashes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import Workspace
+from test_cli import ok
+from test_remote import Remote, cli
+
+pytest.importorskip("distributed")
+
+ITEMS = [f"i{n:02d}" for n in range(12)]
+
+PIPE = """
+[pipeline]
+name = "scatter"
+
+[stages.prep]
+cmd = ["sh", "-c", "tr a-z A-Z < {inputs.base} > {outputs.o}"]
+inputs = { base = "base.txt" }
+outputs = ["o"]
+
+[stages.derive]
+upstream = ["prep"]
+cmd = ["sh", "-c", "cat {upstream.prep.o} {inputs.mine} > {outputs.o}; echo {item} >> {outputs.o}"]
+inputs = { mine = "in/{item}.txt" }
+outputs = ["o"]
+
+[stages.count]
+upstream = ["derive"]
+cmd = ["sh", "-c", "wc -c < {upstream.derive.o} > {outputs.o}"]
+outputs = ["o"]
+"""
+
+
+def _workspace(ws: Workspace) -> None:
+    ws.pipeline(PIPE)
+    ws.write("base.txt", "shared base\n")
+    for item in ITEMS:
+        ws.write(f"in/{item}.txt", f"own input of {item}\n")
+    ws.write("items.txt", "".join(f"{item}\n" for item in ITEMS))
+
+
+def _hashes(store, run_id: str) -> dict:  # noqa: ANN001
+    from stagestore.store import Store
+
+    manifests = Store.open(store).manifests
+    found = {("-", "prep"): manifests.read(run_id, "prep").output_hash}
+    for item in manifests.items(run_id):
+        for stage in ("derive", "count"):
+            found[item, stage] = manifests.read(run_id, stage, item).output_hash
+    return found
+
+
+def test_items_run_in_scratch_stores_and_push_to_the_remote(ws, s3_bucket, tmp_path):
+    _workspace(ws)
+    ok(ws.cli("run", "--items", "items.txt", "--run-id", "r", "--store", str(tmp_path / "local")))
+    local = _hashes(tmp_path / "local", "r")
+    remote = Remote(f"s3://{s3_bucket.bucket}/p", s3_bucket.endpoint,
+                    {"AWS_ACCESS_KEY_ID": s3_bucket.access_key,
+                     "AWS_SECRET_ACCESS_KEY": s3_bucket.secret_key,
+                     "AWS_REGION": s3_bucket.region})
+    ok(cli(ws, remote, *remote.add_args()))
+    scratch = tmp_path / "scratch"
+    env = {**remote.env, "STAGESTORE_SCRATCH": str(scratch)}
+    proc = ws.cli("run", "--items", "items.txt", "--run-id", "r", "--executor", "dask",
+                  "--jobs", "2", "--remote", "origin", "--push", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["status"] == "succeeded" and report["push"]["ok"]
+    assert _hashes(ws.store, "r") == local  # the driver's store holds the whole run
+    ok(ws.cli("verify"))
+    # the items ran in the scratch store (one per remote URL under STAGESTORE_SCRATCH)
+    [scratch_store] = list(scratch.iterdir())
+    from stagestore.store import Store
+
+    assert sorted(Store.open(scratch_store).manifests.items("r")) == ITEMS
+    # and the remote has everything: another store pulls the run and verifies
+    other = tmp_path / "other"
+    ok(cli(ws, remote, *remote.add_args(), store=other))
+    ok(cli(ws, remote, "pull", "r", store=other))
+    ok(ws.cli("--store", str(other), "verify"))
+    assert _hashes(other, "r") == local
+    # a second run reuses every result, from the remote or the scratch store
+    again = ws.cli("run", "--items", "items.txt", "--run-id", "r2", "--executor", "dask",
+                   "--jobs", "2", "--remote", "origin", "--push", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    outcomes = {s["outcome"] for i in json.loads(again.stdout)["items"] for s in i["stages"]}
+    assert outcomes == {"cached"}
+
+
+def test_remote_items_need_push(ws, tmp_path):
+    _workspace(ws)
+    ok(ws.cli("remote", "add", "origin", f"file://{tmp_path / 'r'}"))
+    proc = ws.cli("run", "--items", "items.txt", "--executor", "dask", "--remote", "origin")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --executor dask with --remote") and "--push" in proc.stderr
