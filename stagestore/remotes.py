@@ -177,8 +177,7 @@ def add_remote(layout, name: str, url: str, *, endpoint: str | None = None,  # n
         if any(r.name == name for r in config.remotes):
             raise UsageError(f"remote {name!r} already exists",
                              hint=f"remove it first: stagestore remote remove {name}")
-        ensure_format(storage, name)
-        probe(storage, name)
+        prepare(storage, name)
         spec = RemoteSpec(name=name, url=url, endpoint=endpoint, region=region,
                           probed_at=now())
         write_config(layout, msgspec.structs.replace(config, remotes=[*config.remotes, spec]))
@@ -200,8 +199,7 @@ def open_remote(layout, name: str | None) -> tuple[RemoteSpec, Storage]:  # noqa
     spec = find_remote(read_config(layout), name)
     storage = open_storage(spec.url, endpoint=spec.endpoint, region=spec.region)
     if spec.probed_at is None:
-        ensure_format(storage, spec.name)
-        probe(storage, spec.name)
+        prepare(storage, spec.name)
         with config_locked(layout) as config:
             remotes = [msgspec.structs.replace(r, probed_at=now()) if r.name == spec.name else r
                        for r in config.remotes]
@@ -230,9 +228,12 @@ def check_format(storage: Storage, name: str) -> bool:
     return True
 
 
-def ensure_format(storage: Storage, name: str) -> None:
-    """Write the format marker unless it is there; an unknown non-empty prefix is refused."""
+def prepare(storage: Storage, name: str) -> None:
+    """Before a remote is first used: it is a stagestore remote or an empty prefix (anything
+    else is refused before a byte is written), its create-only writes hold (`probe`), and
+    then it is marked as a stagestore remote."""
     if check_format(storage, name):
+        probe(storage, name)
         return
     for page in storage.list(""):
         strangers = [b.key for b in page if not b.key.startswith(PROBE)]
@@ -242,6 +243,7 @@ def ensure_format(storage: Storage, name: str) -> None:
                 f"(it holds {strangers[0]!r})",
                 hint="use an empty bucket or prefix, e.g. s3://BUCKET/stagestore")
         break
+    probe(storage, name)
     storage.create(FORMAT_KEY, encode_record(RemoteFormat(schema_version=REMOTE_FORMAT_VERSION)))
 
 

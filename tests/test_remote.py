@@ -138,13 +138,14 @@ def test_probe_refuses_a_server_that_overwrites(ws, rclone_s3):
     ws.linear()
     env = {"AWS_ACCESS_KEY_ID": rclone_s3.access_key,
            "AWS_SECRET_ACCESS_KEY": rclone_s3.secret_key, "AWS_REGION": rclone_s3.region}
-    res = ws.cli("remote", "add", "bad", f"s3://{rclone_s3.bucket}/x", "--endpoint",
-                 rclone_s3.endpoint, env=env)
+    bad = Remote(f"s3://{rclone_s3.bucket}/refused-{os.getpid()}", rclone_s3.endpoint, env)
+    res = cli(ws, bad, *bad.add_args("bad"))
     assert res.returncode == 1, res.stderr
     no_traceback(res)
     assert "does not honour create-only writes" in res.stderr
     assert "hint:" in res.stderr
     assert as_json(ws.cli("remote", "list", "--json")) == []
+    assert remote_keys(bad) == []  # no marker, no probe key left on a refused remote
 
 
 def test_unreachable_endpoint_is_a_one_line_error(ws):
@@ -386,3 +387,26 @@ def test_a_run_whose_record_names_a_missing_manifest_is_not_pulled(pushed, tmp_p
     assert "names stages whose manifests are not there (count)" in res.stderr
     assert not (other / "runs" / run_id / "_run.json").exists()
     ok(ws.cli("--store", str(other), "verify"))
+
+
+def test_first_use_probes_a_remote_added_by_hand(ws, rclone_s3, s3_remote):
+    """A remote written into config.json by hand (no probe recorded) is probed on first use:
+    an honest server is then used and its probe time saved; one that overwrites is refused."""
+    ws.linear()
+    ok(ws.cli("run"))
+    ok(cli(ws, s3_remote, *s3_remote.add_args()))
+    config_path = ws.store / "config.json"
+    config = json.loads(config_path.read_text())
+    config["remotes"][0]["probed_at"] = None
+    config["remotes"].append({"name": "bad", "url": f"s3://{rclone_s3.bucket}/x",
+                              "endpoint": rclone_s3.endpoint, "region": None, "probed_at": None})
+    config_path.write_text(json.dumps(config))
+    ok(cli(ws, s3_remote, "push", "--remote", "origin"))
+    assert json.loads(config_path.read_text())["remotes"][0]["probed_at"] is not None
+    env = {"AWS_ACCESS_KEY_ID": rclone_s3.access_key,
+           "AWS_SECRET_ACCESS_KEY": rclone_s3.secret_key, "AWS_REGION": rclone_s3.region}
+    res = ws.cli("push", "--remote", "bad", env=env)
+    assert res.returncode == 1
+    no_traceback(res)
+    assert "does not honour create-only writes" in res.stderr
+    assert json.loads(config_path.read_text())["remotes"][1]["probed_at"] is None
