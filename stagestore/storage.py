@@ -36,6 +36,9 @@ _T = TypeVar("_T")
 # obstore uploads a `Path` or an iterator in parts of this size when it is larger; the same
 # size is used for streamed reads.
 PART_SIZE = 8 << 20
+# Parts of a multipart upload: obstore's defaults (5 MiB, 12 in flight per object), which were
+# faster against SeaweedFS than 8 MiB parts 4 at a time (benchmarks, scenario 13).
+UPLOAD_PART_SIZE = 5 << 20
 _KEY_RE = re.compile(r"[A-Za-z0-9._%~-]+(/[A-Za-z0-9._%~-]+)*")
 # A `409 ConditionalRequestConflict` (another conditional write to the same key is in flight)
 # is retried this many times, with backoff, before it is reported.
@@ -350,7 +353,7 @@ class S3Storage(Storage):
 
         self._call("write", key, lambda: obstore.put(
             self._store, check_key(key), path, use_multipart=size > PART_SIZE,
-            chunk_size=PART_SIZE, max_concurrency=4))
+            chunk_size=UPLOAD_PART_SIZE, max_concurrency=12))
 
     def create(self, key: str, data: bytes) -> bool:
         import obstore
