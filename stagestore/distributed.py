@@ -459,31 +459,20 @@ def _unfinished_stage(ex: Execution, item: str) -> str:
     return ex.item_order[-1]
 
 
-# The run's breaker is a `resilience.CircuitBreaker`; these two read and update its circuits
-# under its lock with the same rules as its `admit` and `record`.
-
-
 def _gates(breaker: CircuitBreaker, stages: list[str]) -> dict[str, Gate]:
     """Per stage with a circuit: closed, fail fast (open, or a probe is out), or the probe
     (reserved now, as `admit` does when it lets a probe through)."""
-    limit = breaker.limit
-    if not limit:
+    if not breaker.limit:
         return {}
     gates: dict[str, Gate] = {}
-    with breaker._lock:
-        for stage in stages:
-            circuit = breaker._circuits.get(stage)
-            if circuit is None:
-                continue
-            if not circuit.open:
-                gates[stage] = Gate(consecutive=circuit.consecutive)
-            elif circuit.probing or circuit.fast_failed < limit:
-                gates[stage] = Gate(admit=False, open=True, consecutive=circuit.consecutive, why=(
-                    f"circuit open: stage {stage!r} failed {circuit.consecutive} times in a row "
-                    f"(last: {circuit.last_failure}); failing fast until a probe item succeeds"))
-            else:
-                circuit.probing, circuit.fast_failed = True, 0
-                gates[stage] = Gate(probe=True, open=True, consecutive=circuit.consecutive)
+    for stage in stages:
+        state, consecutive, why = breaker.gate(stage)
+        if state == "closed":
+            gates[stage] = Gate(consecutive=consecutive)
+        elif state == "fail_fast":
+            gates[stage] = Gate(admit=False, open=True, consecutive=consecutive, why=why)
+        elif state == "probe":
+            gates[stage] = Gate(probe=True, open=True, consecutive=consecutive)
     return gates
 
 
@@ -497,20 +486,15 @@ def _settle(breaker: CircuitBreaker, gates: dict[str, Gate], calls: list[Breaker
     for call in calls:
         if call.admit:
             if not call.ok:  # a fast failure
-                with breaker._lock:
-                    circuit = breaker._circuits.get(call.stage)
-                    if circuit is not None and circuit.open:
-                        circuit.fast_failed += 1
+                breaker.fast_failure(call.stage)
         else:
             if call.probe:
                 probed.add(call.stage)
             if breaker.record(call.stage, call.ok, call.probe, call.failure_class):
                 opened.append(call.stage)
-    with breaker._lock:
-        for stage, gate in gates.items():
-            circuit = breaker._circuits.get(stage)
-            if gate.probe and stage not in probed and circuit is not None and circuit.probing:
-                circuit.probing, circuit.fast_failed = False, breaker.limit
+    for stage, gate in gates.items():
+        if gate.probe and stage not in probed:
+            breaker.release_probe(stage)
     return opened
 
 

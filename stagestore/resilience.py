@@ -53,17 +53,46 @@ class CircuitBreaker:
         if not self.limit:
             return True, False, ""
         with self._lock:
-            circuit = self._circuits.setdefault(stage, _Circuit())
-            if not circuit.open:
-                return True, False, ""
-            if circuit.probing or circuit.fast_failed < self.limit:
+            state, _, why = self._gate(stage, count_fast=True)
+        return state != "fail_fast", state == "probe", why
+
+    def gate(self, stage: str) -> tuple[str, int, str]:
+        """For an item about to be sent elsewhere (`distributed`): ("unknown" | "closed" |
+        "fail_fast" | "probe", consecutive failures, why failing fast), by the rules of `admit`
+        ("unknown": no execution of the stage recorded yet, so closed).  A probe is
+        reserved now, as `admit` reserves it; a fast failure is counted only when the item
+        reports it (`fast_failure`)."""
+        with self._lock:
+            return self._gate(stage, count_fast=False)
+
+    def _gate(self, stage: str, *, count_fast: bool) -> tuple[str, int, str]:
+        circuit = self._circuits.get(stage)
+        if circuit is None:
+            return "unknown", 0, ""  # never recorded: closed
+        if not self.limit or not circuit.open:
+            return "closed", circuit.consecutive, ""
+        if circuit.probing or circuit.fast_failed < self.limit:
+            if count_fast:
                 circuit.fast_failed += 1
-                return False, False, (
-                    f"circuit open: stage {stage!r} failed {circuit.consecutive} times in a row "
-                    f"(last: {circuit.last_failure}); failing fast until a probe item succeeds")
-            circuit.probing = True
-            circuit.fast_failed = 0
-            return True, True, ""
+            return "fail_fast", circuit.consecutive, (
+                f"circuit open: stage {stage!r} failed {circuit.consecutive} times in a row "
+                f"(last: {circuit.last_failure}); failing fast until a probe item succeeds")
+        circuit.probing, circuit.fast_failed = True, 0
+        return "probe", circuit.consecutive, ""
+
+    def fast_failure(self, stage: str) -> None:
+        """An item failed fast at `stage` (its gate said so)."""
+        with self._lock:
+            circuit = self._circuits.get(stage)
+            if circuit is not None and circuit.open:
+                circuit.fast_failed += 1
+
+    def release_probe(self, stage: str) -> None:
+        """A probe reserved by `gate` that the item did not use: the next item probes."""
+        with self._lock:
+            circuit = self._circuits.get(stage)
+            if circuit is not None and circuit.probing:
+                circuit.probing, circuit.fast_failed = False, self.limit or 0
 
     def record(self, stage: str, ok: bool, probe: bool, failure_class: str = "") -> bool:
         """The result of an execution that `admit` let through; True when this opened the
