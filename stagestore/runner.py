@@ -48,8 +48,9 @@ ItemExecutorFactory = Callable[[int], Executor]
 """Makes the executor an item run's items run on, given `jobs`; used as a context manager for
 the item run.  None (the default): a thread pool here, each item running in this process.  Else
 each item runs as `distributed.run_item(ItemTask)`, submitted in list order, possibly in
-another process or machine that sees the store and workspace at the same paths (see
-stagestore/distributed.py; `distributed.DaskExecutor` is the Dask one)."""
+another process or machine that sees the store and workspace at the same paths, or, with a
+remote, in a scratch store of its own (see stagestore/distributed.py; `distributed.DaskExecutor`
+is the Dask one)."""
 
 
 def new_run_id() -> str:
@@ -65,10 +66,10 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     `items`, every item through the stages that run per item (see `read_items`), on the
     executor `executor` makes (None: a thread pool of `jobs` threads here).
 
-    With `remote` (a remote's name), a stage whose keys have a
-    succeeded manifest on that remote is reused from it (its outputs pulled) instead of
-    executed; with `push`, each stage's result is pushed there as it commits, and the run's
-    records when it ends (`RunReport.push`)."""
+    With `remote` (a remote's name), a stage whose keys have a succeeded manifest on that
+    remote is reused from it (its outputs pulled) instead of executed; with `push`, each
+    stage's result is pushed there as it commits, and the run's records when it ends
+    (`RunReport.push`)."""
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if not pipeline.validated:  # built in Python and not validated yet
