@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import time
@@ -212,9 +213,9 @@ class S3Server:
                 break
             previous = (sig, wait)
         self._wait(0)
-        for path in self.cleanup_paths:  # unix sockets the server leaves behind if killed
+        for path in self.cleanup_paths:  # unix sockets the server leaves behind, and their folder
             try:
-                path.unlink()
+                path.rmdir() if path.is_dir() else path.unlink()
             except OSError:
                 pass
 
@@ -283,7 +284,8 @@ def _wait_ready(server: S3Server, t0: float, timeout: float = READY_TIMEOUT) -> 
         time.sleep(0.1)
 
 
-def seaweedfs_argv(weed: str, data: Path, s3_config: Path, ports: dict[str, int], bucket: str) -> list[str]:
+def seaweedfs_argv(weed: str, data: Path, s3_config: Path, ports: dict[str, int], bucket: str,
+                   sockets: Path) -> list[str]:
     return [
         weed, f"-logdir={data.parent / 'glog'}", "mini",
         f"-dir={data}",
@@ -301,7 +303,8 @@ def seaweedfs_argv(weed: str, data: Path, s3_config: Path, ports: dict[str, int]
         # small volumes: each bucket is its own collection and takes one volume slot (slots = disk / size)
         "-master.volumeSizeLimitMB=64",
         "-volume.preStopSeconds=0",  # no grace period for (non-existent) clients on shutdown
-        f"-filer.localSocket={data.parent / 'filer.sock'}", f"-s3.localSocket={data.parent / 's3.sock'}",
+        # in a short folder: a unix socket path is limited to 107 bytes, and pytest's are long
+        f"-filer.localSocket={sockets / 'filer.sock'}", f"-s3.localSocket={sockets / 's3.sock'}",
         f"-s3.config={s3_config}",
         f"-bucket={bucket}",
     ]
@@ -333,11 +336,13 @@ def start_seaweedfs(tmp_dir: Path, bucket: str = BUCKET, attempts: int = 3) -> S
                 break
         log_path = tmp_dir / f"weed{attempt}.log"
         t0 = time.monotonic()
-        proc = _spawn(seaweedfs_argv(weed, data, s3_config, ports, bucket), log_path, tmp_dir)
+        sockets = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
+        proc = _spawn(seaweedfs_argv(weed, data, s3_config, ports, bucket, sockets), log_path, tmp_dir)
         server = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s3']}", bucket, ACCESS_KEY, SECRET_KEY,
                           REGION, proc.pid, log_path, proc,
                           cleanup_paths=[Path(f"/tmp/seaweedfs-{kind}-grpc-{ports[kind + '_grpc']}.sock")
-                                         for kind in ("master", "volume", "filer", "s3", "admin")])
+                                         for kind in ("master", "volume", "filer", "s3", "admin")]
+                          + [sockets / "filer.sock", sockets / "s3.sock", sockets])
         _RUNNING[server.pid] = server
         try:
             _wait_ready(server, t0)
