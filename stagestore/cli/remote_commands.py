@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from . import render
@@ -62,20 +65,26 @@ def remote_remove(name: str, pipeline_file: str | None, store_dir: str | None) -
     click.echo(f"removed remote {spec.name} ({spec.url}); its data was left as it is")
 
 
+def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--remote`, `--jobs`, `-p`, `--store` and `--json`: the options of push and pull."""
+    for option in reversed([
+            click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP),
+            click.option("-j", "--jobs", type=click.IntRange(min=1), default=8,
+                         show_default=True, help="Transfers at once."),
+            _pipeline_option, _store_option, _json_option]):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
-@click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP)
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Transfers at once.")
-@_pipeline_option
-@_store_option
-@_json_option
+@_transfer_options
 def push(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
          pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Push runs (default: every run) to a remote: the objects their manifests name that the
-    remote lacks, then each manifest with a create-only write.  A manifest the remote holds
-    with other content is a conflict (exit 1), never overwritten.  Failed stages are not
-    pushed."""
+    remote lacks, then each manifest with a create-only write, then the run's records.  A
+    manifest the remote holds with other content is a conflict (exit 1), never overwritten.
+    A failed stage's manifest goes under a name of its own, so the run can still succeed it."""
     from ..transfer import push as push_runs
 
     report = push_runs(_open_store(store_dir, pipeline_file), run_ids, remote=remote_name,
@@ -86,12 +95,7 @@ def push(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
 
 @cli.command()
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
-@click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP)
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Transfers at once.")
-@_pipeline_option
-@_store_option
-@_json_option
+@_transfer_options
 def pull(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
          pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Pull runs from a remote: their manifests and every object they name, each object
