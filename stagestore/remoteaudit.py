@@ -10,7 +10,6 @@ object may belong to a push that has not committed yet.
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,8 @@ import blake3
 from .errors import StagestoreError
 from .hashing import PREFIX
 from .records import ItemRecord, RunRecord, TreeListing, decode_record
-from .remotes import FORMAT_KEY, OBJECTS, PROBE, RUNS, open_remote, parse_run_key
+from .remotes import (FORMAT_KEY, PROBE, RUNS, object_digest, object_key, open_remote,
+                      parse_run_key)
 from .reports import Finding, RemoteGcReport, VerifyReport
 from .storage import BlobInfo, RemoteError, Storage, pages_flat
 from .store import Store
@@ -28,7 +28,6 @@ from .transfer import _decode_manifest, _manifest_refs, _record_refs
 from .trees import check_tree
 
 DEFAULT_GRACE_HOURS = 24.0
-_OBJECT_KEY = re.compile(r"objects/([0-9a-f]{2})/([0-9a-f]{62})")
 
 
 class _Inventory:
@@ -40,9 +39,9 @@ class _Inventory:
         self.strays: list[BlobInfo] = []
         self.probes: list[BlobInfo] = []
         for info in pages_flat(storage.list("")):
-            match = _OBJECT_KEY.fullmatch(info.key)
-            if match:
-                self.objects[PREFIX + match.group(1) + match.group(2)] = info
+            digest = object_digest(info.key)
+            if digest is not None:
+                self.objects[digest] = info
             elif info.key.startswith(RUNS):
                 self.run_keys.append(info)
             elif info.key.startswith(PROBE):
@@ -113,7 +112,7 @@ class _References:
             if tree not in inventory.objects:
                 continue  # reported as missing below
             try:
-                data = storage.read(_object_key(tree))
+                data = storage.read(object_key(tree))
                 listing: TreeListing = decode_record(data, TreeListing, f"remote tree {tree}")
                 check_tree(listing, f"remote tree {tree}")
             except StagestoreError as exc:
@@ -127,21 +126,12 @@ class _References:
         self.findings.append(Finding(kind=kind, severity="problem", message=message, **where))
 
 
-def _object_key(digest: str) -> str:
-    hexdigest = digest[len(PREFIX):]
-    return f"{OBJECTS}{hexdigest[:2]}/{hexdigest[2:]}"
-
-
-def _digest_of(key: str) -> str:
-    return PREFIX + key[len(OBJECTS):].replace("/", "")
-
-
 def _rehash(storage: Storage, digest: str) -> tuple[str | None, int]:
     """(the digest the remote object's bytes hash to, or None if unreadable; bytes read)."""
     hasher = blake3.blake3()
     size = 0
     try:
-        for chunk in storage.read_chunks(_object_key(digest)):
+        for chunk in storage.read_chunks(object_key(digest)):
             hasher.update(chunk)
             size += len(chunk)
     except RemoteError:
@@ -188,11 +178,11 @@ def verify_remote(store: Store, remote: str | None, run_ids: Iterable[str] = (),
             checked += size
             if got is None:
                 refs.problem("object_unreadable", f"remote object {digest} could not be read",
-                             object=digest, path=_object_key(digest))
+                             object=digest, path=object_key(digest))
             elif got != digest:
                 refs.problem("object_damaged", f"remote object {digest} is damaged: its bytes "
-                             f"hash to {got} ({storage.where(_object_key(digest))})",
-                             object=digest, path=_object_key(digest))
+                             f"hash to {got} ({storage.where(object_key(digest))})",
+                             object=digest, path=object_key(digest))
     problems = [f for f in refs.findings if f.severity == "problem"]
     warnings = [f for f in refs.findings if f.severity == "warning"]
     return VerifyReport(ok=not problems, objects_checked=len(pool_of), bytes_checked=checked,
@@ -239,7 +229,7 @@ def gc_remote(store: Store, remote: str | None, *, grace_hours: float = DEFAULT_
         named = _References(storage, again, None, jobs).live
         rescued = {d for d in removed if d in named}
         if rescued:
-            doomed = [info for info in doomed if _digest_of(info.key) not in rescued]
+            doomed = [info for info in doomed if object_digest(info.key) not in rescued]
             removed = [d for d in removed if d not in rescued]
             kept += len(rescued)
             size = sum(info.size for info in doomed)

@@ -26,7 +26,7 @@ import msgspec
 
 from . import durable
 from .errors import FormatVersionError, UsageError
-from .hashing import digest_bytes, digest_hex
+from .hashing import PREFIX, digest_bytes, digest_hex
 from .layout import item_dirname, item_id, validate_name
 from .records import (REMOTE_FORMAT_VERSION, RemoteFormat, RemoteSpec, StoreConfig,
                       decode_record, encode_record, now)
@@ -38,12 +38,19 @@ RUNS = "runs/"
 CACHE = "cache/"
 PROBE = "probe/"
 _RECORD_RE = re.compile(r"_(run|item)\.([0-9a-f]{16})\.json")
+_OBJECT_KEY_RE = re.compile(r"objects/([0-9a-f]{2})/([0-9a-f]{62})")
 _FAILED_RE = re.compile(r"(.+)~failed~([0-9a-f]{16})\.json")
 
 
 def object_key(digest: str) -> str:
     hexdigest = digest_hex(digest)
     return f"{OBJECTS}{hexdigest[:2]}/{hexdigest[2:]}"
+
+
+def object_digest(key: str) -> str | None:
+    """The digest an `objects/<2 hex>/<62 hex>` key names, or None for any other key."""
+    match = _OBJECT_KEY_RE.fullmatch(key)
+    return PREFIX + match.group(1) + match.group(2) if match else None
 
 
 def scope_key(run_id: str, item: str | None) -> str:

@@ -345,14 +345,14 @@ class Execution:
         """Run one push step into the run's push report; a push that fails leaves the run's
         results as they are (they are safe locally) and is reported at the end."""
         from .storage import RemoteError
-        from .transfer import new_push_report, _Tally
+        from .transfer import new_push_report, Tally
 
         assert self.remote is not None
         with self._lock:
             if self.push_report is None:
                 self.push_report = new_push_report(self.remote.name, [self.record.run_id])
             into = self.push_report
-        tally = _Tally()
+        tally = Tally()
         try:
             step(self.remote, tally, into)
         except RemoteError as exc:

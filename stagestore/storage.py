@@ -1,8 +1,9 @@
 """The small interface a remote store is kept behind, and its two implementations.
 
-`Storage` is a flat key space of immutable-by-convention blobs with the five operations push,
-pull, verify and gc need: read, write (atomic, last writer wins), create (atomic and
-create-only: the commit point of a manifest), list (by prefix, in pages) and delete.
+`Storage` is a flat key space of immutable-by-convention blobs with what push, pull, verify
+and gc need: read (whole or in chunks), write (atomic, last writer wins; from bytes or a file),
+create (atomic and create-only: the commit point of a manifest), list (by prefix, in pages),
+stat and delete.
 
 - `S3Storage`: an S3-compatible bucket and prefix, through obstore (docs/dependencies.md).
   Create-only writes are `PUT` with `If-None-Match: *`; whether a server honours that is
@@ -106,14 +107,9 @@ class Storage(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove `key`; no error when it does not exist."""
 
+    @abc.abstractmethod
     def stat(self, key: str) -> BlobInfo | None:
-        """The key's listing entry, or None."""
-        parent = key.rpartition("/")[0]
-        for page in self.list(parent + "/" if parent else ""):
-            for info in page:
-                if info.key == key:
-                    return info
-        return None
+        """The key's size and last-modified time, or None when it does not exist."""
 
 
 # --- a folder ---

@@ -23,7 +23,8 @@ from .manifests import cache_key, check_manifest
 from .objects import SyncBatch
 from .records import (ArtifactRef, CacheEntry, ItemRecord, RemoteSpec, RunRecord,
                       StageManifest, decode_record, encode_record)
-from .remotes import (RUNS, cache_entry_key, manifest_key, object_key, parse_run_key,
+from .remotes import (RUNS, cache_entry_key, manifest_key, object_digest, object_key,
+                      parse_run_key,
                       record_key, remote_manifest_key, scope_key)
 from .reports import Conflict, PullReport, PushReport
 from .storage import PART_SIZE, RemoteError, RemoteNotFound, Storage, pages_flat
@@ -39,7 +40,7 @@ JOBS = 8
 
 
 @dataclass
-class _Tally:
+class Tally:
     objects: int = 0
     bytes: int = 0
     present: int = 0
@@ -52,7 +53,7 @@ def new_push_report(remote: str, runs: list[str]) -> PushReport:
                       conflicts=[], problems=[])
 
 
-def _version(manifest: StageManifest | None, data: bytes | None = None) -> str:
+def _version(manifest: StageManifest | None) -> str:
     if manifest is None:
         return "not a readable manifest"
     finished = manifest.finished_at.isoformat(timespec="seconds") if manifest.finished_at else "?"
@@ -106,8 +107,7 @@ class Transfer:
     def remote_objects(self, digests: set[str]) -> dict[str, int]:
         """digest -> size of those of `digests` the remote has, by listing (whole shards, in
         pages of 1000, never one request per object)."""
-        hexes = {d[len(PREFIX):] for d in digests}
-        shards = sorted({h[:2] for h in hexes})
+        shards = sorted({d[len(PREFIX):len(PREFIX) + 2] for d in digests})
         if len(shards) >= _LIST_ALL_FROM:
             prefixes = ["objects/"]
         else:
@@ -116,9 +116,9 @@ class Transfer:
         def listed(prefix: str) -> dict[str, int]:
             found = {}
             for info in pages_flat(self.storage.list(prefix)):
-                parts = info.key.split("/")
-                if len(parts) == 3 and parts[1] + parts[2] in hexes:
-                    found[PREFIX + parts[1] + parts[2]] = info.size
+                digest = object_digest(info.key)
+                if digest in digests:
+                    found[digest] = info.size
             return found
 
         present: dict[str, int] = {}
@@ -147,7 +147,7 @@ class Transfer:
             self.storage.write_file(key, path, size)
         return size
 
-    def send_objects(self, digests: set[str], tally: _Tally) -> set[str]:
+    def send_objects(self, digests: set[str], tally: Tally) -> set[str]:
         """Upload those of `digests` the remote lacks; returns the digests that failed."""
         wanted = digests - self._present
         if not wanted:
@@ -187,7 +187,7 @@ class Transfer:
         return failed
 
     def fetch_objects(self, digests: set[str], owner: str, batch: SyncBatch,
-                      tally: _Tally) -> set[str]:
+                      tally: Tally) -> set[str]:
         """Download those of `digests` the local store lacks, each checked as it arrives;
         returns the digests that could not be had (missing or damaged on the remote)."""
         objects = self.store.objects
@@ -232,7 +232,7 @@ class Transfer:
         return files
 
     def _move_refs(self, direct: set[str], trees: set[str], move: Callable[[set[str]], set[str]],
-                   tally: _Tally) -> tuple[set[str], dict[str, set[str]]]:
+                   tally: Tally) -> tuple[set[str], dict[str, set[str]]]:
         """Move (send or fetch) objects, then the files of the trees among them, which are
         known only once the tree object is local.  Returns the digests that could not be moved
         (a tree that does not decode among them) and each moved tree's files."""
@@ -262,7 +262,7 @@ class Transfer:
             if not manifests.layout.run_dir(run_id).is_dir():
                 raise RunNotFoundError(f"run {run_id!r} not found in {self.store.root}",
                                        hint="`stagestore runs` lists the runs")
-        tally = _Tally()
+        tally = Tally()
         report = new_push_report(self.name, runs)
         for run_id in runs:
             self.push_run(run_id, tally, report)
@@ -272,7 +272,7 @@ class Transfer:
         report.ok = not report.conflicts and not report.problems
         return report
 
-    def push_run(self, run_id: str, tally: _Tally, report: PushReport) -> None:
+    def push_run(self, run_id: str, tally: Tally, report: PushReport) -> None:
         """Push one run's manifests, then its ended run and item records."""
         manifests = self.store.manifests
         chosen: list[tuple[StageManifest, bytes]] = []
@@ -309,7 +309,7 @@ class Transfer:
             if not failed:
                 self.storage.create(record_key(run_id, item, data), data)
 
-    def push_manifests(self, chosen: list[tuple[StageManifest, bytes]], tally: _Tally,
+    def push_manifests(self, chosen: list[tuple[StageManifest, bytes]], tally: Tally,
                        report: PushReport) -> None:
         """Each manifest's objects, then the manifest itself (create-only), then its cache
         entry; a manifest one of whose objects could not be sent is not pushed."""
@@ -379,7 +379,7 @@ class Transfer:
                                        hint=f"`stagestore remote runs {self.name}` lists the "
                                             "runs the remote has")
             listings[run_id] = keys
-        tally = _Tally()
+        tally = Tally()
         report = PullReport(ok=True, remote=self.name, runs=list(run_ids), objects_downloaded=0,
                             bytes_downloaded=0, objects_present=0, manifests_pulled=0,
                             manifests_present=0, conflicts=[], problems=[])
@@ -402,7 +402,7 @@ class Transfer:
         with ThreadPoolExecutor(self.jobs) as pool:
             return list(pool.map(read, keys))
 
-    def _pull_run(self, run_id: str, keys: list[str], owner: str, tally: _Tally,
+    def _pull_run(self, run_id: str, keys: list[str], owner: str, tally: Tally,
                   report: PullReport) -> None:
         """All of a run or nothing of it: its objects first; then, only if every chosen
         manifest's objects are here, the manifests, the item records and the run record."""
@@ -521,7 +521,7 @@ class Transfer:
         if path.exists() and path.read_bytes() == data:
             return True
         manifest = _decode_manifest(data, run_id, stage, item, self.storage.where(key))
-        tally = _Tally()
+        tally = Tally()
         batch = SyncBatch()
         failed, _ = self._move_refs(
             *_manifest_refs(manifest),
@@ -550,7 +550,7 @@ class Transfer:
 
     def fetch_inputs(self, inputs: dict[str, dict[str, ArtifactRef]], owner: str) -> None:
         """The objects of an item's input snapshots (a record's `inputs`), into the store."""
-        tally = _Tally()
+        tally = Tally()
         batch = SyncBatch()
         failed, _ = self._move_refs(
             *_record_refs(inputs), lambda digests: self.fetch_objects(digests, owner, batch, tally),
@@ -562,7 +562,7 @@ class Transfer:
 
     def send_inputs(self, inputs: dict[str, dict[str, ArtifactRef]]) -> None:
         """The objects of an item's input snapshots, to the remote."""
-        tally = _Tally()
+        tally = Tally()
         failed, _ = self._move_refs(
             *_record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
         if failed:
@@ -572,7 +572,7 @@ class Transfer:
     def push_item(self, run_id: str, item: str) -> PushReport:
         """One item's manifests, then its record once it has ended."""
         manifests = self.store.manifests
-        tally = _Tally()
+        tally = Tally()
         report = new_push_report(self.name, [run_id])
         chosen = []
         for stage in manifests.stages(run_id, item):
@@ -611,7 +611,7 @@ class Transfer:
         if (manifest.status, manifest.input_hash, manifest.config_hash) != (
                 "succeeded", input_hash, config_hash):
             return None
-        tally = _Tally()
+        tally = Tally()
         batch = SyncBatch()
         failed, _ = self._move_refs(
             *_ref_hashes(manifest.outputs.values()),
