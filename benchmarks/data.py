@@ -203,7 +203,7 @@ class ScaleStore:
             at = datetime.now(UTC)
             manifest = StageManifest(
                 stage="produce", run_id=run_id, pipeline=pref, status="succeeded",
-                input_hash=input_hash({}), config_hash=config_hash(spec),
+                input_hash=input_hash({}), config_hash=config_hash("produce", spec),
                 output_hash=output_hash(outputs), inputs={}, outputs=outputs, started_at=at,
                 finished_at=at, attempts=1,
                 logs=[AttemptLog(attempt=1, stdout=self.empty, stderr=self.empty, exit_code=0,

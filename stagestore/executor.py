@@ -205,6 +205,10 @@ class Attempt:
             return None
 
     def environment(self) -> dict[str, str]:
+        # Anything added here that can differ between two stages or items must enter a key
+        # (keys.py), or a result is reused where it does not fit; the stage, item and params are
+        # in the keys, the run id, attempt and paths are documented as not to be depended on
+        # (docs/stages.md#what-is-in-the-key).  The same holds for the call and kind contexts.
         env = dict(os.environ)
         env.update(self.spec.env)
         env.update({

@@ -202,7 +202,7 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
                 "disabled (enabled = false): passes its input through")))
             continue
         try:
-            keys = (input_hash(flat), stage_config_hash(spec, pipeline.workdir))
+            keys = (input_hash(flat), stage_config_hash(stage, spec, pipeline.workdir))
         except StagestoreError as exc:  # an encrypt or decrypt stage's key cannot be read
             rows.append(StageStatus(stage=stage, would_execute=True, reason=exc.message))
             continue

@@ -51,7 +51,7 @@ def check(pipeline: Pipeline) -> CheckReport:
     for name, spec in pipeline.stages.items():
         if spec.kind in ("encrypt", "decrypt") and spec.enabled:
             try:
-                stage_config_hash(spec, pipeline.workdir)
+                stage_config_hash(name, spec, pipeline.workdir)
             except StagestoreError as exc:
                 errors.append(f"stage {name!r}: {exc.message}")
     return CheckReport(pipeline=pipeline.name, stages=len(pipeline.stages), errors=errors,

@@ -84,17 +84,17 @@ def config(spec: StageSpec, workdir: Path, environ: Mapping[str, str] = os.envir
     return found
 
 
-def stage_config_hash(spec: StageSpec, workdir: Path,
+def stage_config_hash(stage: str, spec: StageSpec, workdir: Path,
                       environ: Mapping[str, str] = os.environ) -> str:
     """`keys.config_hash` of any stage, with a kind stage's `config`; raises `kinds.KindError`
     when an enabled encrypt or decrypt stage's key cannot be read."""
     from .keys import config_hash
 
     if spec.kind is None:
-        return config_hash(spec)
+        return config_hash(stage, spec)
     if not spec.enabled:  # its key may be unavailable; a disabled manifest is never reused
-        return config_hash(spec, {})
-    return config_hash(spec, config(spec, workdir, environ))
+        return config_hash(stage, spec, {})
+    return config_hash(stage, spec, config(spec, workdir, environ))
 
 
 def compatibility(stages: Mapping[str, StageSpec]) -> list[CompatProblem]:

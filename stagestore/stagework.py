@@ -3,7 +3,7 @@
 `StageWork.process`:
 
 1. computes the stage's input_hash (its inputs' and upstream outputs' content hashes, and the
-   item id for a per-item stage) and config_hash (its definition as written);
+   item id for a per-item stage) and config_hash (its name and definition as written);
 2. reuses a succeeded manifest with the same two keys, from this run or any other (unless
    `force`), or, with `run --remote`, from the remote, its outputs pulled first; a manifest
    carrying check warnings is reused only in sampling mode;
@@ -157,7 +157,7 @@ class StageWork:
             return report("failed", None, failure=exc.failure)
         try:
             keys = (input_hash(flat, item if stage in self.item_stages else None),
-                    self._config_hash(spec))
+                    self._config_hash(stage, spec))
         except _Unusable as exc:
             return report("failed", None, failure=exc.failure)
         context = _Context(stage, spec, item, keys, flat, upstream_hashes, inputs)
@@ -180,8 +180,8 @@ class StageWork:
         reused = self._reuse(context)
         if reused is not None:
             return report("cached", reused)
-        # Identical work is done once: another process, or a stage of this run with the same
-        # keys, may be doing it right now.  Wait for it to finish, then look again.
+        # Identical work is done once: another run, in this process or another, may be doing it
+        # right now.  Wait for it to finish, then look again.
         lock = OwnerLock(self.store.layout, work_owner(keys))
         if not lock.try_acquire():
             self.emit("note", stage, "waiting for identical work in progress elsewhere", item)
@@ -196,14 +196,14 @@ class StageWork:
         finally:
             lock.release()
 
-    def _config_hash(self, spec: StageSpec) -> str:
+    def _config_hash(self, stage: str, spec: StageSpec) -> str:
         if spec.kind is None:
-            return config_hash(spec)
+            return config_hash(stage, spec)
         from .kinds import KindError
         from .stagekinds import stage_config_hash
 
         try:
-            return stage_config_hash(spec, self.workdir)
+            return stage_config_hash(stage, spec, self.workdir)
         except KindError as exc:
             raise _Unusable(runner_failure(spec, INFRASTRUCTURE_GATE, exc.message)) from None
 
