@@ -48,10 +48,14 @@ def stage_input_paths(spec: StageSpec, workdir: Path) -> dict[str, str]:
 
 
 def uses_item(spec: StageSpec) -> bool:
-    """The stage names `{item}` in its command or an input path, or says `per_item = true`."""
+    """The stage names `{item}` in its command, a check's command or an input path, or says
+    `per_item = true`.  A check's verdict can depend on the item, so such a stage runs per item
+    too and its item enters the key."""
     if spec.per_item:
         return True
-    texts = [*command_template(spec), *spec.inputs.values()]
+    texts = [*command_template(spec), *spec.inputs.values(),
+             *(text for check in spec.checks if check.cmd is not None
+               for text in check_command(check))]
     return any(ref.kind == "item" for text in texts for ref in _safe_placeholders(text))
 
 

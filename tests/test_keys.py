@@ -56,3 +56,34 @@ def test_kind_stages_differing_only_in_stage_name_have_different_keys():
                      outputs=["sum"])
     assert config_hash("a", spec, {"kind": "checksum"}) != config_hash("b", spec, {"kind": "checksum"})
 
+
+CHECK_USES_ITEM = """
+[pipeline]
+name = "checked"
+
+[stages.make]
+cmd = "echo made > {outputs.o}"
+shell = true
+outputs = ["o"]
+
+[[stages.make.checks]]
+cmd = "test {item} != bad"
+"""
+
+
+def test_item_in_a_check_makes_the_stage_run_per_item(ws):
+    # The check's verdict depends on the item, so the item must be in the key: the stage runs
+    # per item, like one with {item} in its cmd, instead of crashing on a missing value.
+    ws.pipeline(CHECK_USES_ITEM)
+    result = ws.cli("run", "--run-id", "R")
+    assert result.returncode == 2, result.stderr
+    assert "runs once per item" in result.stderr and "Traceback" not in result.stderr
+    ws.write("items.txt", "good\nbad\n")
+    result = ws.cli("run", "--run-id", "R", "--items", "items.txt", "--json")
+    assert result.returncode == 1, result.stderr
+    import json
+
+    items = json.loads(result.stdout)["items"]
+    statuses = {name: item["status"] for name, item in items.items()} if isinstance(items, dict) \
+        else {item["item"]: item["status"] for item in items}
+    assert statuses == {"good": "succeeded", "bad": "failed"}
