@@ -1,7 +1,8 @@
-"""The one seam for every durable change to the store.
+"""The one seam for every durable change to the store and to a folder remote.
 
-Every create, write, fsync, rename, unlink, mkdir, chmod and removal that stagestore makes inside
-a store goes through this module, so that
+Every create, write, fsync, rename, link, unlink, mkdir, chmod and removal that stagestore makes
+inside a store, or inside a `file://` remote (`storage.FileStorage`), goes through this module,
+so that
 
 * the write ordering that docs/format.md argues about lives in one place, and
 * a test can install a hook (`set_fault_hook`) that sees every operation before it happens: to
@@ -138,6 +139,13 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     os.rename(src, dst)
 
 
+def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Give the file `src` the further name `dst`; `FileExistsError` when `dst` exists, as
+    link(2), unlike rename(2), never replaces a name: the commit point of a create-only write."""
+    _op("link", dst, src)
+    os.link(src, dst)
+
+
 def chmod(path: str | os.PathLike[str], mode: int) -> None:
     _op("chmod", path)
     os.chmod(path, mode)
@@ -271,32 +279,47 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     `sync=False` the caller makes it durable later (`syncfs`), before anything names it."""
     fd_out = create_exclusive(dst)
     try:
-        with open(src, "rb") as f_in:
-            fd_in = f_in.fileno()
-            _op("write", dst)
-            try:
-                while os.copy_file_range(fd_in, fd_out, _COPY_CHUNK):
-                    pass
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                os.lseek(fd_out, 0, os.SEEK_SET)
-                os.ftruncate(fd_out, 0)
-                f_in.seek(0)
-                while chunk := f_in.read(_COPY_CHUNK):
-                    write_all(fd_out, chunk, dst)
+        _copy_into(src, fd_out, dst)
         if sync:
             fsync_fd(fd_out, dst)
     finally:
         os.close(fd_out)
 
 
+# copy_file_range(2) refuses some copies rather than making them: EXDEV across filesystems
+# (allowed only from Linux 5.3 and, since 5.19, only between two filesystems of one type that
+# implements it, such as NFS: a store on disk and a folder remote on tmpfs are refused),
+# EOPNOTSUPP or EINVAL on filesystems that do not support it, ENOSYS on old kernels.
+_COPY_REFUSED = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _copy_into(src: str | os.PathLike[str], fd_out: int, dst: str | os.PathLike[str]) -> None:
+    """Copy `src` into the empty file open as `fd_out`: with `copy_file_range` (in the kernel,
+    or a reflink where the filesystem shares extents), else, when it refuses, by reading and
+    writing, after throwing away whatever part it had copied."""
+    with open(src, "rb") as f_in:
+        fd_in = f_in.fileno()
+        _op("write", dst)
+        try:
+            while os.copy_file_range(fd_in, fd_out, _COPY_CHUNK):
+                pass
+        except OSError as exc:
+            if exc.errno not in _COPY_REFUSED:
+                raise
+            os.lseek(fd_out, 0, os.SEEK_SET)
+            os.ftruncate(fd_out, 0)
+            f_in.seek(0)
+            while chunk := f_in.read(_COPY_CHUNK):
+                write_all(fd_out, chunk, dst)
+
+
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, tmp_path: str | os.PathLike[str],
                       mode: int = 0o644) -> None:
     """Write `data` to `tmp_path`, fsync it, rename it to `path`, fsync `path`'s folder.
 
-    `tmp_path` must be on the same filesystem as `path` (the store's `tmp/`).  A crash at any
-    point leaves either the old file or the new one under `path`, never a mix.
+    `tmp_path` must be on the same filesystem as `path` (the store's `tmp/`, a folder remote's
+    `.tmp/`).  A crash at any point leaves either the old file or the new one under `path`,
+    never a mix.
     """
     fd = create_exclusive(tmp_path, mode)
     try:
@@ -310,3 +333,52 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, tmp_path: str |
         discard(tmp_path)
         raise
     fsync_dir(os.path.dirname(os.fspath(path)))
+
+
+def copy_file_atomic(src: str | os.PathLike[str], path: str | os.PathLike[str],
+                     tmp_path: str | os.PathLike[str]) -> None:
+    """`write_file_atomic` with the bytes of the file `src`: copied into `tmp_path` (see
+    `copy_file`, so `src` may be on another filesystem), fsynced, renamed to `path`, whose
+    folder is then fsynced."""
+    fd = create_exclusive(tmp_path)
+    try:
+        try:
+            _copy_into(src, fd, tmp_path)
+            fsync_fd(fd, tmp_path)
+        finally:
+            os.close(fd)
+        rename(tmp_path, path)
+    except BaseException:
+        discard(tmp_path)
+        raise
+    fsync_dir(os.path.dirname(os.fspath(path)))
+
+
+def write_file_create_only(path: str | os.PathLike[str], data: bytes,
+                           tmp_path: str | os.PathLike[str], mode: int = 0o644) -> bool:
+    """Create `path` holding `data` unless a file of that name exists; returns whether this
+    call created it (an existing file is left as it is).
+
+    `data` is written to `tmp_path` (on `path`'s filesystem) and fsynced, then `link`ed to
+    `path`, so that `path` appears complete or not at all and, of writers racing on one name,
+    exactly one wins.  `path`'s folder is fsynced whether or not this call won: a name found
+    there may be one whose writer died before it synced the folder.
+    """
+    fd = create_exclusive(tmp_path, mode)
+    try:
+        try:
+            write_all(fd, data, tmp_path)
+            fsync_fd(fd, tmp_path)
+        finally:
+            os.close(fd)
+        try:
+            link(tmp_path, path)
+            created = True
+        except FileExistsError:
+            created = False
+    except BaseException:
+        discard(tmp_path)
+        raise
+    unlink(tmp_path)
+    fsync_dir(os.path.dirname(os.fspath(path)))
+    return created

@@ -116,7 +116,8 @@ class Storage(abc.ABC):
 
 
 class FileStorage(Storage):
-    """Blobs as files under a folder; temps in `<root>/.tmp/`, renamed or linked into place."""
+    """Blobs as files under a folder; temps in `<root>/.tmp/`, renamed or linked into place,
+    every change through `durable`, the store's own seam (docs/remote.md)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -151,69 +152,42 @@ class FileStorage(Storage):
                     yield chunk
         return chunks()
 
-    def _temp(self, key: str, write: Callable[[int], None]) -> Path:
-        """A synced temp file holding what `write(fd)` writes."""
+    # The temps are in `.tmp/`, on the remote's filesystem whatever filesystem the files sent
+    # are on, so that a rename or link(2) of one into place is atomic.
+
+    def _target(self, key: str) -> tuple[Path, Path]:
+        """The key's path, its folder made durable, and a fresh temp name beside it."""
         from . import durable
 
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp / f"{os.getpid()}-{os.urandom(8).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                write(fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            target = self._path(key)
-            if not target.parent.is_dir():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                durable.fsync_dir(target.parent.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
-
-    def _put(self, key: str, write: Callable[[int], None]) -> None:
-        from . import durable
-
-        try:
-            tmp = self._temp(key, write)
-            target = self._path(key)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            durable.fsync_dir(target.parent)
-        except OSError as exc:
-            raise self._fail("write", key, exc) from None
+        target = self._path(key)
+        durable.makedirs(self._tmp)
+        durable.makedirs(target.parent)
+        return target, self._tmp / f"{os.getpid()}-{os.urandom(8).hex()}"
 
     def write(self, key: str, data: bytes) -> None:
         from . import durable
 
-        self._put(key, lambda fd: durable.write_all(fd, data, self.where(key)))
+        try:
+            target, tmp = self._target(key)
+            durable.write_file_atomic(target, data, tmp)
+        except OSError as exc:
+            raise self._fail("write", key, exc) from None
 
     def write_file(self, key: str, path: Path, size: int) -> None:
-        def copy(fd: int) -> None:
-            with open(path, "rb") as source:
-                while os.copy_file_range(source.fileno(), fd, PART_SIZE):
-                    pass
-        self._put(key, copy)
+        from . import durable
+
+        try:
+            target, tmp = self._target(key)
+            durable.copy_file_atomic(path, target, tmp)
+        except OSError as exc:
+            raise self._fail("write", key, exc) from None
 
     def create(self, key: str, data: bytes) -> bool:
         from . import durable
 
         try:
-            tmp = self._temp(key, lambda fd: durable.write_all(fd, data, self.where(key)))
-            target = self._path(key)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
-            durable.fsync_dir(target.parent)
-            return True
+            target, tmp = self._target(key)
+            return durable.write_file_create_only(target, data, tmp)
         except OSError as exc:
             raise self._fail("write", key, exc) from None
 
@@ -243,12 +217,10 @@ class FileStorage(Storage):
 
         path = self._path(key)
         try:
-            path.unlink()
-        except FileNotFoundError:
-            return
+            if durable.unlink(path):
+                durable.fsync_dir(path.parent)
         except OSError as exc:
             raise self._fail("delete", key, exc) from None
-        durable.fsync_dir(path.parent)
 
     def stat(self, key: str) -> BlobInfo | None:
         try:

@@ -179,6 +179,40 @@ def test_push_then_pull_into_an_empty_store(pushed, tmp_path):
     assert again["manifests_pulled"] == 0 and again["objects_downloaded"] == 0
 
 
+def test_push_and_pull_through_a_folder_remote_on_another_filesystem(ws, tmp_path):
+    """A `file://` remote under /dev/shm (a tmpfs) while the store is on disk: `push` copies
+    objects across filesystems, where `copy_file_range` may refuse (EXDEV)."""
+    import tempfile
+
+    from stagestore.storage import PART_SIZE
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("/dev/shm does not exist: no second filesystem to put a remote on")
+    if shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip(f"/dev/shm is on the same filesystem as {tmp_path}")
+    folder = Path(tempfile.mkdtemp(prefix="stagestore-test-", dir=shm))
+    try:
+        remote = Remote(f"file://{folder / 'remote'}", None, {})
+        ws.linear()
+        # larger than a part: sent from its file (`write_file`), not from bytes in memory
+        ws.write("data/big.txt", "0123456789abcdef" * (PART_SIZE // 16 + 1000))
+        run_id = ok(ws.cli("run", "--run-id", "r1")).strip()
+        ok(cli(ws, remote, *remote.add_args()))
+        report = as_json(cli(ws, remote, "push", "--json"))
+        assert report["ok"] and report["objects_uploaded"] > 0
+        other = tmp_path / "elsewhere" / "store"
+        ok(cli(ws, remote, *remote.add_args(), store=other))
+        pulled = as_json(cli(ws, remote, "pull", run_id, "--json", store=other))
+        assert pulled["ok"] and pulled["manifests_pulled"] == 3
+        ok(ws.cli("--store", str(other), "verify"))
+        ok(cli(ws, remote, "verify", "--remote", "origin"))
+        assert manifests_of(other, run_id) == manifests_of(ws.store, run_id)
+        assert not list((folder / "remote" / ".tmp").iterdir())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_second_push_transfers_nothing(pushed):
     ws, remote, _ = pushed
     report = as_json(cli(ws, remote, "push", "--json"))

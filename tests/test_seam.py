@@ -121,3 +121,53 @@ def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
     finally:
         _watch["root"] = None
     assert _watch["violations"] == []
+
+
+def _push_and_pull_through_a_folder_remote(ws, tmp_path) -> list[str]:  # noqa: ANN001
+    """Push a run to a folder remote, auditing the remote's folder, and pull it into a new
+    store, auditing that store; the violations seen."""
+    from stagestore.remotes import add_remote
+    from stagestore.storage import PART_SIZE
+    from stagestore.store import Store
+    from stagestore.transfer import pull, push
+
+    ws.linear()
+    ws.write("data/big.txt", "x" * (PART_SIZE + 1))  # sent from its file, not from bytes
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    remote = tmp_path / "remote"
+    other = Store.create(tmp_path / "other")
+    _watch["violations"].clear()
+    try:
+        _watch["root"] = str(remote)
+        add_remote(store.layout, "origin", f"file://{remote}")  # the probe: create, delete
+        push(store, ["a"])
+        _watch["root"] = str(other.root)
+        add_remote(other.layout, "origin", f"file://{remote}")
+        pull(other, ["a"])
+    finally:
+        _watch["root"] = None
+    violations = list(_watch["violations"])
+    _watch["violations"].clear()
+    return violations
+
+
+def test_a_folder_remote_is_written_only_through_durable(ws, tmp_path):
+    """The folder remote (`FileStorage`) shares the store's seam: its temps, copies, fsyncs,
+    links, renames, folders and removals all go through `durable`."""
+    assert _push_and_pull_through_a_folder_remote(ws, tmp_path) == []
+
+
+def test_the_audit_catches_a_folder_remote_write_outside_the_seam(ws, tmp_path, monkeypatch):
+    from stagestore.storage import FileStorage
+
+    def sneaky(self, key, data):  # noqa: ANN001, ANN202
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    monkeypatch.setattr(FileStorage, "write", sneaky)
+    violations = _push_and_pull_through_a_folder_remote(ws, tmp_path)
+    assert any(v.startswith("open ") for v in violations)
+    assert all(v.split()[1].startswith(f"{tmp_path / 'remote'}/") for v in violations)

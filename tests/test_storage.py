@@ -3,6 +3,10 @@ the S3 storage against a real SeaweedFS on 127.0.0.1 (tests/s3servers.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -12,10 +16,28 @@ from stagestore.storage import (PART_SIZE, FileStorage, RemoteError, RemoteNotFo
                                 open_storage, pages_flat)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture
+def shm_folder(tmp_path):  # noqa: ANN001, ANN201
+    """A fresh folder under /dev/shm (a tmpfs): a filesystem other than the one of `tmp_path`,
+    where the store and the files a remote is sent from live."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("/dev/shm does not exist: no second filesystem to put a remote on")
+    if shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip(f"/dev/shm is on the same filesystem as {tmp_path}")
+    folder = Path(tempfile.mkdtemp(prefix="stagestore-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["file", "file-other-filesystem", "s3"])
 def storage(request, tmp_path, monkeypatch):  # noqa: ANN001, ANN201
     if request.param == "file":
         return FileStorage(tmp_path / "remote")
+    if request.param == "file-other-filesystem":
+        return FileStorage(request.getfixturevalue("shm_folder") / "remote")
     bucket = request.getfixturevalue("s3_bucket")
     for key, value in bucket.env().items():
         monkeypatch.setenv(key, value)
@@ -109,6 +131,30 @@ def test_file_storage_leaves_no_temps(tmp_path):
     storage.create("b", b"3")
     assert list((tmp_path / "r" / ".tmp").iterdir()) == []
     assert keys(storage) == ["a", "b"]  # the temp folder is not listed
+
+
+@pytest.mark.parametrize("code", ["EXDEV", "ENOSYS", "EOPNOTSUPP", "EINVAL"])
+def test_file_storage_copies_where_copy_file_range_cannot(tmp_path, monkeypatch, code):
+    """`copy_file_range` refuses most copies across filesystems (EXDEV), some filesystems
+    (EOPNOTSUPP, EINVAL) and old kernels (ENOSYS): the copy then falls back to reading and
+    writing, after whatever part `copy_file_range` had copied is discarded."""
+    data = os.urandom(3 << 20)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    real, calls = os.copy_file_range, []
+
+    def refuses(src, dst, count, *args):  # noqa: ANN001, ANN202
+        calls.append(count)
+        if len(calls) == 1:  # copies a part first, then gives up
+            return real(src, dst, 1 << 20, *args)
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "copy_file_range", refuses)
+    storage = FileStorage(tmp_path / "r")
+    storage.write_file("objects/x", source, len(data))
+    assert len(calls) == 2
+    assert storage.read("objects/x") == data
+    assert list((tmp_path / "r" / ".tmp").iterdir()) == []
 
 
 def test_s3_conflict_409_is_retried(monkeypatch):
