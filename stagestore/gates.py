@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from . import durable
 from .failures import VALIDATION
 from .processes import run_group
 from .records import Check, Failure, StageSpec
@@ -84,7 +85,9 @@ def _check_command(attempt: CheckedAttempt, index: int, check: Check, values: di
                    tail) -> str | None:  # noqa: ANN001
     argv = attempt.argv(values, check_command(check))
     stderr_path = attempt.folder / f"check-{index}.stderr"
-    with open(stderr_path, "wb") as err:
+    # A temp of the attempt folder, created like the stage's own stdout and stderr: through the
+    # seam (so a fault hook sees it), exclusively, never fsynced (gone with the attempt).
+    with os.fdopen(durable.create_exclusive(stderr_path), "wb") as err:
         try:
             code = run_group(argv, cwd=attempt.workdir, env=attempt.environment(), stdout=err,
                              stderr=err, timeout=attempt.spec.timeout)

@@ -2,21 +2,27 @@
 
 Each check says ok, warning (worth acting on, nothing is wrong yet) or problem (something is
 wrong or about to go wrong), in one line that also says what to do.  Doctor is read-only: it
-deletes, repairs and rewrites nothing.  It re-hashes nothing either; `verify` does that.
+creates, deletes, repairs and rewrites nothing (open the store with `Store.open(root,
+readonly=True)`; lock probes never create lock files).  It decodes every manifest and record,
+but re-hashes no object: the `records` line and the report's `deep_check` say so and name
+`verify`, which does.
 
 The checks that probe owner locks (`locks`, `temps`, `runs`) hold the store lock shared while
-they do, like verify: a probe of a run lock whose run folder is gone must never race with `gc`
-deleting that lock file (docs/format.md, Locking).
+they do, like verify, for a view that `gc` does not change under them (docs/format.md,
+Locking).  The lock is taken only where its files exist (a store nobody has locked yet has
+no holder) and is never upgraded from format 1: either would be a write.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import msgspec
 
-from .errors import RunBusyError, RunNotFoundError, StagestoreError
+from .errors import FormatVersionError, RunBusyError, RunNotFoundError, StagestoreError
 from .layout import FORMAT_VERSION, StoreLayout, run_owner, validate_name
 from .locking import owner_is_live, store_lock
 from .records import STORE_FORMAT_DECODER
@@ -39,18 +45,41 @@ LOCK_TIMEOUT = 5.0  # seconds to wait for the shared store lock (held off only b
 LIST_AT_MOST = 5  # run ids named in one message
 
 
+DEEP_CHECK = "stagestore verify"
+
+
 def doctor(store: Store) -> DoctorReport:
-    """Check the store's format, free disk, filesystem type, lock files, temps and runs."""
+    """Check the store's format, free disk, filesystem type, lock files, temps, runs, and that
+    every manifest and record decodes.  Writes nothing: open the store with `readonly=True`."""
     checks = [_format(store), _free_disk(store), _filesystem(store)]
     try:
-        with store_lock(store.layout, exclusive=False, timeout=LOCK_TIMEOUT):
+        with _store_lock_shared(store):
             checks += [_locks(store), _temps(store), _runs(store)]
     except RunBusyError:
         message = ("not checked: a `stagestore gc` holds or is waiting for the store lock; run "
                    "`stagestore doctor` again when it has finished")
         checks += [DoctorCheck(name=name, status="warning", message=message)
                    for name in ("locks", "temps", "runs")]
-    return DoctorReport(ok=all(c.status != "problem" for c in checks), checks=checks)
+    # Outside the store lock: gc removes no manifest or record, and forget (which does) holds
+    # the lock shared, so the lock would not keep them still anyway; see `_records`.
+    checks.append(_records(store))
+    return DoctorReport(ok=all(c.status != "problem" for c in checks), checks=checks,
+                        objects_checked=False, deep_check=DEEP_CHECK)
+
+
+@contextmanager
+def _store_lock_shared(store: Store) -> Iterator[None]:
+    """The store lock held shared, without writing: taking it would create its lock files
+    where they do not exist yet (then nobody holds it) and upgrade a format-1 store."""
+    layout = store.layout
+    with ExitStack() as stack:
+        if layout.format_version >= 2 and layout.store_gate.exists() and \
+                layout.store_lock.exists():
+            try:
+                stack.enter_context(store_lock(layout, exclusive=False, timeout=LOCK_TIMEOUT))
+            except PermissionError:
+                pass  # a store this user may only read: nothing to keep still for us
+        yield
 
 
 def _check(name: str, status: CheckStatus, message: str) -> DoctorCheck:
@@ -280,3 +309,85 @@ def _runs(store: Store) -> DoctorCheck:
     n = len(run_ids)
     return _check("runs", "ok", f"{n} run{'s' if n != 1 else ''}, none incomplete"
                   + (f" ({running} running)" if running else ""))
+
+
+# --- manifests and records (no lock: see `doctor`) ---
+
+REPAIR = {
+    "manifest": "`stagestore recover` does the stages of damaged or missing manifests again",
+    "item record": "a damaged item record: restore it from a backup, or `stagestore forget` "
+                   "the run",
+}
+
+
+def _records(store: Store) -> DoctorCheck:
+    """Every manifest (run-level and per item) and item record decodes and passes the checks a
+    reader makes, and every manifest a finished run's record names exists.  Cheap: no object is
+    read, so the message always says that object contents were not checked."""
+    problems: list[str] = []
+    advice: dict[str, None] = {}  # ordered, without repeats
+    counts = {"manifest": 0, "item record": 0, "run record": 0}
+
+    def unreadable(exc: Exception, path: object, kind: str) -> None:
+        if isinstance(exc, FormatVersionError):
+            problems.append(exc.message)  # names the path and both versions
+            advice["a newer stagestore wrote some of them: upgrade stagestore"] = None
+            return
+        why = exc.message if isinstance(exc, StagestoreError) else str(exc)
+        problems.append(f"{path} is damaged ({why.removeprefix(f'{path}: ')})")
+        advice[REPAIR[kind]] = None
+
+    for run_id in store.manifests.runs():
+        try:
+            _run_records(store, run_id, counts, problems, advice, unreadable)
+        except FileNotFoundError:
+            continue  # the run folder went away while it was read: forgotten
+    not_checked = (f"object contents were not checked (doctor re-hashes nothing): "
+                   f"`{DEEP_CHECK}` re-hashes every object")
+    if problems:
+        n = len(problems)
+        shown = "; ".join(problems[:LIST_AT_MOST])
+        more = (f"; and {n - LIST_AT_MOST} more (`{DEEP_CHECK}` lists them all)"
+                if n > LIST_AT_MOST else "")
+        return _check("records", "problem", f"{n} damaged or missing record{'s' if n != 1 else ''}: "
+                      f"{shown}{more}; {'; '.join(advice)}; {not_checked}")
+    parts = [f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in counts.items()]
+    decoded = ", ".join(parts[:-1]) + " and " + parts[-1]
+    return _check("records", "ok", f"{decoded} decode, and every manifest a finished run "
+                  f"names exists; {not_checked}")
+
+
+def _run_records(store: Store, run_id: str, counts: dict[str, int], problems: list[str],
+                 advice: dict[str, None], unreadable) -> None:  # noqa: ANN001
+    """`_records` for one run: its manifests and item records, and its record's outcomes."""
+    manifests, layout = store.manifests, store.layout
+    for item in manifests.scopes(run_id):
+        for stage in manifests.stages(run_id, item):
+            try:
+                manifests.read(run_id, stage, item)
+                counts["manifest"] += 1
+            except FileNotFoundError:
+                continue  # removed since it was listed: a stage skipped, a run forgotten
+            except (StagestoreError, OSError) as exc:  # corrupt, newer format, unreadable
+                unreadable(exc, layout.manifest_path(run_id, stage, item), "manifest")
+        if item is not None:
+            try:
+                if manifests.read_item_optional(run_id, item) is not None:
+                    counts["item record"] += 1
+            except (StagestoreError, OSError) as exc:
+                unreadable(exc, layout.item_record_path(run_id, item), "item record")
+    try:
+        record = manifests.read_run(run_id)
+    except (StagestoreError, OSError):
+        return  # the `runs` check reports it
+    counts["run record"] += 1
+    if record.finished_at is None:
+        return  # running or interrupted: the `runs` check
+    missing = [(stage, outcome) for stage, outcome in record.outcomes.items()
+               if outcome != "skipped" and not layout.manifest_path(run_id, stage).exists()]
+    if missing and not owner_is_live(layout, run_owner(run_id)) and \
+            layout.run_record_path(run_id).exists():  # not being redone, nor forgotten
+        for stage, outcome in missing:
+            problems.append(f"{layout.manifest_path(run_id, stage)} is missing, although run "
+                            f"{run_id} finished with stage {stage} {outcome}")
+        advice[REPAIR["manifest"]] = None

@@ -76,14 +76,27 @@ def owner_locked(layout: StoreLayout, owner: str, what: str) -> Iterator[OwnerLo
 
 
 def owner_is_live(layout: StoreLayout, owner: str) -> bool:
-    """Whether some process (this one included) holds `owner`'s lock right now."""
-    if not layout.owner_lock_path(owner).exists():
+    """Whether some process (this one included) holds `owner`'s lock right now.
+
+    A pure probe: the lock file is opened without `O_CREAT` (a missing one has no holder), so
+    probing writes nothing (`doctor` is read-only) and cannot bring back a lock file that `gc`
+    has just removed."""
+    path = layout.owner_lock_path(owner)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
-    probe = OwnerLock(layout, owner)
-    if probe.try_acquire():
-        probe.release()
-        return False
-    return True
+    except PermissionError:  # a store we may only read; a local flock needs no write access
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing lets go of the flock
+    return False
 
 
 @contextmanager

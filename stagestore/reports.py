@@ -339,10 +339,13 @@ class DoctorCheck(Report, kw_only=True):
 
 
 class DoctorReport(Report, kw_only=True):
-    """`stagestore doctor`: `ok` is false when any check found a problem (warnings allowed)."""
+    """`stagestore doctor`: `ok` is false when any check found a problem (warnings allowed).
+    `objects_checked` is always false: doctor re-hashes no object, `deep_check` does."""
 
     ok: bool
     checks: list[DoctorCheck]
+    objects_checked: bool = False
+    deep_check: str = "stagestore verify"
 
 
 class LastFailure(Report, kw_only=True):

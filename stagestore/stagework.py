@@ -243,9 +243,13 @@ class StageWork:
                                   started_at=now(), logs=[], failure=None,
                                   cached_from=hit.cached_from or hit.run_id,
                                   warnings=list(hit.warnings))
-        self.store.manifests.write(manifest, self.owner)
-        if from_remote:  # found locally next time
+        if from_remote:
+            # Found locally next time.  The entry goes first, as after an execution: a crash
+            # between the two writes leaves an entry that misses, never a manifest the index
+            # cannot find (docs/format.md, "Manifest last").
             self.store.cache.record(manifest, self.owner)
+        self.store.manifests.write(manifest, self.owner)
+        if from_remote:
             self.emit("note", c.stage, f"reused from remote {self.remote.name!r} "
                       f"(run {manifest.cached_from})", c.item)
         return manifest

@@ -44,9 +44,11 @@ class Store:
         return self.layout.root
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> Store:
+    def open(cls, root: str | os.PathLike[str], *, readonly: bool = False) -> Store:
+        """With `readonly` (doctor), nothing is created: a missing `tmp/` or `locks/` is left
+        missing, and only reads and lock probes may follow."""
         store = cls(root)
-        store._check_format()
+        store._check_format(create_folders=not readonly)
         return store
 
     @classmethod
@@ -78,7 +80,7 @@ class Store:
         store._check_format()
         return store
 
-    def _check_format(self) -> None:
+    def _check_format(self, create_folders: bool = True) -> None:
         path = self.layout.format_file
         try:
             data = path.read_bytes()
@@ -99,6 +101,8 @@ class Store:
                 f"store {self.root} has format version {fmt.version}, but this stagestore "
                 f"handles only version {FORMAT_VERSION}", hint="upgrade stagestore")
         self.layout.format_version = fmt.version  # 1 is upgraded by the first store lock
+        if not create_folders:
+            return
         for folder in (self.layout.tmp, self.layout.locks):
             if not folder.is_dir():
                 durable.mkdir(folder)

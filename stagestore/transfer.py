@@ -492,11 +492,14 @@ class Transfer:
                         run_id, manifest.stage, manifest.item, manifest.status, data)),
                     local_version=_version(local), remote_version=_version(manifest)))
                 continue
-            manifests.install(run_id, manifest.item, f"{manifest.stage}.json", data, owner)
-            report.manifests_pulled += 1
+            # The cache entry first, as the runner writes it: a crash between the two writes
+            # leaves an entry that misses, never a manifest the index cannot find
+            # (docs/format.md, "Manifest last").
             if manifest.status == "succeeded" and \
                     self.store.cache.lookup(manifest.input_hash, manifest.config_hash) is None:
                 self.store.cache.record(manifest, owner)
+            manifests.install(run_id, manifest.item, f"{manifest.stage}.json", data, owner)
+            report.manifests_pulled += 1
         for item, (record, data) in items.items():
             if not layout.item_record_path(run_id, item).exists():
                 manifests.install(run_id, item, "_item.json", data, owner)

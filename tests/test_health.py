@@ -20,7 +20,7 @@ from stagestore.runner import run
 from stagestore.stats import _one, percentile, stage_stats
 from stagestore.store import Store
 
-CHECKS = ["format", "free_disk", "filesystem", "locks", "temps", "runs"]
+CHECKS = ["format", "free_disk", "filesystem", "locks", "temps", "runs", "records"]
 ORPHAN = "run-zzz~0123456789abcdef~x"
 
 # `count` fails with exit code 75, classified retryable, and is retried twice.
@@ -169,6 +169,120 @@ def test_stale_lock_files_are_a_warning_and_left_alone(ran):
     assert message.startswith("1 stale run lock file") and "`stagestore gc` removes them" in message
     assert "1 idle work lock" in message
     assert {p.name for p in locks.iterdir()} >= {"work-abc.lock", "run-gone.lock", "run-a.lock"}
+
+
+# --- doctor on a damaged store (issue 14, defect 8) ---------------------------------------------
+
+
+def _listing(root: Path) -> dict[str, tuple]:
+    """Every entry under `root`, with what a write would change: type, mode, size, mtime."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            found[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    st = os.lstat(root)
+    found["."] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _records_line(ws: Workspace) -> tuple[int, str, str]:
+    res = ws.cli("doctor")
+    _clean_cli(res)
+    status, message = _doctor_lines(res.stdout)["records"]
+    return res.returncode, status, message
+
+
+def test_doctor_reports_a_truncated_manifest_by_path_and_exits_1(ran):
+    path = ran.store / "runs" / "a" / "count.json"
+    path.write_bytes(path.read_bytes()[:40])
+    code, status, message = _records_line(ran)
+    assert code == 1 and status == "problem"
+    assert f"{path} is damaged (not a valid StageManifest" in message
+    assert "`stagestore recover`" in message
+    report = json.loads(ran.cli("doctor", "--json").stdout)
+    assert report["ok"] is False
+
+
+def test_doctor_reports_a_deleted_manifest_the_run_record_names(ran):
+    path = ran.store / "runs" / "a" / "report.json"
+    path.unlink()
+    code, status, message = _records_line(ran)
+    assert code == 1 and status == "problem"
+    assert str(path) in message and "missing" in message and "run a" in message
+
+
+def test_doctor_reports_a_newer_format_manifest(ran):
+    path = ran.store / "runs" / "a" / "make.json"
+    data = json.loads(path.read_text())
+    data["schema_version"] = 99
+    path.write_text(json.dumps(data))
+    code, status, message = _records_line(ran)
+    assert code == 1 and status == "problem"
+    assert str(path) in message and "upgrade stagestore" in message
+
+
+def test_doctor_decodes_item_manifests_and_item_records(ws):
+    ws.pipeline("""
+        [pipeline]
+        name = "doctor-items"
+
+        [stages.gen]
+        cmd = ["sh", "-c", "echo {item} > {outputs.o}"]
+        outputs = ["o"]
+    """)
+    assert run(ws.load(), ws.open_store(), run_id="a", items=["x", "y"]).ok
+    assert _records_line(ws)[:2] == (0, "ok")
+    manifest = ws.store / "runs" / "a" / "items" / "x" / "gen.json"
+    record = ws.store / "runs" / "a" / "items" / "y" / "_item.json"
+    manifest.write_text("{")
+    record.write_text("[]")
+    code, status, message = _records_line(ws)
+    assert code == 1 and status == "problem"
+    assert str(manifest) in message and str(record) in message
+
+
+def test_doctor_does_not_vouch_for_object_contents(ran):
+    """Doctor re-hashes nothing, so it must say so, and name the command that does."""
+    manifest = json.loads((ran.store / "runs" / "a" / "report.json").read_text())
+    digest = manifest["outputs"]["text"]["hash"].removeprefix("blake3:")
+    obj = ran.store / "objects" / digest[:2] / digest[2:]
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    code, status, message = _records_line(ran)
+    assert code == 0 and status == "ok"  # cheap: the damage is not found here ...
+    assert "object contents were not checked" in message and "`stagestore verify`" in message
+    report = json.loads(ran.cli("doctor", "--json").stdout)
+    assert report["objects_checked"] is False and report["deep_check"] == "stagestore verify"
+    assert ran.cli("verify").returncode == 1  # ... but where doctor says it would be
+
+
+def test_doctor_writes_nothing_and_creates_no_folders(ran):
+    shutil.rmtree(ran.store / "tmp")
+    shutil.rmtree(ran.store / "locks")
+    (ran.store / "runs" / "a" / "count.json").write_text("{")  # a problem to report, too
+    before = _listing(ran.store)
+    for args in (("doctor",), ("doctor", "--json")):
+        res = ran.cli(*args)
+        _clean_cli(res)
+        assert not (ran.store / "tmp").exists() and not (ran.store / "locks").exists()
+        assert _listing(ran.store) == before
+        assert res.returncode == 1, res.stdout + res.stderr
+
+
+def test_doctor_leaves_existing_lock_files_and_a_format_1_store_alone(ran):
+    store = ran.open_store()
+    (store.layout.locks / "run-gone.lock").touch()
+    fmt = ran.store / "stagestore.json"
+    fmt.write_text('{"version": 1}\n')  # an older store: any store lock would upgrade it
+    before = _listing(ran.store)
+    res = ran.cli("doctor")
+    _clean_cli(res)
+    assert _listing(ran.store) == before
+    assert _doctor_lines(res.stdout)["format"][0] == "ok"
 
 
 @pytest.mark.parametrize("free, status, words", [

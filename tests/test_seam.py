@@ -171,3 +171,104 @@ def test_the_audit_catches_a_folder_remote_write_outside_the_seam(ws, tmp_path, 
     violations = _push_and_pull_through_a_folder_remote(ws, tmp_path)
     assert any(v.startswith("open ") for v in violations)
     assert all(v.split()[1].startswith(f"{tmp_path / 'remote'}/") for v in violations)
+
+
+# --- checks, remote hits and pull (issue 14, defect 7) ------------------------------------------
+
+
+def _stage_write_order(store_root, action) -> list[str]:
+    """Run `action()` with the seam's recorder on, and return what breaks docs/format.md's
+    "Manifest last" for the stage results it wrote: a cache entry renamed into place without
+    a rename of the manifest it names coming after it."""
+    from stagestore.records import CacheEntry, decode_record
+    from stagestore.store import Store
+
+    layout = Store(store_root).layout
+    cache_dir = str(layout.cache) + os.sep
+    log: list[tuple[str, str, str | None]] = []
+
+    def record(op: str, path: str, src: str | None) -> None:
+        named = None
+        if op == "rename" and path.startswith(cache_dir) and src is not None:
+            # Read the temp before the rename: which manifest this entry makes findable.
+            with open(src, "rb") as f:
+                entry: CacheEntry = decode_record(f.read(), CacheEntry, src)
+            named = str(layout.manifest_path(entry.run_id, entry.stage, entry.item))
+        log.append((op, path, named))
+
+    previous = durable.set_recorder(record)
+    try:
+        action()
+    finally:
+        durable.set_recorder(previous)
+    problems = []
+    for index, (op, path, named) in enumerate(log):
+        if named is None:
+            continue
+        if not any(o == "rename" and p == named for o, p, _ in log[index + 1:]):
+            problems.append(f"cache entry {path} written after (or without) its manifest {named}")
+    assert any(named for _, _, named in log), "the action wrote no cache entry: nothing checked"
+    return problems
+
+
+def test_check_commands_write_their_stderr_only_through_durable(ws):
+    ws.pipeline("""
+        [pipeline]
+        name = "seam-checks"
+
+        [stages.gen]
+        cmd = ["sh", "-c", "echo '{{}}' > {outputs.o}"]
+        outputs = ["o"]
+        checks = [{ cmd = ["sh", "-c", "echo checking {outputs.o} >&2; test -s {outputs.o}"] }]
+    """)
+    store = ws.open_store()
+    _watch["root"] = str(store.root)
+    try:
+        report = run(ws.load(), store, run_id="a")
+    finally:
+        _watch["root"] = None
+    violations, _watch["violations"] = list(_watch["violations"]), []
+    assert report.ok, report
+    assert violations == []
+
+
+def test_remote_hits_and_pull_write_through_durable_cache_entry_before_manifest(ws, tmp_path):
+    """`run --remote` reusing every stage from a folder remote, and `pull` into a fresh store:
+    every write through the seam, and each cache entry before the manifest it names."""
+    from stagestore.remotes import add_remote
+    from stagestore.store import Store
+    from stagestore.transfer import pull, push
+
+    url = f"file://{tmp_path / 'remote'}"
+    ws.linear()
+    origin = ws.open_store()
+    add_remote(origin.layout, "origin", url)
+    assert run(ws.load(), origin, run_id="a").ok
+    assert push(origin, ["a"], remote="origin").ok
+
+    hits = Store.create(tmp_path / "hits")
+    add_remote(hits.layout, "origin", url)
+    reports: list = []
+    _watch["root"] = str(hits.root)
+    try:
+        order = _stage_write_order(hits.root, lambda: reports.append(
+            run(ws.load(), hits, run_id="b", remote="origin")))
+    finally:
+        _watch["root"] = None
+    violations, _watch["violations"] = list(_watch["violations"]), []
+    assert [s.outcome for s in reports[0].stages] == ["cached"] * 3  # all remote hits
+    assert violations == []
+    assert order == []
+
+    pulled = Store.create(tmp_path / "pulled")
+    add_remote(pulled.layout, "origin", url)
+    _watch["root"] = str(pulled.root)
+    try:
+        order = _stage_write_order(pulled.root, lambda: reports.append(
+            pull(pulled, ["a"], remote="origin")))
+    finally:
+        _watch["root"] = None
+    violations, _watch["violations"] = list(_watch["violations"]), []
+    assert reports[1].ok and reports[1].manifests_pulled == 3
+    assert violations == []
+    assert order == []

@@ -579,14 +579,17 @@ def contracts(pipeline_file: str | None, as_json: bool) -> None:
 @_store_option
 @_json_option
 def doctor(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
-    """Check the store's health: format, free disk, filesystem, lock files, temps, runs.
+    """Check the store's health: format, disk, filesystem, locks, temps, runs, records.
 
-    One line per check: ok, warning or problem, with what to do.  Read-only: changes nothing.
-    Exit 0 when no check found a problem (warnings allowed), 1 when one did.
+    One line per check: ok, warning or problem, with what to do.  Every manifest and record is
+    decoded, but no object is re-hashed: `stagestore verify` does that.  Read-only: writes
+    nothing, not even a lock file.  Exit 0 when no check found a problem (warnings allowed), 1
+    when one did.
     """
     from ..health import doctor as check_store
+    from ..store import Store
 
-    report = check_store(_open_store(store_dir, pipeline_file))
+    report = check_store(Store.open(_store_root(store_dir, pipeline_file), readonly=True))
     render.doctor_report(report, as_json=as_json)
     raise SystemExit(0 if report.ok else 1)
 
