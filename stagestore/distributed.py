@@ -69,7 +69,7 @@ import msgspec
 from . import processes
 from .errors import CorruptRecordError, StagestoreError, UsageError
 from .failures import INFRASTRUCTURE_GATE, runner_failure
-from .records import FirstFailure, ItemRecord, RemoteSpec, now
+from .records import ArtifactRef, FirstFailure, ItemRecord, RemoteSpec, now
 from .reports import ItemReport, RunEvent, StageReport
 from .resilience import CircuitBreaker
 
@@ -253,6 +253,8 @@ def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> I
         transfer.fetch_inputs(task.item_record.inputs, execution.owner)
         store.manifests.write_item(task.item_record, execution.owner)
         item = task.item_record
+    if transfer is not None:  # the once-per-run snapshots its stages read (`_run_inputs`)
+        transfer.fetch_inputs(_run_inputs(execution), execution.owner)
     ended, stages = execution.item_body(task.item, item, task.shared)
     _push_item(transfer, task)
     return ItemOutcome(status="ended", record=ended, stages=stages, events=events,
@@ -271,7 +273,8 @@ def scratch_root(remote: RemoteSpec) -> str:
 
 def _scratch(task: ItemTask):  # noqa: ANN202
     """The task's scratch store, holding the run record and the results of the once-per-run
-    stages (pulled from the remote, which the driver pushed them to), and the remote."""
+    stages (pulled from the remote, which the driver pushed them to), and the remote.  The
+    snapshots the item's stages read are pulled by `_run_item`."""
     from .layout import run_owner
     from .storage import open_storage
     from .store import Store
@@ -293,6 +296,14 @@ def _scratch(task: ItemTask):  # noqa: ANN202
                                  f"{spec.name!r}, so items cannot run on workers",
                                  hint="run with --push, which pushes it as it commits")
     return store, transfer
+
+
+def _run_inputs(ex: Execution) -> dict[str, dict[str, ArtifactRef]]:
+    """The snapshots the run record holds for the stages that run per item: their inputs that
+    are not per item (a script, a folder) and a `call` stage's code, taken once at run start.
+    An item reads them as much as its own snapshots, so they cross to its scratch store too."""
+    return {stage: ex.record.inputs[stage] for stage in ex.item_order
+            if ex.record.inputs.get(stage)}
 
 
 def _push_item(transfer, task: ItemTask) -> None:  # noqa: ANN001
@@ -319,6 +330,8 @@ def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[I
     reports: dict[int, ItemReport] = {}
     token = f"{ex.record.run_id}~{os.urandom(6).hex()}"
     breaker = ex.work.breaker
+    if ex.remote is not None:  # what every item's scratch store fetches (`_run_inputs`)
+        ex.remote.send_inputs(_run_inputs(ex))
     with ex.executor(ex.jobs) as pool:
         slots: Callable[[], int] | None = getattr(pool, "slots", None)
         stop: Callable[[str], Any] | None = getattr(pool, "stop", None)
