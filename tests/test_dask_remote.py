@@ -162,3 +162,19 @@ def test_items_get_the_snapshots_of_shared_inputs_from_the_remote(ws, tmp_path):
     assert {(item, stage): pulled.read("r", stage, item).output_hash
             for item in SHARED_ITEMS for stage in ("step", "called")} == expected
 
+
+def test_an_error_inside_an_item_task_is_one_line_without_dask_logs(ws, tmp_path):
+    # The worker cannot create its scratch store (STAGESTORE_SCRATCH names a file): an error
+    # raised inside the item's task.  The user sees stagestore's error, not Dask's log lines
+    # ("distributed.worker - ERROR - Compute Failed ... Traceback: ...").
+    _workspace(ws)
+    ok(ws.cli("remote", "add", "team", f"file://{tmp_path / 'team'}"))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    proc = ws.cli("run", "--items", "items.txt", "--run-id", "r", "--executor", "dask",
+                  "--jobs", "2", "--remote", "team", "--push",
+                  env={"STAGESTORE_SCRATCH": str(blocker)})
+    assert proc.returncode != 0
+    assert "distributed." not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0], proc.stderr
