@@ -21,10 +21,11 @@ Executor that runs picklable calls in processes seeing the same paths works too
 
 Failures.  stagestore's failure model decides retries: tasks are submitted with `retries=0`,
 and a stage failure is a result in the `ItemOutcome`, never an exception.  An exception the
-item's own code raises (a damaged record, a full disk, a bug) is re-raised on the driver, where
-it ends the run as it does locally.  A task that does not complete for any other reason (Dask
-reschedules the tasks of a worker that dies by itself; after `allowed-failures` deaths it gives
-up with `KilledWorker`) fails its item with an infrastructure failure
+item's own code raises (a damaged record, a full disk, a bug) is returned too (`status="error"`,
+so Dask never logs the task as failed) and re-raised on the driver, where it ends the run as
+it does locally.  A task that does not complete for any other reason (Dask reschedules the
+tasks of a worker that dies by itself; after `allowed-failures` deaths it gives up with
+`KilledWorker`) fails its item with an infrastructure failure
 (`InfrastructureGateFailure`, category `fatal`) at the first stage the item had not finished,
 its signal naming the cause.  A task that runs again after its worker died finds the item's
 `running` record and keeps the snapshots it holds; stages that had committed are reused.
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -67,9 +69,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from . import processes
-from .errors import CorruptRecordError, StagestoreError, UsageError
+from .errors import CorruptRecordError, StagestoreError, StoreError, UsageError
 from .failures import INFRASTRUCTURE_GATE, runner_failure
-from .records import FirstFailure, ItemRecord, RemoteSpec, now
+from .records import ArtifactRef, FirstFailure, ItemRecord, RemoteSpec, now
 from .reports import ItemReport, RunEvent, StageReport
 from .resilience import CircuitBreaker
 
@@ -128,17 +130,18 @@ class ItemTask(msgspec.Struct, frozen=True, kw_only=True):
 class ItemOutcome(msgspec.Struct, kw_only=True):
     """What an item's task returns: a summary, never an output.  `ended`: taken through its
     stages; `kept`: an earlier attempt of this task had ended it; `interrupted`: stopped by
-    `stop_items`; `not_started`: its run was stopping when the task started."""
+    `stop_items`; `not_started`: its run was stopping when the task started; `error`: the
+    item's own code raised an exception, which the driver re-raises."""
 
-    status: Literal["ended", "kept", "interrupted", "not_started"]
+    status: Literal["ended", "kept", "interrupted", "not_started", "error"]
     record: ItemRecord | None = None
     stages: list[StageReport] = []
     events: list[RunEvent] = []
     breaker: list[BreakerCall] = []
-
-
-class ItemError(Exception):
-    """An exception raised by an item's own code, carried to the driver as `args[0]`."""
+    # `error`: the exception the item's own code raised, pickled, and its text should it not
+    # unpickle on the driver (a class the driver cannot import, say).
+    error: bytes = b""
+    error_text: str = ""
 
 
 # --- the worker side -----------------------------------------------------------------------------
@@ -225,9 +228,21 @@ def run_item(task: ItemTask) -> ItemOutcome:
     except processes.Interrupted:
         return ItemOutcome(status="interrupted", events=events, breaker=breaker.calls)
     except Exception as exc:  # noqa: BLE001 - the driver re-raises it
-        raise ItemError(exc) from None
+        # Returned, not raised: a raising task is Dask's failure, logged with a traceback on
+        # the worker; this one is stagestore's, reported by the driver as one error.
+        return _error_outcome(exc, events, breaker)
     finally:
         _leave(task.stop_token)
+
+
+def _error_outcome(exc: Exception, events: list[RunEvent], breaker: TaskBreaker) -> ItemOutcome:
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        data = pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+        data = b""
+    return ItemOutcome(status="error", events=events, breaker=breaker.calls, error=data,
+                       error_text=text)
 
 
 def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> ItemOutcome:
@@ -253,6 +268,8 @@ def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> I
         transfer.fetch_inputs(task.item_record.inputs, execution.owner)
         store.manifests.write_item(task.item_record, execution.owner)
         item = task.item_record
+    if transfer is not None:  # the once-per-run snapshots its stages read (`_run_inputs`)
+        transfer.fetch_inputs(_run_inputs(execution), execution.owner)
     ended, stages = execution.item_body(task.item, item, task.shared)
     _push_item(transfer, task)
     return ItemOutcome(status="ended", record=ended, stages=stages, events=events,
@@ -271,14 +288,22 @@ def scratch_root(remote: RemoteSpec) -> str:
 
 def _scratch(task: ItemTask):  # noqa: ANN202
     """The task's scratch store, holding the run record and the results of the once-per-run
-    stages (pulled from the remote, which the driver pushed them to), and the remote."""
+    stages (pulled from the remote, which the driver pushed them to), and the remote.  The
+    snapshots the item's stages read are pulled by `_run_item`."""
     from .layout import run_owner
     from .storage import open_storage
     from .store import Store
     from .transfer import Transfer
 
     assert task.remote is not None
-    store = Store.create(scratch_root(task.remote))
+    root = scratch_root(task.remote)
+    try:
+        store = Store.create(root)
+    except OSError as exc:
+        raise StoreError(f"cannot create the scratch store of remote-mode items at {root}: "
+                         f"{exc.strerror or exc}",
+                         hint="set STAGESTORE_SCRATCH on the workers to a writable folder "
+                              "on a local disk") from None
     owner = run_owner(task.run_id)
     path = store.layout.run_record_path(task.run_id)
     if not path.exists() or path.read_bytes() != task.run_record:
@@ -293,6 +318,14 @@ def _scratch(task: ItemTask):  # noqa: ANN202
                                  f"{spec.name!r}, so items cannot run on workers",
                                  hint="run with --push, which pushes it as it commits")
     return store, transfer
+
+
+def _run_inputs(ex: Execution) -> dict[str, dict[str, ArtifactRef]]:
+    """The snapshots the run record holds for the stages that run per item: their inputs that
+    are not per item (a script, a folder) and a `call` stage's code, taken once at run start.
+    An item reads them as much as its own snapshots, so they cross to its scratch store too."""
+    return {stage: ex.record.inputs[stage] for stage in ex.item_order
+            if ex.record.inputs.get(stage)}
 
 
 def _push_item(transfer, task: ItemTask) -> None:  # noqa: ANN001
@@ -319,6 +352,8 @@ def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[I
     reports: dict[int, ItemReport] = {}
     token = f"{ex.record.run_id}~{os.urandom(6).hex()}"
     breaker = ex.work.breaker
+    if ex.remote is not None:  # what every item's scratch store fetches (`_run_inputs`)
+        ex.remote.send_inputs(_run_inputs(ex))
     with ex.executor(ex.jobs) as pool:
         slots: Callable[[], int] | None = getattr(pool, "slots", None)
         stop: Callable[[str], Any] | None = getattr(pool, "stop", None)
@@ -403,12 +438,12 @@ def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> Ite
     breaker = ex.work.breaker
     try:
         outcome = future.result()
-    except ItemError as exc:
-        _settle(breaker, task.gates, [])
-        raise exc.args[0] from None  # as a local run raises it
     except Exception as exc:  # noqa: BLE001 - the task did not complete (e.g. KilledWorker)
         _settle(breaker, task.gates, [])
         return ex.item_after(task.item, *_lost(ex, task.item, exc))
+    if outcome.status == "error":
+        _settle(breaker, task.gates, [])
+        raise _raised(outcome) from None  # as a local run raises it
     if ex.progress is not None:
         for event in outcome.events:
             ex.progress(event)
@@ -426,6 +461,16 @@ def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> Ite
     if task.remote is not None:
         _results_home(ex, task, outcome)
     return ex.item_after(task.item, outcome.record, outcome.stages)
+
+
+def _raised(outcome: ItemOutcome) -> BaseException:
+    """The exception an item's task returned, as the driver re-raises it."""
+    if outcome.error:
+        try:
+            return pickle.loads(outcome.error)  # noqa: S301 - our own worker pickled it
+        except Exception:  # noqa: BLE001 - e.g. a class the driver cannot import
+            pass
+    return StagestoreError(f"an item's task failed on its worker: {outcome.error_text}")
 
 
 def _lost(ex: Execution, item: str, exc: BaseException) -> tuple[ItemRecord, list[StageReport]]:
@@ -525,25 +570,34 @@ class DaskExecutor(Executor):
     def __init__(self, scheduler: str | None = None, *, workers: int = 1,
                  debug: bool = False) -> None:
         distributed = require_dask()
-        level = logging.INFO if debug else logging.WARNING
-        for name in ("distributed", "dask"):
-            logging.getLogger(name).setLevel(level)
+        # Dask's log lines (a worker restarted, a task given up) are not for the user, who
+        # gets stagestore's report and errors: silenced while the executor lasts, unless
+        # debugging.  Restored by `shutdown`.
+        level = logging.INFO if debug else logging.CRITICAL
+        self._log_levels = set_dask_log_levels(level, every=not debug)
         self.cluster = None
         self._closed = False
         self._no_workers_since: float | None = None
         try:
             if scheduler is None:
+                # No dashboard; the scheduler's HTTP server (health checks) on a free port,
+                # since its default, 8787, is taken by any other cluster, Dask then warning
+                # on stderr.
                 self.cluster = distributed.LocalCluster(
                     n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=level)
+                    dashboard_address=":0", scheduler_kwargs={"dashboard": False},
+                    silence_logs=level)
                 self.client = distributed.Client(self.cluster)
-                # Its workers share the terminal's process group: Ctrl-C is the driver's to
-                # handle (it stops the items and closes the cluster), not theirs.
-                self.client.register_plugin(_ignore_interrupts(distributed))
+                # Its workers share the terminal: Ctrl-C is the driver's to handle (it stops
+                # the items and closes the cluster), not theirs, and so is stderr.
+                self.client.register_plugin(_local_worker_plugin(distributed, quiet=not debug))
             else:
                 self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except BaseException as exc:
             self._close_cluster()
+            _restore_log_levels(self._log_levels)
+            if not isinstance(exc, (OSError, TimeoutError, ValueError)):
+                raise
             where = f"the Dask scheduler at {scheduler}" if scheduler else "a local Dask cluster"
             raise UsageError(f"cannot connect to {where}: {' '.join(str(exc).split())}",
                              hint="start one with `dask scheduler` and `dask worker ADDRESS`, "
@@ -570,7 +624,8 @@ class DaskExecutor(Executor):
             elif time.monotonic() - self._no_workers_since > NO_WORKERS_GRACE:
                 raise StagestoreError(
                     "the local Dask cluster has lost all its workers",
-                    hint="see Dask's messages above; `stagestore recover` completes the run")
+                    hint="run again with --debug to see Dask's messages; `stagestore recover` "
+                         "completes the run")
         return threads
 
     def stop(self, token: str) -> None:
@@ -604,7 +659,10 @@ class DaskExecutor(Executor):
             try:
                 self.client.close()
             finally:
-                self._close_cluster()
+                try:
+                    self._close_cluster()
+                finally:
+                    _restore_log_levels(self._log_levels)
 
     def _close_cluster(self) -> None:
         if self.cluster is not None:
@@ -612,16 +670,45 @@ class DaskExecutor(Executor):
             cluster.close()
 
 
-def _ignore_interrupts(distributed: Any) -> Any:  # noqa: ANN401
-    """A worker plugin that makes a worker process ignore SIGINT (pickled by value)."""
+DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
 
-    class IgnoreInterrupts(distributed.WorkerPlugin):
-        name = "stagestore-ignore-sigint"
+
+def set_dask_log_levels(level: int, every: bool = True) -> list[tuple[logging.Logger, int]]:
+    """Set `level` on the `distributed` and `dask` loggers and, with `every`, on every logger of
+    Dask and the libraries it logs through that has a level of its own (`distributed.client`
+    has); the others inherit it.  Returns what `_restore_log_levels` puts back."""
+    names = {"distributed", "dask"}
+    if every:
+        names |= {name for name, logger in list(logging.root.manager.loggerDict.items())
+                  if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET
+                  and name.split(".")[0] in DASK_LOGGERS}
+    changed = []
+    for name in sorted(names):
+        logger = logging.getLogger(name)
+        changed.append((logger, logger.level))
+        logger.setLevel(level)
+    return changed
+
+
+def _restore_log_levels(changed: list[tuple[logging.Logger, int]]) -> None:
+    for logger, level in reversed(changed):
+        logger.setLevel(level)
+
+
+def _local_worker_plugin(distributed: Any, quiet: bool) -> Any:  # noqa: ANN401
+    """A worker plugin for the workers of the run's own `LocalCluster` (pickled by value): the
+    worker process ignores SIGINT and, when `quiet`, logs nothing below CRITICAL (its stderr is
+    the user's terminal; `silence_logs` reaches only the nanny's logger there)."""
+
+    class LocalWorker(distributed.WorkerPlugin):
+        name = "stagestore-local-worker"
 
         def setup(self, worker) -> None:  # noqa: ANN001
             import signal
 
+            if quiet:
+                set_dask_log_levels(logging.CRITICAL)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    return IgnoreInterrupts()
+    return LocalWorker()

@@ -72,8 +72,10 @@ def _run(ws: Workspace, store: Path, *args: str):  # noqa: ANN202
     return ws.cli("run", "--items", "items.txt", "--store", str(store), *args)
 
 
-def _no_traceback(proc) -> None:  # noqa: ANN001
+def _only_stagestore_lines(proc) -> None:  # noqa: ANN001
+    """Neither a traceback nor Dask's log lines (`... - distributed.nanny - WARNING - ...`)."""
     assert "Traceback" not in proc.stderr, proc.stderr
+    assert "distributed." not in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_a_dask_run_gives_the_local_runs_hashes(fan):
     store = ws.root / "dask"
     proc = _run(ws, store, "--run-id", "r", "--executor", "dask", "--jobs", "2", "--json")
     assert proc.returncode == 0, proc.stderr
-    _no_traceback(proc)
+    _only_stagestore_lines(proc)
     report = json.loads(proc.stdout)
     assert report["status"] == "succeeded" and report["processed"] == 40
     assert [i["item"] for i in report["items"]] == ITEMS
@@ -174,7 +176,7 @@ def test_a_failed_item_has_the_same_first_failure_as_locally(ws, cluster):
     proc = _run(ws, ws.root / "dask", "--run-id", "f", "--executor", "dask",
                 "--scheduler", local_cluster.scheduler_address)
     assert proc.returncode == 1, proc.stderr
-    _no_traceback(proc)
+    _only_stagestore_lines(proc)
     assert "failed: item it07 at stage derive (BuildFailure): derive: no recipe for it07" in (
         proc.stderr)
     here, there = _item_records(ws.root / "local", "f"), _item_records(ws.root / "dask", "f")
@@ -209,7 +211,7 @@ def test_an_item_whose_workers_keep_dying_fails_as_infrastructure(ws):
     proc = ws.cli("run", "--items", "items.txt", "--run-id", "w", "--executor", "dask",
                   "--jobs", "2")
     assert proc.returncode == 1, proc.stderr
-    _no_traceback(proc)
+    _only_stagestore_lines(proc)
     records = _item_records(ws.store, "w")
     assert [records[i].status for i in ("ok1", "boom", "ok2")] == [
         "succeeded", "failed", "succeeded"]
@@ -245,7 +247,7 @@ def test_a_systemic_failure_aborts_a_dask_run(ws, cluster):
                   "--scheduler", local_cluster.scheduler_address, "--execution-mode", "sampling",
                   "--systemic-min-items", "5", "--json")
     assert proc.returncode == 3, proc.stderr
-    _no_traceback(proc)
+    _only_stagestore_lines(proc)
     report = json.loads(proc.stdout)
     assert report["status"] == "aborted" and report["systemic"]["trigger_stage"] == "gate"
     assert report["systemic"]["processed_items"] == 5
@@ -345,7 +347,7 @@ def test_the_executor_seam_takes_any_executor(ws):
 def _one_error(proc) -> str:  # noqa: ANN001
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    _no_traceback(proc)
+    _only_stagestore_lines(proc)
     return errors[0]
 
 
@@ -371,3 +373,19 @@ def test_without_dask_installed_the_dask_executor_is_a_usage_error(ws):
     assert _one_error(proc) == ("error: --executor dask needs dask.distributed, which is not "
                                 "installed")
     assert "hint: pip install 'stagestore[dask]'" in proc.stderr
+
+
+def test_dask_logging_is_silenced_while_the_executor_lasts_and_restored_after():
+    from stagestore.distributed import DaskExecutor
+
+    names = ("distributed", "distributed.client", "distributed.scheduler", "dask")
+    before = {name: logging.getLogger(name).level for name in names}
+    pool = DaskExecutor(workers=1)
+    try:
+        assert all(logging.getLogger(name).getEffectiveLevel() == logging.CRITICAL
+                   for name in names)
+        assert pool.submit(logging.getLogger("distributed.worker").getEffectiveLevel
+                           ).result() == logging.CRITICAL  # in the worker process too
+    finally:
+        pool.shutdown()
+    assert {name: logging.getLogger(name).level for name in names} == before
