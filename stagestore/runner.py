@@ -276,8 +276,9 @@ class Execution:
                                    event=event, detail=detail))
 
     def run(self) -> RunReport:
-        """The run to its end; raises `RunInterrupted` when a signal stopped it (`stop_all`:
-        in the main thread the signal's own exception, KeyboardInterrupt, comes first)."""
+        """The run to its end.  Raises `RunInterrupted` when a signal stopped it through
+        `processes.stop_all`; a run in the main thread sees the signal's own exception first
+        (KeyboardInterrupt, or the CLI's `processes.Terminated`), which propagates as it is."""
         with processes.live(self.stop):
             try:
                 reports = self._run_shared()
