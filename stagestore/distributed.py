@@ -172,33 +172,30 @@ class TaskBreaker:
         return not ok and not gate.open and gate.consecutive + 1 >= self.limit
 
 
-# Items running in this process, by stop token, and the tokens stopped.  `processes.stopping`
-# is per process: it is set only while every item here belongs to the run being stopped, and
-# cleared once none is left, so a long-lived worker serves later runs.
-_registry = threading.Condition()
-_active: dict[str, int] = {}
+# The runs with items in this process, by stop token: each its own `processes.StopToken`,
+# shared by its items here, and how many of them are running; and the tokens stopped.
+_registry = threading.Lock()
+_active: dict[str, tuple[processes.StopToken, int]] = {}
 _stopped: set[str] = set()
 
 
-def _enter(token: str) -> bool:
+def _enter(token: str) -> processes.StopToken | None:
+    """The run's stop token here, for one more item of it; None if the run was stopped."""
     with _registry:
-        while token not in _stopped and processes.stopping.is_set() and _active:
-            _registry.wait(0.1)  # another run's items are being stopped here
         if token in _stopped:
-            return False
-        processes.stopping.clear()
-        _active[token] = _active.get(token, 0) + 1
-        return True
+            return None
+        stop, running = _active.get(token, (processes.StopToken(), 0))
+        _active[token] = (stop, running + 1)
+        return stop
 
 
 def _leave(token: str) -> None:
     with _registry:
-        _active[token] -= 1
-        if not _active[token]:
+        stop, running = _active[token]
+        if running == 1:
             del _active[token]
-        if not _active:
-            processes.stopping.clear()
-        _registry.notify_all()
+        else:
+            _active[token] = (stop, running - 1)
 
 
 def stop_items(token: str) -> int:
@@ -206,10 +203,10 @@ def stop_items(token: str) -> int:
     the stage processes of those running are killed.  Returns how many were running here."""
     with _registry:
         _stopped.add(token)
-        running = _active.get(token, 0)
-        if running and len(_active) == 1:
-            processes.kill_all()
-        return running
+        stop, running = _active.get(token, (None, 0))
+    if stop is not None:
+        stop.stop()
+    return running
 
 
 def missing_paths(paths: list[str]) -> list[str]:
@@ -219,12 +216,13 @@ def missing_paths(paths: list[str]) -> list[str]:
 
 def run_item(task: ItemTask) -> ItemOutcome:
     """One item through its stages, in whatever process runs this (a Dask worker)."""
-    if not _enter(task.stop_token):
+    stop = _enter(task.stop_token)
+    if stop is None:
         return ItemOutcome(status="not_started")
     events: list[RunEvent] = []
     breaker = TaskBreaker(task.breaker_limit, task.gates)
     try:
-        return _run_item(task, events, breaker)
+        return _run_item(task, events, breaker, stop)
     except processes.Interrupted:
         return ItemOutcome(status="interrupted", events=events, breaker=breaker.calls)
     except Exception as exc:  # noqa: BLE001 - the driver re-raises it
@@ -245,7 +243,8 @@ def _error_outcome(exc: Exception, events: list[RunEvent], breaker: TaskBreaker)
                        error_text=text)
 
 
-def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> ItemOutcome:
+def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker,
+              stop: processes.StopToken) -> ItemOutcome:
     from .runner import Execution
     from .store import Store
 
@@ -256,7 +255,7 @@ def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker) -> I
         store, transfer = _scratch(task)
     record = store.manifests.read_run(task.run_id)
     execution = Execution(store, record, task.selected, jobs=1, force=task.force,
-                          progress=events.append, remote=transfer)
+                          progress=events.append, remote=transfer, stop=stop)
     execution.work.breaker = breaker  # type: ignore[assignment]
     item = store.manifests.read_item_optional(task.run_id, task.item)
     if item is not None and item.status != "running" and item.finished_at != task.seen_ended_at:
@@ -391,10 +390,12 @@ def run_items_elsewhere(ex: Execution, shared: dict[str, StageReport]) -> list[I
                     reports[index] = _returned(ex, task, done.pop(0))
                 if ex.systemic is not None and not stopped:
                     stopped = True
+                    stop_items(token)  # those running in this process (an executor of threads)
                     if stop is not None:
                         stop(token)
         except BaseException:
-            processes.kill_all()
+            ex.stop.stop()
+            stop_items(token)
             if stop is not None and running:
                 try:
                     stop(token)
@@ -453,7 +454,7 @@ def _returned(ex: Execution, task: ItemTask, future: Future[ItemOutcome]) -> Ite
                 f"circuit opened: stage {stage!r} failed {breaker.limit} times in a row; later "
                 "items fail fast here until a probe item succeeds"), task.item)
     if outcome.status in ("interrupted", "not_started"):
-        if ex.systemic is not None or processes.stopping.is_set():
+        if ex.systemic is not None or ex.stop.stopped:
             return ItemReport(item=task.item, status="not_processed")
         return ex.item_after(task.item, *_lost(ex, task.item, RuntimeError(
             "the item was stopped on its worker")))

@@ -106,3 +106,15 @@ class OutputError(StagestoreError):
 
 class CheckoutError(StagestoreError):
     """A checkout target is unsafe or already exists."""
+
+
+class RunInterrupted(StagestoreError):
+    """A signal stopped the run: the stages that were running were killed and are not
+    recorded.  Exit code 128 + the signal's number, as a shell reports a process it killed."""
+
+    hint = "`stagestore recover` completes an interrupted run"
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -31,7 +31,7 @@ from .failures import (BUILD_FAILURE, DISK_FULL, INPUT_EMPTY, INPUT_MISSING, INP
 from .gates import run_checks
 from .hashing import hash_file
 from .objects import ObjectStore, SyncBatch
-from .processes import run_group
+from .processes import StopToken, run_group
 from .pipeline import CODE_INPUT
 from .syntax import Placeholder, command_template, render
 from .records import ArtifactRef, AttemptLog, Failure, Resources, StageSpec, now
@@ -67,7 +67,9 @@ class Attempt:
     def __init__(self, *, objects: ObjectStore, owner: str, folder: Path, workdir: Path,
                  run_id: str, stage: str, spec: StageSpec, inputs: StageInputs, number: int,
                  item: str | None = None, sampling: bool = False,
-                 note: Callable[[str], None] | None = None) -> None:
+                 note: Callable[[str], None] | None = None,
+                 stop: StopToken | None = None) -> None:
+        self.stop = stop if stop is not None else StopToken()  # the run's: see processes.py
         self.note = note or (lambda message: None)
         self.item = item
         self.sampling = sampling
@@ -276,7 +278,7 @@ class Attempt:
                 os.fdopen(durable.create_exclusive(self.stderr_path), "wb") as err:
             try:
                 code = run_group(argv, cwd=self.workdir, env=self.environment(), stdout=out,
-                                 stderr=err, timeout=self.spec.timeout)
+                                 stderr=err, timeout=self.spec.timeout, stop=self.stop)
             except OSError as exc:
                 return None, Failure(class_=LAUNCH, signal=f"cannot start {argv[0]!r}: {exc.strerror}")
         if code is None:

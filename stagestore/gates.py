@@ -16,7 +16,7 @@ from typing import Protocol
 
 from . import durable
 from .failures import VALIDATION
-from .processes import run_group
+from .processes import StopToken, run_group
 from .records import Check, Failure, StageSpec
 from .syntax import check_command, parse_size
 
@@ -29,6 +29,7 @@ class CheckedAttempt(Protocol):
     folder: Path
     out_dir: Path
     workdir: Path
+    stop: StopToken
 
     def argv(self, values: dict[str, str], template: list[str] | None = None) -> list[str]: ...
 
@@ -90,7 +91,7 @@ def _check_command(attempt: CheckedAttempt, index: int, check: Check, values: di
     with os.fdopen(durable.create_exclusive(stderr_path), "wb") as err:
         try:
             code = run_group(argv, cwd=attempt.workdir, env=attempt.environment(), stdout=err,
-                             stderr=err, timeout=attempt.spec.timeout)
+                             stderr=err, timeout=attempt.spec.timeout, stop=attempt.stop)
         except OSError as exc:
             return f"check {index} cannot start {argv[0]!r}: {exc.strerror}"
     if code == 0:

@@ -2,7 +2,8 @@
 
 Each runs in its own process group (so a timeout, or the end of its leader, kills all of it)
 with the parent-death signal set (so it dies with a killed runner), and is tracked while it
-runs, so that an interrupt can kill every one at once.
+runs by its run's `StopToken`, so that stopping the run (an interrupt, a systemic abort) kills
+every one of that run's at once, and those of no other run.
 """
 
 from __future__ import annotations
@@ -11,30 +12,130 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import subprocess
 
-_live_lock = threading.Lock()
-_live: set[subprocess.Popen] = set()
-# Set while the runner is being interrupted (or a systemic failure aborts it): no new attempt
-# starts, and an attempt whose process we killed is not recorded as the stage's own failure.
-stopping = threading.Event()
-
 
 class Interrupted(Exception):
-    """The runner is stopping; the attempt in hand is abandoned, not recorded."""
+    """The run is stopping; the attempt in hand is abandoned, not recorded."""
 
 
-def kill_all() -> None:
-    """Kill every stage process group still running (the runner is being interrupted)."""
-    stopping.set()
-    with _live_lock:
-        procs = list(_live)
-    for proc in procs:
-        _kill_group(proc)
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread by the handler `handle_signals` installs,
+    as Python raises KeyboardInterrupt for SIGINT: not an Exception, so that it unwinds
+    everything the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopToken:
+    """One run's stop state: once stopped (a signal, a systemic abort, an error that ends the
+    run), no new process starts, every process group started under it is killed, and an
+    attempt whose process was killed for that is not recorded as the stage's own failure.
+
+    Each run has its own, so that stopping one run leaves the others of the process alone."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        # Reentrant: a signal handler (`stop_all`) may run in the main thread while it holds it.
+        self._lock = threading.RLock()
+        self._live: set[subprocess.Popen] = set()
+        self.signum: int | None = None  # the signal that stopped it, if one did
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    def stop(self, signum: int | None = None) -> None:
+        """Stop, and kill every process group still running under this token."""
+        with self._lock:
+            if not self._event.is_set():
+                self.signum = signum
+            self._event.set()
+            procs = list(self._live)
+        for proc in procs:
+            _kill_group(proc)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, less if the token is stopped meanwhile; whether it is."""
+        return self._event.wait(timeout)
+
+    def _add(self, proc: subprocess.Popen) -> bool:
+        """Track `proc`; False when the token was stopped first (`stop` did not see it)."""
+        with self._lock:
+            self._live.add(proc)
+            return not self._event.is_set()
+
+    def _discard(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._live.discard(proc)
+
+
+# The tokens of the runs going on in this process, for the signal handlers only: a signal is
+# process-wide, so it stops every run; anything else stops only its own run's token.
+_tokens_lock = threading.RLock()  # reentrant, for the signal handler: see StopToken._lock
+_tokens: set[StopToken] = set()
+
+
+@contextmanager
+def live(token: StopToken) -> Iterator[StopToken]:
+    """Register `token` as a run of this process while the block runs (see `stop_all`)."""
+    with _tokens_lock:
+        _tokens.add(token)
+    try:
+        yield token
+    finally:
+        with _tokens_lock:
+            _tokens.discard(token)
+
+
+def stop_all(signum: int) -> None:
+    """Stop every run of this process (a signal arrived): kill all their process groups."""
+    with _tokens_lock:
+        tokens = list(_tokens)
+    for token in tokens:
+        token.stop(signum)
+
+
+@contextmanager
+def handle_signals() -> Iterator[None]:
+    """While the block runs (the CLI's command), SIGINT, SIGTERM and SIGHUP stop every run of
+    the process at once (`stop_all`) and then unwind the main thread: KeyboardInterrupt for
+    SIGINT, `Terminated` for the others, raised only once so that a second signal cannot cut
+    the unwinding short.  A signal the process was started ignoring (`nohup`) stays ignored.
+    Only in the main thread, the one Python runs signal handlers in."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal raised
+        stop_all(signum)
+        if raised:
+            return
+        raised = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    previous = {}
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL), (signal.SIGHUP, signal.SIG_DFL)):
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -67,21 +168,22 @@ def _child_setup():  # noqa: ANN202
 
 
 def run_group(argv: list[str], *, cwd: os.PathLike[str] | str, env: dict[str, str],
-              stdout: IO[bytes], stderr: IO[bytes], timeout: float | None) -> int | None:
+              stdout: IO[bytes], stderr: IO[bytes], timeout: float | None,
+              stop: StopToken) -> int | None:
     """Run `argv` to its end in a new process group; its exit code (negative: the signal), or
     None when it timed out.  Whatever happens, the whole group is killed once the leader has
-    ended: nothing it started outlives it.  Raises `Interrupted` when the runner is stopping,
-    before the start or because the process was killed for that; `OSError` if it cannot start.
+    ended: nothing it started outlives it.  Raises `Interrupted` when `stop` is stopped, before
+    the start or because the process was killed for that; `OSError` if it cannot start.
     """
     import subprocess  # here, not at the top: a run that reuses every stage never needs it
 
-    if stopping.is_set():
+    if stop.stopped:
         raise Interrupted()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=stderr, start_new_session=True, preexec_fn=_child_setup())
-    with _live_lock:
-        _live.add(proc)
     try:
+        if not stop._add(proc):  # stopped while it started: `stop` could not kill it
+            _kill_group(proc)
         try:
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -90,8 +192,7 @@ def run_group(argv: list[str], *, cwd: os.PathLike[str] | str, env: dict[str, st
             code = None
     finally:
         _kill_group(proc)
-        with _live_lock:
-            _live.discard(proc)
-    if stopping.is_set():
+        stop._discard(proc)
+    if stop.stopped:
         raise Interrupted()
     return code

@@ -15,6 +15,7 @@ happens).  In sampling mode a systemic failure aborts the run.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from . import durable, processes
-from .errors import OutputError, PipelineError, UsageError
+from .errors import OutputError, PipelineError, RunInterrupted, UsageError
 from .failures import UPSTREAM_MISSING, runner_failure
 from .layout import run_owner, validate_name
 from .locking import owner_locked, store_lock
@@ -233,8 +234,11 @@ class Execution:
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
                  force: bool, progress: ProgressCallback | None, resuming: bool = False,
                  redo: set[str] | None = None, remote: Transfer | None = None,
-                 push: bool = False, executor: ItemExecutorFactory | None = None) -> None:
+                 push: bool = False, executor: ItemExecutorFactory | None = None,
+                 stop: processes.StopToken | None = None) -> None:
         self.store = store
+        # This run's own: a systemic abort or an error stops this run's stages and no other's.
+        self.stop = stop if stop is not None else processes.StopToken()
         self.executor = executor
         self.remote = remote
         self.pushing = push and remote is not None
@@ -262,7 +266,7 @@ class Execution:
         self._started = 0
         self.work = StageWork(store, record, force=force, item_stages=per_item,
                               breaker=CircuitBreaker(options.max_consecutive_failures),
-                              emit=self.emit, remote=remote)
+                              emit=self.emit, remote=remote, stop=self.stop)
 
     def emit(self, event: str, stage: str | None = None, detail: str = "",
              item: str | None = None) -> None:
@@ -272,9 +276,17 @@ class Execution:
                                    event=event, detail=detail))
 
     def run(self) -> RunReport:
-        processes.stopping.clear()
-        reports = self._run_shared()
-        items = self._run_items(reports) if self.item_order and self.record.items else []
+        """The run to its end.  Raises `RunInterrupted` when a signal stopped it through
+        `processes.stop_all`; a run in the main thread sees the signal's own exception first
+        (KeyboardInterrupt, or the CLI's `processes.Terminated`), which propagates as it is."""
+        with processes.live(self.stop):
+            try:
+                reports = self._run_shared()
+                items = self._run_items(reports) if self.item_order and self.record.items else []
+            except processes.Interrupted:
+                raise self._interrupted() from None
+            if self.stop.stopped and self.systemic is None:  # stopped between two stages
+                raise self._interrupted()
         ordered = [reports[s] for s in self.shared]
         if self.systemic is None and self.resuming:
             self.systemic = self.record.systemic  # repairing an aborted run does not unabort it
@@ -297,6 +309,12 @@ class Execution:
                          systemic=self.systemic, store=str(self.store.root),
                          push=self.push_report)
 
+    def _interrupted(self) -> RunInterrupted:
+        """The run record keeps `finished_at: null`, as after Ctrl-C: recover completes it."""
+        signum = self.stop.signum or signal.SIGINT
+        return RunInterrupted(f"run {self.record.run_id!r} was interrupted by "
+                              f"{signal.Signals(signum).name}", signum=signum)
+
     # --- the stages that run once per run: a DAG, independent stages in parallel ---
 
     def _run_shared(self) -> dict[str, StageReport]:
@@ -306,6 +324,8 @@ class Execution:
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="stage") as pool:
             try:
                 while pending or running:
+                    if self.stop.stopped:  # a signal (`stop_all`): start no other stage
+                        raise processes.Interrupted()
                     for stage in list(pending):
                         ups = self.stages[stage].upstream
                         blocked = self._blocker(ups, reports)
@@ -321,7 +341,7 @@ class Execution:
                             stage = running.pop(future)
                             reports[stage] = future.result()
             except BaseException:
-                processes.kill_all()
+                self.stop.stop()
                 for future in running:
                     future.cancel()
                 raise
@@ -412,7 +432,7 @@ class Execution:
             try:
                 return [future.result() for future in futures]
             except BaseException:
-                processes.kill_all()
+                self.stop.stop()
                 for future in futures:
                     future.cancel()
                 raise
@@ -453,7 +473,7 @@ class Execution:
 
     def item_before(self, item: str) -> tuple[ItemReport | None, ItemRecord | None]:
         """(the item's report if it is not to be taken now, else None; its record, if any)."""
-        if self.systemic is not None or processes.stopping.is_set():
+        if self.systemic is not None or self.stop.stopped:
             return ItemReport(item=item, status="not_processed"), None
         record = self.store.manifests.read_item_optional(self.record.run_id, item)
         if record is not None and self.resuming and record.status != "running":
@@ -495,7 +515,7 @@ class Execution:
                         f"{s.stage_failures} of {s.processed_items} processed items failed at "
                         f"infrastructure stage {s.trigger_stage!r} ({s.failure_ratio:.0%}, over "
                         f"the threshold of {s.threshold_ratio:.0%}); aborting the run"), item)
-                    processes.kill_all()
+                    self.stop.stop()
         return _item_report(record, reports)
 
     def _item_stages(self, item: str, record: ItemRecord, shared: dict[str, StageReport]

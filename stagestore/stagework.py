@@ -75,8 +75,10 @@ class StageWork:
 
     def __init__(self, store: Store, record: RunRecord, *, force: bool, item_stages: set[str],
                  breaker: CircuitBreaker, emit: Callable[..., None],
-                 remote: Transfer | None = None) -> None:
+                 remote: Transfer | None = None,
+                 stop: processes.StopToken | None = None) -> None:
         self.store = store
+        self.stop = stop if stop is not None else processes.StopToken()  # the run's
         self.remote = remote  # `run --remote`: also a build cache
         self.record = record
         self.force = force
@@ -186,7 +188,7 @@ class StageWork:
         if not lock.try_acquire():
             self.emit("note", stage, "waiting for identical work in progress elsewhere", item)
             while not lock.try_acquire():  # polled, so that an interrupt is not held up
-                if processes.stopping.wait(0.05):
+                if self.stop.wait(0.05):
                     raise processes.Interrupted()
         try:
             reused = self._reuse(context)
@@ -330,7 +332,7 @@ class StageWork:
             result = executor.run_attempt(
                 objects=self.store.objects, owner=self.owner, folder=folder, workdir=self.workdir,
                 run_id=self.record.run_id, stage=c.stage, spec=c.spec, inputs=c.inputs,
-                number=number, item=c.item, sampling=self.sampling,
+                number=number, item=c.item, sampling=self.sampling, stop=self.stop,
                 note=lambda message: self.emit("note", c.stage, message, c.item))
             logs.append(result.log)
             failure = result.failure
@@ -343,7 +345,7 @@ class StageWork:
                        f"{delay:g}s")
             events.append(StageEvent(at=now(), kind="retry", message=message))
             self.emit("retry", c.stage, message, c.item)
-            if processes.stopping.wait(delay):
+            if self.stop.wait(delay):
                 raise processes.Interrupted()
         raise AssertionError("unreachable")
 

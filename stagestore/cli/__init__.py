@@ -10,21 +10,40 @@ from __future__ import annotations
 import sys
 
 
+INTERRUPTED_HINT = "`stagestore recover` completes an interrupted run"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..processes import Terminated, handle_signals
     from .commands import cli
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # SIGTERM and SIGHUP (timeout, docker stop, CI runners, schedulers, a closed terminal) take
+    # the path Ctrl-C takes: the stages are killed, nothing false is recorded, recover resumes.
     try:
-        cli.main(args=argv, prog_name="stagestore", standalone_mode=False)
+        with handle_signals():
+            cli.main(args=argv, prog_name="stagestore", standalone_mode=False)
     except SystemExit as exc:  # click's own exits (help, usage errors, ctx.exit)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
-        print("error: interrupted; `stagestore recover` completes an interrupted run",
-              file=sys.stderr)
-        return 130
+        return _interrupted(None)
+    except Terminated as exc:
+        return _interrupted(exc.signum)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         return _report_error(exc, debug)
     return 0
+
+
+def _interrupted(signum: int | None) -> int:
+    """The message and exit code of a command stopped by a signal (None: SIGINT, Ctrl-C)."""
+    import signal
+
+    by = f" by {signal.Signals(signum).name}" if signum is not None else ""
+    try:
+        print(f"error: interrupted{by}; {INTERRUPTED_HINT}", file=sys.stderr)
+    except OSError:
+        pass  # SIGHUP: the terminal may be gone
+    return 128 + (signum if signum is not None else signal.SIGINT)
 
 
 def _report_error(exc: BaseException, debug: bool) -> int:
@@ -38,9 +57,7 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         exc.show()
         return exc.exit_code
     if isinstance(exc, click.exceptions.Abort):  # click's wrapper of KeyboardInterrupt
-        print("error: interrupted; `stagestore recover` completes an interrupted run",
-              file=sys.stderr)
-        return 130
+        return _interrupted(None)
     if isinstance(exc, StagestoreError):
         if debug:
             import traceback

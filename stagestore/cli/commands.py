@@ -86,7 +86,7 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 
     Exit codes: 0 success; 1 a stage or item failed, or verify or doctor found a problem; 2 a
     usage or pipeline error; 3 a systemic abort; 4 a run completed degraded (a fallback was
-    used); 70 an internal error; 130 interrupted.
+    used); 70 an internal error; 130 interrupted (Ctrl-C); 143, 129 stopped by SIGTERM, SIGHUP.
     """
     ctx.obj = Ctx(store_dir, quiet, debug)
 
