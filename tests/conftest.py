@@ -118,11 +118,12 @@ class Workspace:
 # kills, real S3 servers and Dask clusters, suites that start a CLI process or several runs per
 # test, and the property-based fuzzing and models; what is left takes about 45 s on 2 cores.
 HEAVY_FILES = frozenset({
-    "test_crashpoints.py", "test_ioerrors.py", "test_powerloss.py", "test_kills.py",
-    "test_concurrency_stress.py", "test_remote_crash.py",  # fault sweeps, kills, soak
-    "test_s3servers.py", "test_dask.py", "test_dask_remote.py", "test_bench_smoke.py",
-    "test_cli.py", "test_remote.py", "test_recovery.py", "test_concurrency.py",
-    "test_kind_stages.py", "test_hostile.py", "test_model.py",  # fuzzing, random models
+    "test_crashpoints.py", "test_ioerrors.py", "test_powerloss.py", "test_kills.py",  # faults
+    "test_concurrency_stress.py", "test_remote_crash.py",  # kills, soak
+    "test_s3servers.py", "test_dask.py", "test_dask_remote.py", "test_bench_smoke.py",  # servers
+    "test_cli.py", "test_remote.py", "test_recovery.py", "test_concurrency.py",  # processes
+    "test_signals.py", "test_kind_stages.py",  # processes, several runs per test
+    "test_hostile.py", "test_model.py",  # fuzzing, random models
 })
 # Fixtures that start a real S3 server; a test parametrized with "s3" asks for one too.
 S3_FIXTURES = frozenset({"seaweedfs", "s3_bucket", "rclone_s3", "s3_remote"})
