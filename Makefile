@@ -6,11 +6,13 @@ STAGESTORE := $(VENV)/bin/stagestore
 DEMO   := .demo
 DEMO_KEY := 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f
 
-.PHONY: help venv demo test test-long bench schemas docs clean
+.PHONY: help venv demo check test test-long bench schemas docs clean
 
 help:
 	@echo "make demo       create .venv, install, run the example pipeline twice, verify, diff;"
 	@echo "                then an item run and its failure report, the built-in kinds, a remote"
+	@echo "make check      the fast tier while developing (under a minute): unit and in-process"
+	@echo "                tests, without the fault sweeps, real servers and subprocess-heavy suites"
 	@echo "make test       create .venv, install with test dependencies, run the test suite"
 	@echo "make test-long  the slow soak tests too"
 	@echo "make bench      the benchmark suite against b3sum, zstd, DVC and the floors (about 12 min on"
@@ -26,6 +28,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The full expression: a second -m replaces addopts' `-m 'not slow'`, it does not add to it.
+check: venv
+	$(PY) -m pytest -q -m 'not slow and not heavy' -x
 
 test: venv
 	$(PY) -m pytest -q

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import StageNotFoundError
+from .errors import CorruptRecordError, FormatVersionError, RunNotFoundError, StageNotFoundError
 from .records import ArtifactRef, StageManifest, TreeListing
 from .reports import DiffReport, FileChange, OutputChange, StageDiff
 from .store import Store
@@ -10,6 +10,10 @@ from .trees import read_tree
 
 
 Key = tuple[str | None, str]  # (item, stage); item None for a stage that runs once per run
+
+# A run record that is missing (a run killed before writing it), unreadable, damaged or newer
+# only costs the order of stages and items; anything else is a bug and propagates.
+_NO_ORDER = (OSError, RunNotFoundError, CorruptRecordError, FormatVersionError)
 
 
 def _manifests(store: Store, run_id: str, item: str | None) -> dict[Key, StageManifest]:
@@ -26,7 +30,7 @@ def _items_order(store: Store, run_ids: tuple[str, str]) -> list[str]:
     for run_id in run_ids:
         try:
             order += [i for i in store.manifests.read_run(run_id).items if i not in order]
-        except Exception:  # noqa: BLE001 - the order is cosmetic
+        except _NO_ORDER:  # the order is cosmetic
             pass
     return order
 
@@ -36,7 +40,7 @@ def _stage_order(store: Store, run_ids: tuple[str, str], names: set[str]) -> lis
     for run_id in run_ids:
         try:
             order += [s for s in store.manifests.read_run(run_id).selected if s not in order]
-        except Exception:  # noqa: BLE001 - the order is cosmetic; fall back to names
+        except _NO_ORDER:  # the order is cosmetic; fall back to names
             pass
     return [s for s in order if s in names] + sorted(names - set(order))
 

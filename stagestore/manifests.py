@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import durable
-from .errors import CorruptRecordError, InvalidNameError, RunNotFoundError
+from .errors import CorruptRecordError, FormatVersionError, InvalidNameError, RunNotFoundError
 from .hashing import digest_canonical, is_digest
 from .layout import ITEMS_DIR, StoreLayout, item_id, validate_name
 from .records import CacheEntry, ItemRecord, RunRecord, StageManifest, decode_record, encode_record
@@ -284,7 +284,7 @@ class CacheIndex:
             manifest = self.manifests.read(entry.run_id, entry.stage, entry.item)
         except (OSError, CorruptRecordError, InvalidNameError):
             return None
-        except Exception:  # a newer-format manifest: not ours to reuse
+        except FormatVersionError:  # a newer-format manifest: not ours to reuse
             return None
         if (manifest.status == "succeeded" and manifest.input_hash == input_hash
                 and manifest.config_hash == config_hash):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import msgspec
 
 from . import durable
-from .errors import FormatVersionError, UsageError
+from .errors import FormatVersionError, InvalidNameError, UsageError
 from .hashing import PREFIX, digest_bytes, digest_hex
 from .layout import item_dirname, item_id, validate_name
 from .records import (REMOTE_FORMAT_VERSION, RemoteFormat, RemoteSpec, StoreConfig,
@@ -106,7 +106,7 @@ def parse_run_key(run_id: str, key: str) -> RunKey | None:
             return None
         try:
             item = item_id(parts[1])
-        except Exception:  # noqa: BLE001 - not an item folder name
+        except InvalidNameError:  # not an item folder name
             return None
         rest = parts[2]
     match = _RECORD_RE.fullmatch(rest)

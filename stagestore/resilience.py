@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import CorruptRecordError, FormatVersionError
 from .failures import signal_key
 from .records import FirstFailure, StageManifest, SystemicFailure
 from .trees import artifact_present
@@ -185,6 +186,10 @@ def human_size(n: float) -> str:
 
 # --- the last good result ---------------------------------------------------------------------
 
+# What reading another run's manifest raises when the manifest is there but cannot be used (a
+# missing one is `read_optional`'s None); anything else is a bug and propagates.
+_UNUSABLE = (OSError, CorruptRecordError, FormatVersionError)
+
 
 def last_good(store, stage: str, item: str | None, outputs: list[str],  # noqa: ANN001
               exclude_run: str) -> StageManifest | None:
@@ -196,7 +201,7 @@ def last_good(store, stage: str, item: str | None, outputs: list[str],  # noqa: 
             continue
         try:
             manifest = store.manifests.read_optional(run_id, stage, item)
-        except Exception:  # noqa: BLE001 - damaged or newer: not a result to fall back to
+        except _UNUSABLE:  # damaged, unreadable or newer: not a result to fall back to
             continue
         if manifest is None or manifest.status != "succeeded":
             continue
@@ -218,7 +223,7 @@ def last_output_size(store, stage: str, exclude_run: str) -> int | None:  # noqa
         for item in [None, *store.manifests.items(run_id)[:SAMPLE_ITEMS]]:
             try:
                 manifest = store.manifests.read_optional(run_id, stage, item)
-            except Exception:  # noqa: BLE001
+            except _UNUSABLE:  # damaged, unreadable or newer: look further back
                 continue
             if manifest is not None and manifest.status == "succeeded":
                 return sum(ref.size for ref in manifest.outputs.values())

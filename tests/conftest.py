@@ -112,6 +112,31 @@ class Workspace:
         return Store.create(self.store)
 
 
+# --- the fast tier: `make check` runs `-m 'not slow and not heavy'` ------------------------------
+
+# Whole files left out of `make check` (all of them run in `make test`): fault sweeps and
+# kills, real S3 servers and Dask clusters, suites that start a CLI process or several runs per
+# test, and the property-based fuzzing and models; what is left takes about 45 s on 2 cores.
+HEAVY_FILES = frozenset({
+    "test_crashpoints.py", "test_ioerrors.py", "test_powerloss.py", "test_kills.py",  # faults
+    "test_concurrency_stress.py", "test_remote_crash.py",  # kills, soak
+    "test_s3servers.py", "test_dask.py", "test_dask_remote.py", "test_bench_smoke.py",  # servers
+    "test_cli.py", "test_remote.py", "test_recovery.py", "test_concurrency.py",  # processes
+    "test_signals.py", "test_kind_stages.py",  # processes, several runs per test
+    "test_hostile.py", "test_model.py",  # fuzzing, random models
+})
+# Fixtures that start a real S3 server; a test parametrized with "s3" asks for one too.
+S3_FIXTURES = frozenset({"seaweedfs", "s3_bucket", "rclone_s3", "s3_remote"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (item.path.name in HEAVY_FILES or S3_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or "s3" in params.values()):
+            item.add_marker(pytest.mark.heavy)
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
     root = tmp_path / "ws"
