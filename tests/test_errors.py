@@ -91,6 +91,16 @@ def test_click_usage_errors_are_one_error_and_one_hint(ws, args, command, words)
                     "see `stagestore --help`")
 
 
+@pytest.mark.parametrize("args", [(), ("remote",)], ids=["stagestore", "remote"])
+def test_a_bare_group_prints_its_help_not_an_error(ws, args):
+    res = ws.cli(*args)
+    assert res.returncode in (0, 2), res.stderr  # click 8.2 exits 2, earlier versions 0
+    out = res.stdout + res.stderr
+    assert f"Usage: {' '.join(('stagestore', *args))} [OPTIONS] COMMAND" in out
+    assert not any(line.startswith("error:") for line in out.splitlines()), out
+    assert "Traceback" not in out
+
+
 @pytest.mark.parametrize("args,option", [
     (("gc", "--timeout", "-5"), "--timeout"),
     (("gc", "--remote", "o", "--grace", "-1"), "--grace"),
