@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..errors import ExitCode
 from . import render
 
 PIPELINE_HELP = "The pipeline file (default: stagestore.toml in the current folder)."
@@ -204,12 +205,13 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
             pool.shutdown(wait=False, cancel_futures=True)  # a no-op once the items have run
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     code = RUN_EXIT_CODES[report.status]
-    if report.push is not None and not report.push.ok and code == 0:
-        code = 1  # the results are safe locally; `stagestore push RUN_ID` sends them
+    if report.push is not None and not report.push.ok and code == ExitCode.OK:
+        code = ExitCode.FAILED  # the results are safe locally; `stagestore push RUN_ID` sends them
     raise SystemExit(code)
 
 
-RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+RUN_EXIT_CODES = {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED,
+                  "aborted": ExitCode.SYSTEMIC, "degraded": ExitCode.DEGRADED}
 
 
 def _check_executor(executor: str, scheduler: str | None, items_file: str | None,
