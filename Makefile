@@ -19,7 +19,8 @@ help:
 	@echo "                2 cores; the first run installs dvc into benchmarks/.venv-dvc);"
 	@echo "                writes benchmarks/results/latest.json (see benchmarks/README.md)"
 	@echo "make schemas    regenerate schemas/*.json from the record types"
-	@echo "make docs       regenerate docs/cli.md from the commands' help"
+	@echo "make docs       regenerate docs/cli.md from the commands' help, docs/errors.md from"
+	@echo "                stagestore/errors.py"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,3 +100,4 @@ clean:
 
 docs: venv
 	$(PY) -m stagestore.cli.reference > docs/cli.md
+	$(PY) -m stagestore.cli.errordoc > docs/errors.md

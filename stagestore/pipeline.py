@@ -332,9 +332,11 @@ def _cycle_error(remaining: dict[str, set[str]]) -> PipelineError:
     while True:
         nxt = min(remaining[path[-1]])
         if nxt in seen:
-            cycle = path[seen[nxt]:] + [nxt]
-            return PipelineError("dependency cycle: " + " -> ".join(reversed(cycle)),
-                                 stage=cycle[0], key="upstream")
+            cycle = list(reversed(path[seen[nxt]:] + [nxt]))  # each stage feeds the next
+            return PipelineError(
+                "dependency cycle: " + " -> ".join(cycle), stage=cycle[-1], key="upstream",
+                hint=f"a stage cannot depend on itself through others: remove {cycle[-2]!r} "
+                     f"from the `upstream` of stage {cycle[-1]!r} (or break another link)")
         seen[nxt] = len(path)
         path.append(nxt)
 
@@ -378,7 +380,7 @@ def _decode(data: bytes, file: str) -> PipelineDef:
     except msgspec.ValidationError as exc:
         raise PipelineError(f"{file}: {_with_key(str(exc), '')}", path=file) from None
     except msgspec.DecodeError as exc:
-        raise PipelineError(f"{file}: invalid TOML: {exc}{_toml_context(data, str(exc))}",
+        raise PipelineError(_toml_syntax_error(file, data.decode("utf-8"), str(exc)),
                             path=file) from None
     except ValueError as exc:  # tomllib: an integer of more digits than int() may parse
         raise PipelineError(f"{file}: invalid TOML: {exc}", path=file) from None
@@ -401,33 +403,81 @@ def _with_key(message: str, prefix: str) -> str:
     return f"{body} - at `${where}`" if where else message
 
 
-def _toml_context(data: bytes, message: str) -> str:
-    """` - at `$.stages.NAME.KEY`` for a syntax error, from the table header above the error line
-    and the key on it; empty when those cannot be told."""
-    line = re.search(r"line (\d+)", message)
-    if line is None:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()[: int(line.group(1))]
-    if not lines:
-        return ""
-    key = re.match(r"\s*([A-Za-z0-9_-]+)\s*=", lines[-1])
-    for text in reversed(lines):
-        header = re.match(r"\s*\[\s*([A-Za-z0-9_.-]+?)\s*\]", text)
-        if header:
-            where = "$." + header.group(1) + (f".{key.group(1)}" if key else "")
-            return f" - at `{where}`"
-    return f" - at `$.{key.group(1)}`" if key else ""
+_TOML_AT_RE = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)\s*$")
+
+
+def _toml_syntax_error(file: str, text: str, message: str) -> str:
+    """`FILE:LINE:COLUMN: invalid TOML: ...`, by position only: a syntax error has no data
+    path, and a guess at one from the lines around it names the wrong key.
+
+    tomllib reports where it gave up, which for an array or inline table left open is a later
+    line (`outputs = ["o",` on line 4, then `cmd = ...` on line 5 is reported at line 5); when
+    a bracket opened on an earlier line is never closed, that bracket is reported instead."""
+    match = _TOML_AT_RE.search(message)
+    detail = message[:match.start()] if match else message
+    lines = text.split("\n")
+    if match and match.group(1):
+        line, column = int(match.group(1)), int(match.group(2))
+        offset = sum(len(row) + 1 for row in lines[:line - 1]) + column - 1
+    else:  # at the end of the document
+        line, column, offset = len(lines), len(lines[-1]) + 1, len(text)
+    opener = max((i for i in _unclosed_brackets(text) if i < offset), default=None)
+    if opener is not None:
+        open_line = text.count("\n", 0, opener) + 1
+        if open_line < line or not (match and match.group(1)):
+            open_column = opener - (text.rfind("\n", 0, opener) + 1) + 1
+            what = "array" if text[opener] == "[" else "inline table"
+            stopped = (f"line {line}, column {column}" if match and match.group(1)
+                       else "the end of the file")
+            return (f"{file}:{open_line}:{open_column}: invalid TOML: this {what} is never "
+                    f"closed (the parser stopped at {stopped}: {detail})")
+    return f"{file}:{line}:{column}: invalid TOML: {detail}"
+
+
+def _unclosed_brackets(text: str) -> list[int]:
+    """Offsets of the `[` and `{` of values that are never closed, skipping strings, comments
+    and table headers.  A rough scanner, used only to place an error tomllib already found."""
+    stack: list[int] = []
+    in_value = False  # after a top-level `key =`, until the end of its line
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if text.startswith(('"""', "'''"), i):
+            close = text.find(text[i:i + 3], i + 3)
+            i = len(text) if close < 0 else close + 3
+            continue
+        if ch in "\"'":
+            j = i + 1
+            while j < len(text) and text[j] not in (ch, "\n"):
+                j += 2 if ch == '"' and text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch == "#" or (ch in "[{" and not stack and not in_value):  # a comment, a header
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        if ch in "[{":
+            stack.append(i)
+        elif ch in "]}" and stack:
+            stack.pop()
+        elif ch == "=" and not stack:
+            in_value = True
+        elif ch == "\n" and not stack:
+            in_value = False
+        i += 1
+    return stack
 
 
 def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
     file = pipeline.display
 
-    def fail(message: str, stage: str | None = None, key: str | None = None) -> PipelineError:
+    def fail(message: str, stage: str | None = None, key: str | None = None, *,
+             hint: str | None = None) -> PipelineError:
         where = "$.pipeline" if stage is None else f"$.stages.{stage}"
         if key:
             where += f".{key}"
         return PipelineError(f"{file}: {message} - at `{where}`", path=str(pipeline.path),
-                             stage=stage, key=key)
+                             stage=stage, key=key, hint=hint)
 
     if not pipeline.name.strip():
         raise fail("the pipeline name is empty", key="name")
@@ -449,7 +499,10 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
                     mode = os.stat(target).st_mode
                 except FileNotFoundError:
                     raise fail(f"input {input_name!r}: {relpath} does not exist "
-                               f"(relative to {pipeline.workdir})", name, "inputs") from None
+                               f"(relative to {pipeline.workdir})", name, "inputs",
+                               hint=f"create {pipeline.workdir / relpath}, or fix input "
+                                    f"{input_name!r} under `inputs` of stage {name!r} (paths "
+                                    "are relative to the pipeline file's folder)") from None
                 except OSError as exc:
                     raise fail(f"input {input_name!r}: cannot read {relpath}: {exc.strerror}",
                                name, "inputs") from None
@@ -459,7 +512,7 @@ def validate_pipeline(pipeline: Pipeline, *, check_inputs: bool = True) -> None:
     try:
         topological_order(stages)
     except PipelineError as exc:
-        raise fail(str(exc), exc.stage, "upstream") from None
+        raise fail(str(exc), exc.stage, "upstream", hint=exc.hint) from None
     pipeline.validated = True
 
 
@@ -493,7 +546,8 @@ def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
         try:
             refs = placeholders(relpath)
         except ValueError as exc:
-            raise fail(f"input {input_name!r}: {exc}", name, "inputs") from None
+            raise fail(f"input {input_name!r}: {exc}", name, "inputs",
+                       hint=getattr(exc, "hint", None)) from None
         if any(ref.kind != "item" for ref in refs):
             raise fail(f"input {input_name!r}: an input path may hold only the {{item}} "
                        "placeholder", name, "inputs")
@@ -523,17 +577,18 @@ def _validate_stage(name: str, spec: StageSpec, stages: dict[str, StageSpec],
         raise fail(f"cannot split the command: {exc}", name, "cmd") from None
     if spec.cmd is not None and (not template or not template[0].strip()):
         raise fail("the command is empty", name, "cmd")
-    _check_templates(template, spec, stages, lambda problem: fail(problem, name, "cmd"))
+    _check_templates(template, spec, stages,
+                     lambda problem, hint=None: fail(problem, name, "cmd", hint=hint))
     _validate_failure_model(name, spec, stages, fail)
 
 
 def _check_templates(template: list[str], spec: StageSpec, stages: dict[str, StageSpec],
-                     fail: Callable[[str], PipelineError]) -> None:
+                     fail: Callable[..., PipelineError]) -> None:
     for arg in template:
         try:
             refs = placeholders(arg)
         except ValueError as exc:
-            raise fail(str(exc)) from None
+            raise fail(str(exc), hint=getattr(exc, "hint", None)) from None
         for ref in refs:
             problem = _check_placeholder(ref, spec, stages)
             if problem:
@@ -587,7 +642,8 @@ def _validate_failure_model(name: str, spec: StageSpec, stages: dict[str, StageS
                 raise fail(f"cannot split the check command: {exc}", name, f"{key}.cmd") from None
             if not template or not template[0].strip():
                 raise fail("the check command is empty", name, f"{key}.cmd")
-            _check_templates(template, spec, stages, lambda p: fail(p, name, f"{key}.cmd"))
+            _check_templates(template, spec, stages,
+                             lambda p, hint=None: fail(p, name, f"{key}.cmd", hint=hint))
     if spec.disk is not None:
         try:
             parse_size(spec.disk)

@@ -34,11 +34,21 @@ def _clean_descriptions(node: object) -> object:
 
 
 def write_schemas(out_dir: str | os.PathLike[str]) -> list[str]:
+    """One NAME.schema.json per record in `out_dir` (created if needed); returns the paths."""
+    from .errors import UsageError
+
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    hint = "pass --out a folder (it is created if it does not exist)"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder}: not a folder", hint=hint)
     written = []
-    for name, data in render_schemas().items():
-        path = folder / name
-        path.write_bytes(data)
-        written.append(str(path))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in render_schemas().items():
+            path = folder / name
+            path.write_bytes(data)
+            written.append(str(path))
+    except OSError as exc:
+        raise UsageError(f"--out {folder}: cannot write {exc.filename or folder}: "
+                         f"{exc.strerror}", hint=hint) from None
     return written

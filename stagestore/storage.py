@@ -30,7 +30,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .errors import StoreError, UsageError
+# RemoteError and RemoteNotFound live in errors.py with every other error; they are imported
+# here, where remote code has always found them.
+from .errors import CredentialsError, RemoteError, RemoteNotFound, UsageError
 
 _T = TypeVar("_T")
 
@@ -44,14 +46,6 @@ _KEY_RE = re.compile(r"[A-Za-z0-9._%~-]+(/[A-Za-z0-9._%~-]+)*")
 # A `409 ConditionalRequestConflict` (another conditional write to the same key is in flight)
 # is retried this many times, with backoff, before it is reported.
 CONFLICT_RETRIES = 6
-
-
-class RemoteError(StoreError):
-    """A remote store could not be reached, refused a request, or holds something unexpected."""
-
-
-class RemoteNotFound(RemoteError, FileNotFoundError):
-    """The key does not exist on the remote."""
 
 
 class BlobInfo(msgspec.Struct, frozen=True):
@@ -239,7 +233,10 @@ class S3Storage(Storage):
     Credentials are never passed in or stored: obstore reads the standard `AWS_*` environment
     variables; when `AWS_ACCESS_KEY_ID` is not set, the profile named by `AWS_PROFILE` (or
     `default`) is read from the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, or
-    `~/.aws/credentials`) into memory.
+    `~/.aws/credentials`) into memory.  When neither has keys, and no other source obstore
+    knows is configured, `CredentialsError` is raised here: obstore would otherwise ask the
+    instance metadata service (169.254.169.254), which off a cloud instance fails later with a
+    message about that service.  `STAGESTORE_S3_INSTANCE_CREDENTIALS=1` lets it.
     """
 
     def __init__(self, url: str, *, endpoint: str | None = None, region: str | None = None,
@@ -255,7 +252,7 @@ class S3Storage(Storage):
             config["endpoint"] = endpoint
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         config["region"] = region or "us-east-1"
-        config.update(_profile_credentials())
+        config.update(_credentials(url))
         client: dict[str, Any] = {"connect_timeout": "10s", "timeout": "300s"}
         if endpoint and endpoint.startswith("http://"):
             client["allow_http"] = True
@@ -404,15 +401,70 @@ def _reason(exc: BaseException) -> str:
     return lines[0][:400] if lines else type(exc).__name__
 
 
+INSTANCE_CREDENTIALS_ENV = "STAGESTORE_S3_INSTANCE_CREDENTIALS"
+# Sources of credentials obstore uses before the instance metadata service, configured only
+# by these variables (a web identity token, as on EKS; a container's, as on ECS).
+_PROVIDER_ENV = ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _credentials(url: str) -> dict[str, str]:
+    """Keys for obstore's config from an AWS profile, or nothing when obstore finds credentials
+    itself; `CredentialsError`, naming where it looked, when there are none anywhere."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        if not os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            raise CredentialsError(f"incomplete AWS credentials for {url}: AWS_ACCESS_KEY_ID is "
+                                   "set, but AWS_SECRET_ACCESS_KEY is not")
+        return {}
+    if _truthy(os.environ.get("AWS_SKIP_SIGNATURE")) or any(os.environ.get(n)
+                                                            for n in _PROVIDER_ENV):
+        return {}
+    found = _profile_credentials()
+    if "access_key_id" in found and "secret_access_key" in found:
+        return found
+    if _truthy(os.environ.get(INSTANCE_CREDENTIALS_ENV)):
+        return {}
+    profile, path = _profile_location()
+    if not path.is_file():
+        where = f"{path} does not exist"
+    elif not _has_section(path, profile):
+        where = f"{path} has no profile {profile!r}"
+    else:
+        where = (f"profile {profile!r} of {path} lacks aws_access_key_id or "
+                 "aws_secret_access_key")
+    raise CredentialsError(f"no AWS credentials found for {url}: AWS_ACCESS_KEY_ID is not set, "
+                           f"and {where}")
+
+
+def _profile_location() -> tuple[str, Path]:
+    """The profile name and the shared credentials file that `_profile_credentials` reads."""
+    return (os.environ.get("AWS_PROFILE") or "default",
+            Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+                 or Path.home() / ".aws" / "credentials"))
+
+
+def _has_section(path: Path, profile: str) -> bool:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except (OSError, configparser.Error):
+        return False
+    return parser.has_section(profile)
+
+
 def _profile_credentials() -> dict[str, str]:
     """Keys for obstore's config from an AWS profile, when the environment names none."""
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         return {}
     import configparser
 
-    profile = os.environ.get("AWS_PROFILE") or "default"
-    path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
-                or Path.home() / ".aws" / "credentials")
+    profile, path = _profile_location()
     parser = configparser.ConfigParser()
     try:
         parser.read(path)
@@ -420,7 +472,7 @@ def _profile_credentials() -> dict[str, str]:
         raise RemoteError(f"cannot read the AWS credentials file {path}: {exc}") from None
     if not parser.has_section(profile):
         if os.environ.get("AWS_PROFILE"):
-            raise RemoteError(f"AWS profile {profile!r} is not in {path}",
+            raise CredentialsError(f"AWS profile {profile!r} is not in {path}",
                               hint="set AWS_PROFILE to a profile of that file, or set "
                                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         return {}

@@ -30,6 +30,18 @@ class Placeholder(msgspec.Struct, frozen=True):
         return f"{{{self.kind}.{self.name}}}"
 
 
+PLACEHOLDERS = ("{inputs.NAME}, {upstream.STAGE.NAME}, {outputs.NAME}, {params.KEY}, {run_id} "
+                "and {item}")
+
+
+class PlaceholderSyntaxError(ValueError):
+    """A `{...}` that is no placeholder, or a lone brace; `hint` says what is valid."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
 def parse_placeholder(body: str) -> Placeholder:
     parts = body.split(".")
     if parts in (["run_id"], ["item"]):
@@ -38,9 +50,9 @@ def parse_placeholder(body: str) -> Placeholder:
         return Placeholder(parts[0], parts[1])
     if len(parts) == 3 and parts[0] == "upstream" and parts[1] and parts[2]:
         return Placeholder("upstream", parts[2], parts[1])
-    raise ValueError(
-        f"unknown placeholder {{{body}}}: use {{inputs.NAME}}, {{upstream.STAGE.NAME}}, "
-        "{outputs.NAME}, {params.KEY}, {run_id} or {item} (write {{ and }} for literal braces)")
+    raise PlaceholderSyntaxError(
+        f"unknown placeholder {{{body}}}",
+        f"the placeholders are {PLACEHOLDERS}; write {{{{ and }}}} for literal braces")
 
 
 def placeholders(text: str) -> list[Placeholder]:
@@ -50,7 +62,8 @@ def placeholders(text: str) -> list[Placeholder]:
             found.append(parse_placeholder(match.group(1)))
     leftover = _PLACEHOLDER_RE.sub("", text)
     if "{" in leftover or "}" in leftover:
-        raise ValueError(f"unbalanced brace in {text!r} (write {{{{ and }}}} for literal braces)")
+        raise PlaceholderSyntaxError(f"unbalanced brace in {text!r}",
+                                     "write {{ and }} for literal braces")
     return found
 
 

@@ -204,7 +204,7 @@ def test_validate_gives_the_message_a_file_gives(tmp_path, stages):
 
 
 def test_bad_toml_text_is_refused_as_a_file_is():
-    at_cmd = r"^p\.toml: invalid TOML: .* - at `\$\.stages\.a\.cmd`$"
+    at_cmd = r"^p\.toml:4:8: invalid TOML: Invalid value$"
     with pytest.raises(PipelineError, match=at_cmd):
         Pipeline.from_toml('[pipeline]\nname = "p"\n[stages.a]\ncmd = [,]\n', path="p.toml")
     with pytest.raises(PipelineError, match=r"not UTF-8 \(line 2\)"):

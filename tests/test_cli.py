@@ -152,8 +152,6 @@ CLI_INVALID = [
     pytest.param("wrong-type", '[stages.a]\ncmd = "true"\ntimeout = "10"\n', "$.stages.a.timeout",
                  ["timeout"]),
     pytest.param("cmd-and-call", '[stages.a]\ncmd = "true"\ncall = "m:f"\n', "$.stages.a.cmd", ["call"]),
-    pytest.param("toml-syntax", '[stages.a]\ncmd = "true"\nretries = = 1\n', "$.stages.a.retries",
-                 ["TOML"]),
 ]
 
 

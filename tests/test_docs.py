@@ -23,6 +23,46 @@ def test_cli_reference_is_current():
     assert (ROOT / "docs" / "cli.md").read_text() == render_cli_reference(), "run `make docs`"
 
 
+def test_error_reference_is_current():
+    from stagestore.cli.errordoc import render_error_reference
+
+    assert (ROOT / "docs" / "errors.md").read_text() == render_error_reference(), \
+        "docs/errors.md is stale: run `make docs`"
+
+
+def test_every_error_class_is_in_the_error_reference():
+    """A `StagestoreError` defined outside `errordoc.ERROR_MODULES` would be missing from
+    docs/errors.md: import every module and look."""
+    import importlib
+    import pkgutil
+
+    import stagestore
+    from stagestore.cli.errordoc import error_classes
+    from stagestore.errors import StagestoreError
+
+    for info in pkgutil.walk_packages(stagestore.__path__, "stagestore."):
+        if info.name.endswith(".__main__"):  # runs the CLI when imported
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency (dask) that is not installed
+            continue
+    listed = set(error_classes())
+    pending = [StagestoreError]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls.__module__.startswith("stagestore."):
+            assert cls in listed, f"{cls.__module__}.{cls.__name__}: add it to ERROR_MODULES"
+    reference = (ROOT / "docs" / "errors.md").read_text()
+    for cls in listed:
+        assert f"{cls.__name__}`" in reference, cls
+
+
+def test_readme_links_the_error_reference():
+    assert "(docs/errors.md)" in (ROOT / "README.md").read_text()
+
+
 def test_every_command_has_help_and_a_section_in_the_reference():
     reference = (ROOT / "docs" / "cli.md").read_text()
     for name, command in cli.commands.items():

@@ -377,13 +377,13 @@ def test_stats_of_one_stage_and_the_last_run(flaky):
     assert report.stages[0].success_rate == 100.0 and report.stages[0].last_failure is None
 
 
-def test_stats_of_an_unknown_stage_exits_2_with_one_line(flaky):
+def test_stats_of_an_unknown_stage_exits_2_with_one_error_line(flaky):
     res = Workspace(flaky).cli("stats", "--stage", "nosuch")
     assert res.returncode == 2
     _clean_cli(res)
     assert res.stdout == ""
     lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
     assert "'nosuch'" in lines[0] and "count, make, report" in lines[0]
 
 

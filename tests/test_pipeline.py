@@ -233,7 +233,7 @@ def test_toml_syntax_error_names_file_and_line(ws):
     exc = _load_error(ws, '[stages.build]\ncmd = "true"\nretries = \n')
     assert "stagestore.toml" in exc.message
     assert "invalid TOML" in exc.message
-    assert "line 7" in exc.message, exc.message  # 4 header lines, then the 3rd line of the body
+    assert "stagestore.toml:7:" in exc.message, exc.message  # 4 header lines, then line 3
     assert exc.exit_code == 2
 
 
@@ -241,12 +241,13 @@ def test_toml_syntax_error_in_table_header(ws):
     exc = _load_error(ws, '[stages.build\ncmd = "true"\n')
     assert "stagestore.toml" in exc.message
     assert "invalid TOML" in exc.message
-    assert "line 5" in exc.message, exc.message
+    assert "stagestore.toml:5:" in exc.message, exc.message
 
 
-def test_toml_syntax_error_names_stage_and_key(ws):
+def test_toml_syntax_error_names_a_position_not_a_key(ws):
+    # A key guessed from the lines around a syntax error is often the wrong one.
     exc = _load_error(ws, '[stages.build]\ncmd = "true"\nretries = \n')
-    _assert_points_at(exc, "build", "retries")
+    assert "$." not in exc.message and "retries" not in exc.message, exc.message
 
 
 def test_unknown_key_in_pipeline_table(ws):

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..processes import Terminated, handle_signals
     from .commands import cli
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    debug, as_json = "--debug" in args, "--json" in args
     # SIGTERM and SIGHUP (timeout, docker stop, CI runners, schedulers, a closed terminal) take
     # the path Ctrl-C takes: the stages are killed, nothing false is recorded, recover resumes.
     try:
@@ -26,70 +27,118 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # click's own exits (help, usage errors, ctx.exit)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
-        return _interrupted(None)
+        return _interrupted(None, as_json)
     except Terminated as exc:
-        return _interrupted(exc.signum)
+        return _interrupted(exc.signum, as_json)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
-        return _report_error(exc, debug)
+        return _report_error(exc, debug, argv)
     return 0
 
 
-def _interrupted(signum: int | None) -> int:
+def _interrupted(signum: int | None, as_json: bool = False) -> int:
     """The message and exit code of a command stopped by a signal (None: SIGINT, Ctrl-C)."""
     import signal
 
     by = f" by {signal.Signals(signum).name}" if signum is not None else ""
+    code = 128 + (signum if signum is not None else signal.SIGINT)
     try:
-        print(f"error: interrupted{by}; {INTERRUPTED_HINT}", file=sys.stderr)
+        _print_error(f"interrupted{by}", INTERRUPTED_HINT, code, None, as_json)
     except OSError:
         pass  # SIGHUP: the terminal may be gone
-    return 128 + (signum if signum is not None else signal.SIGINT)
+    return code
 
 
-def _report_error(exc: BaseException, debug: bool) -> int:
+def _report_error(exc: BaseException, debug: bool, argv: list[str] | None = None) -> int:
+    """Print `exc` as an `error:` and a `hint:` line (with `--json` in the arguments, as one
+    JSON object on stderr) and return its exit code."""
     import click
 
-    from ..errors import EXIT_INTERNAL, StagestoreError
+    from ..errors import ExitCode, StagestoreError, UsageError
 
+    args = list(argv if argv is not None else sys.argv[1:])
+    as_json = "--json" in args
+    trace: BaseException | None = exc if debug else None
     if isinstance(exc, click.exceptions.Exit):
         return exc.exit_code
-    if isinstance(exc, click.ClickException):
-        exc.show()
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group
+        exc.show()  # its help, as click prints it
         return exc.exit_code
     if isinstance(exc, click.exceptions.Abort):  # click's wrapper of KeyboardInterrupt
-        return _interrupted(None)
-    if isinstance(exc, StagestoreError):
-        if debug:
-            import traceback
-
-            traceback.print_exception(exc)
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
-    if isinstance(exc, PermissionError):
-        print(f"error: permission denied: {exc.filename}", file=sys.stderr)
-        print("hint: check the owner and mode of the store and workspace folders", file=sys.stderr)
-        return 1
-    if isinstance(exc, OSError) and exc.errno is not None:
+        return _interrupted(None, as_json)
+    if isinstance(exc, click.UsageError):  # unknown option, missing argument, bad value
+        message, hint, code = (_usage_message(exc), _help_hint(exc.ctx, args), ExitCode.USAGE)
+    elif isinstance(exc, click.ClickException):
+        message, hint, code = exc.format_message(), _help_hint(None, args), exc.exit_code
+    elif isinstance(exc, StagestoreError):
+        hint = exc.hint or (_help_hint(None, args) if isinstance(exc, UsageError) else None)
+        message, code = exc.message, exc.exit_code
+    elif isinstance(exc, PermissionError):
+        message, hint, code = (f"permission denied: {exc.filename}",
+                               "check the owner and mode of the store and workspace folders",
+                               ExitCode.FAILED)
+    elif isinstance(exc, OSError) and exc.errno is not None:
         import errno
 
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror}{where}", file=sys.stderr)
+        message, code = f"{exc.strerror}{where}", ExitCode.FAILED
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            print("hint: free some disk space (`stagestore gc` reclaims unreferenced objects), "
-                  "then `stagestore recover`", file=sys.stderr)
+            hint = ("free some disk space (`stagestore gc` reclaims unreferenced objects), "
+                    "then `stagestore recover`")
         else:
-            print("hint: fix the cause, then `stagestore recover` completes any interrupted run",
-                  file=sys.stderr)
-        if debug:
-            import traceback
+            hint = "fix the cause, then `stagestore recover` completes any interrupted run"
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        hint = "this is a bug in stagestore; please report it with the traceback"
+        code, trace = ExitCode.INTERNAL, exc
+    _print_error(message, hint, int(code), trace, as_json)
+    return int(code)
 
-            traceback.print_exception(exc)
-        return 1
+
+def _print_error(message: str, hint: str | None, code: int, trace: BaseException | None,
+                 as_json: bool) -> None:
     import traceback
 
-    print("internal error: this is a bug in stagestore; please report it with the traceback below",
-          file=sys.stderr)
-    traceback.print_exception(exc)
-    return EXIT_INTERNAL
+    if as_json:
+        import json
+
+        obj: dict[str, object] = {"error": message, "hint": hint, "exit_code": code}
+        if trace is not None:
+            obj["traceback"] = "".join(traceback.format_exception(trace))
+        print(json.dumps(obj), file=sys.stderr)
+        return
+    if trace is not None:
+        traceback.print_exception(trace)
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def _usage_message(exc) -> str:  # noqa: ANN001 - a click.UsageError
+    """click's message, with a lowercase first letter as every other error line has."""
+    text = exc.format_message().strip()
+    return text[:1].lower() + text[1:] if text[:1].isupper() and text[1:2].islower() else text
+
+
+def _help_hint(ctx, args: list[str]) -> str:  # noqa: ANN001 - a click.Context or None
+    """`see `stagestore CMD --help``, CMD from the failing context, else from the arguments."""
+    if ctx is not None and ctx.command_path:
+        return f"see `{ctx.command_path} --help`"
+    from .commands import cli
+
+    path = ["stagestore"]
+    group = cli
+    words = iter(args)
+    for word in words:
+        if word in ("--store",):  # the group's one option that takes a value
+            next(words, None)
+            continue
+        if word.startswith("-"):
+            continue
+        command = getattr(group, "commands", {}).get(word)
+        if command is None:
+            break
+        path.append(word)
+        group = command
+        if not hasattr(command, "commands"):
+            break
+    return f"see `{' '.join(path)} --help`"

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..errors import ExitCode
 from . import render
 
 PIPELINE_HELP = "The pipeline file (default: stagestore.toml in the current folder)."
@@ -34,6 +35,23 @@ def _pipeline_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(func)
+
+
+class _FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf, which compare false with any bound."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+_JOBS = click.IntRange(min=1)
+_SECONDS = _FiniteRange(min=0)
 
 
 def _store_root(store_dir: str | None, pipeline_file: str | None = None) -> str:
@@ -86,7 +104,9 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 
     Exit codes: 0 success; 1 a stage or item failed, or verify or doctor found a problem; 2 a
     usage or pipeline error; 3 a systemic abort; 4 a run completed degraded (a fallback was
-    used); 70 an internal error; 130 interrupted (Ctrl-C); 143, 129 stopped by SIGTERM, SIGHUP.
+    used); 70 an internal error; 129, 130, 143 stopped by SIGHUP, SIGINT (Ctrl-C), SIGTERM.
+    Errors are an `error:` and a `hint:` line on stderr (with --json, one JSON object); every
+    exit code and error class is in docs/errors.md.
     """
     ctx.obj = Ctx(store_dir, quiet, debug)
 
@@ -97,7 +117,7 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 @click.option("--run-id", metavar="ID", help="Name of the run (default: a new time-based id).")
 @click.option("--stage", "stages", metavar="NAME", multiple=True,
               help="Run this stage and whatever it needs upstream (repeatable).")
-@click.option("-j", "--jobs", type=int, default=1, show_default=True,
+@click.option("-j", "--jobs", type=_JOBS, default=1, show_default=True, metavar="N",
               help="Independent stages run in parallel up to this many.")
 @click.option("--force", is_flag=True, help="Re-execute stages even when identical work exists.")
 @click.option("--items", "items_file", metavar="FILE",
@@ -106,12 +126,15 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 @click.option("--execution-mode", type=click.Choice(["production", "sampling"]),
               default="production", show_default=True,
               help="sampling: non-critical checks warn, systemic failures abort the run.")
-@click.option("--systemic-min-items", type=int, default=20, show_default=True, metavar="N",
+@click.option("--systemic-min-items", type=click.IntRange(min=1), default=20, show_default=True,
+              metavar="N",
               help="Sampling mode: items processed before systemic detection starts.")
-@click.option("--systemic-threshold", type=float, default=0.80, show_default=True, metavar="R",
+@click.option("--systemic-threshold", type=_FiniteRange(0, 1), default=0.80, show_default=True,
+              metavar="R",
               help="Sampling mode: abort when more than this ratio of processed items failed at "
                    "one infrastructure stage.")
-@click.option("--max-consecutive-failures", type=int, default=None, metavar="N",
+@click.option("--max-consecutive-failures", type=click.IntRange(min=1), default=None,
+              metavar="N",
               help="Item runs: after N failures of a stage in a row, fail later items fast at "
                    "that stage until a probe item succeeds.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
@@ -182,12 +205,13 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
             pool.shutdown(wait=False, cancel_futures=True)  # a no-op once the items have run
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     code = RUN_EXIT_CODES[report.status]
-    if report.push is not None and not report.push.ok and code == 0:
-        code = 1  # the results are safe locally; `stagestore push RUN_ID` sends them
+    if report.push is not None and not report.push.ok and code == ExitCode.OK:
+        code = ExitCode.FAILED  # the results are safe locally; `stagestore push RUN_ID` sends them
     raise SystemExit(code)
 
 
-RUN_EXIT_CODES = {"succeeded": 0, "failed": 1, "aborted": 3, "degraded": 4}
+RUN_EXIT_CODES = {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED,
+                  "aborted": ExitCode.SYSTEMIC, "degraded": ExitCode.DEGRADED}
 
 
 def _check_executor(executor: str, scheduler: str | None, items_file: str | None,
@@ -240,8 +264,8 @@ def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
     for warning in found:
         click.echo(f"warning: {warning.message}", err=True)
     if found and strict:
-        raise PipelineError(f"{pipeline.display}: {len(found)} compatibility warning"
-                            f"{'s' if len(found) != 1 else ''} with --strict",
+        raise PipelineError(f"{pipeline.display}: "
+                            f"{render.plural(len(found), 'compatibility warning')} with --strict",
                             hint="fix them, or run without --strict")
 
 
@@ -321,7 +345,8 @@ def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_di
 @click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
 @click.option("--remote", "remote_name", metavar="NAME",
               help="Check this remote instead of the local store.")
-@click.option("--sample", type=float, default=100.0, metavar="PERCENT",
+@click.option("--sample", type=_FiniteRange(0, 100, min_open=True), default=100.0,
+              metavar="PERCENT",
               help="With --remote: re-hash this percentage of the remote's objects, chosen at "
                    "random (default: all).  Manifests and references are always all checked.")
 @_pipeline_option
@@ -361,7 +386,8 @@ def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
 @cli.command()
 @click.option("--run-id", metavar="ID", help="Complete only this run.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-@click.option("-j", "--jobs", type=int, default=1, show_default=True)
+@click.option("-j", "--jobs", type=_JOBS, default=1, show_default=True, metavar="N",
+              help="Stages of interrupted runs run in parallel up to this many.")
 @_pipeline_option
 @_store_option
 @_json_option
@@ -506,11 +532,11 @@ def forget(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str |
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
-@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+@click.option("--timeout", type=_SECONDS, default=None, metavar="SECONDS",
               help="Give up if runs still hold the store after this long (default: wait).")
 @click.option("--remote", "remote_name", metavar="NAME",
               help="Collect this remote's unreferenced objects instead of the local store's.")
-@click.option("--grace", "grace_hours", type=float, default=24.0, show_default=True,
+@click.option("--grace", "grace_hours", type=_SECONDS, default=24.0, show_default=True,
               metavar="HOURS", help="With --remote: keep unreferenced objects younger than this "
               "(a push in flight sends objects before its manifests).")
 @_pipeline_option

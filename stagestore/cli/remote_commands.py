@@ -69,7 +69,7 @@ def _transfer_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """`--remote`, `--jobs`, `-p`, `--store` and `--json`: the options of push and pull."""
     for option in reversed([
             click.option("--remote", "remote_name", metavar="NAME", help=REMOTE_HELP),
-            click.option("-j", "--jobs", type=click.IntRange(min=1), default=8,
+            click.option("-j", "--jobs", type=click.IntRange(min=1), default=8, metavar="N",
                          show_default=True, help="Transfers at once."),
             _pipeline_option, _store_option, _json_option]):
         func = option(func)

@@ -20,6 +20,16 @@ def _err(line: str) -> None:
     click.echo(line, err=True)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 problem`, `2 problems`: every count printed next to a noun goes through here."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def duration(seconds: float, digits: int = 2) -> str:
+    """`1.25s`; never `-0.00s`, which a clock read twice or a rounding would otherwise give."""
+    return f"{seconds if seconds > 0 else 0.0:.{digits}f}s"
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -54,11 +64,14 @@ class RunProgress:
             elif event.event == "systemic_abort":
                 _err(f"{prefix} SYSTEMIC FAILURE: {event.detail}")
             else:
-                took = time.monotonic() - self._started.pop(key, time.monotonic())
+                # A stage can end without having started: reused, or failed before it ran (an
+                # item's missing input, an open circuit); such a line has no duration.
+                started = self._started.pop(key, None)
+                took = None if started is None else duration(time.monotonic() - started)
                 _err(f"{prefix} {stage:<20} " + {
                     "cached": f"cached (from run {event.detail})" if event.detail else "cached",
-                    "succeeded": f"succeeded in {took:.2f}s",
-                    "failed": f"FAILED after {took:.2f}s" + (
+                    "succeeded": f"succeeded in {took}" if took else "succeeded",
+                    "failed": (f"FAILED after {took}" if took else "FAILED") + (
                         f": {event.detail}" if event.detail else ""),
                     "skipped": f"skipped: {event.detail}",
                     "disabled": "disabled (enabled = false)",
@@ -117,7 +130,8 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
         event = RunEvent(
             ts=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"), run_id=report.run_id, event="run_end",
-            detail=f"{report.status}: {report.processed} items processed, {len(failed)} failed"
+            detail=f"{report.status}: {plural(report.processed, 'item')} processed, "
+                   f"{len(failed)} failed"
             if report.items else report.status)
         sys.stderr.buffer.write(msgspec.json.encode(event) + b"\n")
         sys.stderr.flush()
@@ -133,9 +147,10 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
         _items_summary(report)
     if report.systemic is not None:
         s = report.systemic
-        _err(f"error: systemic failure: {s.stage_failures} of {s.processed_items} processed items "
-             f"failed at infrastructure stage {s.trigger_stage} ({s.failure_ratio:.0%} > "
-             f"{s.threshold_ratio:.0%}); the run was aborted and is invalid for trends")
+        _err(f"error: systemic failure: {s.stage_failures} of "
+             f"{plural(s.processed_items, 'processed item')} failed at infrastructure stage "
+             f"{s.trigger_stage} ({s.failure_ratio:.0%} > {s.threshold_ratio:.0%}); the run was "
+             "aborted and is invalid for trends")
         for signal in s.dominant_failure_signals:
             _err(f"  | {signal}")
         _err(f"hint: fix stage {s.trigger_stage}, then run again; `stagestore report "
@@ -145,8 +160,9 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
              f"`stagestore report {report.run_id}` has the details")
     if report.push is not None:
         p = report.push
-        _err(f"pushed {p.manifests_pushed} manifests to {p.remote} ({p.manifests_present} "
-             f"already there), {p.objects_uploaded} objects ({_size(p.bytes_uploaded)})")
+        _err(f"pushed {plural(p.manifests_pushed, 'manifest')} to {p.remote} "
+             f"({p.manifests_present} already there), {plural(p.objects_uploaded, 'object')} "
+             f"({_size(p.bytes_uploaded)})")
         _conflicts(p)
         if not p.ok:
             _err(f"hint: the results are safe here; `stagestore push {report.run_id} --remote "
@@ -188,7 +204,7 @@ def _items_summary(report) -> None:  # noqa: ANN001
         _err(f"failed: item {item.item} at stage {item.first_failure_stage} "
              f"({f.class_ if f else '?'}): {line[:160]}")
     if len(failed) > 10:
-        _err(f"... and {len(failed) - 10} more failed items")
+        _err(f"... and {plural(len(failed) - 10, 'more failed item')}")
     _err(f"items: {report.processed} processed of {len(report.items)}: "
          + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(counts.items()))
          + f"; `stagestore report {report.run_id}` has the failure tables")
@@ -202,12 +218,14 @@ def verify_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         click.echo(f"problem: [{finding.kind}] {finding.message}")
     for finding in report.warnings:
         click.echo(f"warning: [{finding.kind}] {finding.message}")
-    summary = (f"{report.objects_checked} objects ({_size(report.bytes_checked)}), "
-               f"{report.manifests_checked} manifests in {report.runs_checked} runs checked")
+    summary = (f"{plural(report.objects_checked, 'object')} ({_size(report.bytes_checked)}), "
+               f"{plural(report.manifests_checked, 'manifest')} in "
+               f"{plural(report.runs_checked, 'run')} checked")
     if report.ok:
-        click.echo(f"ok: {summary}" + (f"; {len(report.warnings)} warnings" if report.warnings else ""))
+        click.echo(f"ok: {summary}"
+                   + (f"; {plural(len(report.warnings), 'warning')}" if report.warnings else ""))
     else:
-        click.echo(f"FAILED: {len(report.problems)} problems; {summary}")
+        click.echo(f"FAILED: {plural(len(report.problems), 'problem')}; {summary}")
 
 
 def recover_report(report, *, as_json: bool) -> None:  # noqa: ANN001
@@ -408,10 +426,9 @@ def check_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     for warning in report.warnings:
         _err(f"warning: {warning.message} (stages: {', '.join(warning.stages)})")
     verdict = "invalid" if report.errors else "valid"
-    click.echo(f"pipeline {report.pipeline}: {report.stages} stage"
-               f"{'s' if report.stages != 1 else ''} {verdict}; {len(report.errors)} error"
-               f"{'s' if len(report.errors) != 1 else ''}, {len(report.warnings)} warning"
-               f"{'s' if len(report.warnings) != 1 else ''}")
+    click.echo(f"pipeline {report.pipeline}: {plural(report.stages, 'stage')} {verdict}; "
+               f"{plural(len(report.errors), 'error')}, "
+               f"{plural(len(report.warnings), 'warning')}")
 
 
 def plan_report(report, *, as_json: bool) -> None:  # noqa: ANN001
@@ -423,7 +440,7 @@ def plan_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         rows.append([s.stage, s.action, _size(s.input_bytes),
                      _maybe(s.output_bytes, _size), _maybe(s.memory_bytes, _size),
                      _maybe(s.cores, str), _maybe(s.disk_bytes, _size),
-                     _maybe(s.seconds, lambda v: f"{v:.1f}s"),
+                     _maybe(s.seconds, lambda v: duration(v, 1)),
                      s.basis if s.action == "run" else s.reason])
     _table(["stage", "action", "input", "output", "memory", "cores", "disk", "time", "basis"],
            rows, right={2, 3, 4, 5, 6, 7})
@@ -451,8 +468,8 @@ def gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         _json(report)
         return
     verb = "would remove" if report.dry_run else "removed"
-    click.echo(f"{verb} {report.objects_removed} objects ({_size(report.bytes_removed)}); "
-               f"kept {report.objects_kept}")
+    click.echo(f"{verb} {plural(report.objects_removed, 'object')} "
+               f"({_size(report.bytes_removed)}); kept {report.objects_kept}")
 
 
 def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
@@ -499,10 +516,11 @@ def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         return
     n = len(report.runs)
     if not report.stages:
-        click.echo("no runs" if not n else f"no readable manifests in the last {n} runs")
+        click.echo("no runs" if not n else
+                   f"no readable manifests in the last {plural(n, 'run')}")
     else:
         def secs(value: float | None) -> str:
-            return "-" if value is None else f"{value:.2f}s"
+            return "-" if value is None else duration(value)
 
         rows = []
         for s in report.stages:
@@ -520,9 +538,9 @@ def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
                 where = f"run {last.run_id}" + (f" item {last.item}" if last.item is not None else "")
                 click.echo(f"last failure of {s.stage}: {where} at {last.at}: {last.class_} "
                            f"({last.category})" + (f": {last.signal}" if last.signal else ""))
-        click.echo(f"over the last {n} run{'s' if n != 1 else ''}")
+        click.echo(f"over the last {plural(n, 'run')}")
     if report.unreadable:
-        _err(f"warning: {report.unreadable} unreadable manifests skipped; "
+        _err(f"warning: {plural(report.unreadable, 'unreadable manifest')} skipped; "
              "`stagestore verify` names them")
 
 
@@ -552,9 +570,10 @@ def push_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         _json(report)
         return
-    click.echo(f"pushed {report.manifests_pushed} manifests to {report.remote} "
-               f"({report.manifests_present} already there); uploaded {report.objects_uploaded} "
-               f"objects ({_size(report.bytes_uploaded)}), {report.objects_present} already there")
+    click.echo(f"pushed {plural(report.manifests_pushed, 'manifest')} to {report.remote} "
+               f"({report.manifests_present} already there); uploaded "
+               f"{plural(report.objects_uploaded, 'object')} ({_size(report.bytes_uploaded)}), "
+               f"{report.objects_present} already there")
     _conflicts(report)
 
 
@@ -562,10 +581,10 @@ def pull_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         _json(report)
         return
-    click.echo(f"pulled {report.manifests_pulled} manifests from {report.remote} "
+    click.echo(f"pulled {plural(report.manifests_pulled, 'manifest')} from {report.remote} "
                f"({report.manifests_present} already here); downloaded "
-               f"{report.objects_downloaded} objects ({_size(report.bytes_downloaded)}), "
-               f"{report.objects_present} already here")
+               f"{plural(report.objects_downloaded, 'object')} "
+               f"({_size(report.bytes_downloaded)}), {report.objects_present} already here")
     _conflicts(report)
 
 
@@ -574,7 +593,7 @@ def remote_gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
         _json(report)
         return
     verb = "would remove" if report.dry_run else "removed"
-    click.echo(f"{report.remote}: {verb} {report.objects_removed} objects "
+    click.echo(f"{report.remote}: {verb} {plural(report.objects_removed, 'object')} "
                f"({_size(report.bytes_removed)}); kept {report.objects_kept}, and "
                f"{report.objects_young} unreferenced ones younger than "
                f"{report.grace_seconds / 3600:g} h")
