@@ -453,6 +453,10 @@ def gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{verb} {report.objects_removed} objects ({_size(report.bytes_removed)}); "
                f"kept {report.objects_kept}")
+    if report.cache_entries_rebuilt or report.cache_entries_removed:
+        click.echo(("would rebuild" if report.dry_run else "rebuilt")
+                   + f" {report.cache_entries_rebuilt} cache entries, "
+                   + ("remove" if report.dry_run else "removed") + f" {report.cache_entries_removed}")
 
 
 def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
