@@ -4,19 +4,24 @@ A manifest is the commit point of a stage: it is written last, through a temp fi
 rename, after every object it names is durable.  The cache index (`cache/`) maps a stage's
 (input_hash, config_hash) to the run holding a succeeded manifest for it; it is derived data,
 checked against the manifest on every lookup, so a stale or lost entry can cost a re-execution
-but never return a wrong result.
+but never return a wrong result.  A lookup never scans other runs: rebuilding stale entries from
+the manifests is the job of `gc`, `recover` and `forget` (`CacheIndex.rebuild`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from . import durable
-from .errors import CorruptRecordError, FormatVersionError, InvalidNameError, RunNotFoundError
-from .hashing import digest_canonical, is_digest
-from .layout import ITEMS_DIR, StoreLayout, item_id, validate_name
+from .errors import (CorruptRecordError, FormatVersionError, InvalidNameError, RunNotFoundError,
+                     StagestoreError)
+from .hashing import PREFIX, digest_canonical, digest_hex, is_digest
+from .layout import ITEMS_DIR, StoreLayout, item_id, run_owner, validate_name
+from .locking import OwnerLock, owner_is_live
 from .records import CacheEntry, ItemRecord, RunRecord, StageManifest, decode_record, encode_record
 
 
@@ -290,3 +295,187 @@ class CacheIndex:
                 and manifest.config_hash == config_hash):
             return manifest
         return None
+
+    # --- rebuilding from the manifests (gc, recover, forget; verify reports) ---
+
+    def entry_paths(self) -> list[Path]:
+        """Every file in a shard folder of `cache/`, sorted."""
+        found = []
+        try:
+            shards = list(os.scandir(self.layout.cache))
+        except FileNotFoundError:
+            return []
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            found += [Path(e.path) for e in os.scandir(shard.path) if e.is_file(follow_symlinks=False)]
+        return sorted(found)
+
+    def check(self, path: Path, known: Mapping[Location, str | None] | None = None) -> StaleEntry | None:
+        """What is wrong with the entry at `path`, or None when it leads to a succeeded manifest
+        with its key (or is gone, or was written by a newer stagestore: not ours to judge).
+        `known` maps manifests already read to their cache key (None: not succeeded)."""
+        name = f"cache entry {path.parent.name}/{path.name}"
+        key = _path_key(path)
+        try:
+            entry: CacheEntry = decode_record(path.read_bytes(), CacheEntry, str(path))
+        except FileNotFoundError:
+            return None
+        except FormatVersionError:
+            return None
+        except (OSError, StagestoreError) as exc:
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else exc.message
+            return StaleEntry(path, "cache_entry_invalid", f"{name} cannot be read: {reason}", key,
+                              None)
+        own = cache_key(entry.input_hash, entry.config_hash)
+        if key != own:
+            return StaleEntry(path, "cache_entry_invalid",
+                              f"{name} is filed under a key that is not its own", key, entry)
+        where = f"run {entry.run_id}" + (f" item {entry.item!r}" if entry.item is not None else "") \
+            + f" stage {entry.stage}"
+        location = (entry.run_id, entry.item, entry.stage)
+        if known is not None and location in known:
+            found = known[location]
+        else:
+            try:
+                manifest = self.manifests.read(entry.run_id, entry.stage, entry.item)
+            except FileNotFoundError:
+                return StaleEntry(path, "cache_entry_stale",
+                                  f"{name} names {where}, whose manifest does not exist", key, entry)
+            except FormatVersionError:
+                return None
+            except (OSError, StagestoreError):
+                return StaleEntry(path, "cache_entry_stale",
+                                  f"{name} names {where}, whose manifest cannot be read", key, entry)
+            found = cache_key(manifest.input_hash, manifest.config_hash) \
+                if manifest.status == "succeeded" else None
+        if found != own:
+            return StaleEntry(path, "cache_entry_stale", f"{name} names {where}, whose manifest is "
+                              "not a succeeded result with the entry's keys", key, entry)
+        return None
+
+    def stale(self, known: Mapping[Location, str | None] | None = None) -> list[StaleEntry]:
+        """Entries that do not lead to a succeeded manifest with their key, except those naming
+        a run a live process holds: it writes an entry before the manifest that entry names."""
+        found = []
+        for path in self.entry_paths():
+            wrong = self.check(path, known)
+            if wrong is not None and not (wrong.entry is not None and _names_live_run(
+                    self.layout, wrong.entry.run_id)):
+                found.append(wrong)
+        return found
+
+    def results(self) -> dict[str, StageManifest]:
+        """Cache key -> the succeeded manifest a rebuilt entry names.  Of several with one key,
+        the one of the run whose record says it started last (a run whose record cannot be
+        read counts as older than any other); then the greatest (run id, item, stage)."""
+        started: dict[str, float] = {}
+        best: dict[str, tuple[tuple[float, str, str, str], StageManifest]] = {}
+        for run_id, item, stage, manifest in self.manifests.iter_manifests():
+            if isinstance(manifest, Exception) or manifest.status != "succeeded":
+                continue
+            if run_id not in started:
+                try:
+                    started[run_id] = self.manifests.read_run(run_id).started_at.timestamp()
+                except StagestoreError:
+                    started[run_id] = float("-inf")
+            rank = (started[run_id], run_id, item or "", stage)
+            key = cache_key(manifest.input_hash, manifest.config_hash)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, manifest)
+        return {key: manifest for key, (_, manifest) in best.items()}
+
+    def rebuild(self, owner: str, *, dry_run: bool = False, lock_work: bool = True) -> CacheRebuild:
+        """Point each stale entry at the best run holding a succeeded manifest with its key
+        (`results`), or remove it when none does.  The caller holds `owner`'s lock (its temps
+        are written under that name).  With `lock_work`, each entry is checked again and
+        rewritten under its key's work lock, which a run holds from executing a stage to
+        writing its manifest, so an entry a run has just written is never undone; an entry
+        whose work lock is busy is left to that run.  gc holds the store lock exclusively and
+        needs none."""
+        stale = self.stale()
+        if not stale:
+            return CacheRebuild(0, 0)
+        results = self.results()
+        rebuilt = removed = 0
+        touched: set[Path] = set()
+        for wrong in stale:
+            replacement = results.get(wrong.key) if wrong.key is not None else None
+            if dry_run:
+                rebuilt, removed = rebuilt + (replacement is not None), removed + (replacement is None)
+                continue
+            lock = OwnerLock(self.layout, "work-" + digest_hex(wrong.key)) \
+                if lock_work and wrong.key is not None else None
+            if lock is not None and not lock.try_acquire():
+                continue
+            try:
+                if lock is not None and self.check(wrong.path) is None:
+                    continue  # a run rewrote it since the scan
+                if replacement is not None and not self._holds(replacement, wrong.key):
+                    replacement = None  # forgotten or replaced since the scan
+                if replacement is not None:
+                    self._write(replacement, wrong.path, owner)
+                    rebuilt += 1
+                else:
+                    durable.unlink(wrong.path)
+                    touched.add(wrong.path.parent)
+                    removed += 1
+            finally:
+                if lock is not None:
+                    lock.release()
+        for folder in sorted(touched):
+            durable.fsync_dir(folder)
+        return CacheRebuild(rebuilt, removed)
+
+    def _holds(self, manifest: StageManifest, key: str | None) -> bool:
+        """Whether the manifest's file still holds a succeeded result with this key."""
+        try:
+            now = self.manifests.read(manifest.run_id, manifest.stage, manifest.item)
+        except (OSError, StagestoreError):
+            return False
+        return now.status == "succeeded" and cache_key(now.input_hash, now.config_hash) == key
+
+    def _write(self, manifest: StageManifest, path: Path, owner: str) -> None:
+        entry = CacheEntry(run_id=manifest.run_id, item=manifest.item, stage=manifest.stage,
+                           input_hash=manifest.input_hash, config_hash=manifest.config_hash)
+        durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))
+
+
+CACHE_OWNER = "forget"
+"""The cache-index lock: held by `forget` from its first deletion to the end of its repair, and
+by `gc` and `recover` while they rebuild; `forget` and `gc` also write their temps under it."""
+
+Location = tuple[str, "str | None", str]
+"""(run id, item, stage): where a manifest is."""
+
+
+class StaleEntry(NamedTuple):
+    """A cache entry that does not lead to a succeeded manifest with its key."""
+
+    path: Path
+    kind: str  # cache_entry_invalid (cannot be read, or filed under another key), cache_entry_stale
+    problem: str
+    key: str | None  # the cache key its path stands for; None for a name that is not one
+    entry: CacheEntry | None  # as decoded, when it decodes
+
+
+class CacheRebuild(NamedTuple):
+    rebuilt: int  # entries pointed at another manifest with their key
+    removed: int  # entries no manifest could replace
+
+
+_ENTRY_NAME = re.compile(r"[0-9a-f]{62}\.json")
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+
+
+def _path_key(path: Path) -> str | None:
+    if _SHARD_NAME.fullmatch(path.parent.name) and _ENTRY_NAME.fullmatch(path.name):
+        return PREFIX + path.parent.name + path.name[:-len(".json")]
+    return None
+
+
+def _names_live_run(layout: StoreLayout, run_id: str) -> bool:
+    try:
+        return owner_is_live(layout, run_owner(validate_name(run_id)))
+    except InvalidNameError:
+        return False

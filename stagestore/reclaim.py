@@ -8,15 +8,15 @@ when any record cannot be read: it could not know what that record references.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from . import durable
 from .errors import StagestoreError, StoreError
 from .layout import run_owner
-from .locking import owner_locked, store_lock
-from .manifests import cache_key
-from .records import ArtifactRef, CacheEntry, decode_record
+from .locking import OwnerLock, owner_locked, store_lock
+from .manifests import CACHE_OWNER
+from .records import ArtifactRef
 from .reports import ForgetReport, GcReport
 from .store import Store
 from .trees import read_tree
@@ -29,45 +29,20 @@ def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
         if not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)  # raises RunNotFoundError
     with store_lock(store.layout, exclusive=False):
-        for run_id in run_ids:
-            with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
-                store.manifests.delete_run(run_id, run_owner(run_id))
-        with owner_locked(store.layout, "forget", "the cache index"):
-            _repair_cache_index(store, set(run_ids), "forget")
+        # Held from before the first deletion to the end of the repair, so that a `recover`
+        # beside it never takes the entries of a run being forgotten for stale ones and
+        # repairs them itself.  Its holders never wait while they hold it, so waiting is safe.
+        lock = OwnerLock(store.layout, CACHE_OWNER)
+        while not lock.try_acquire():
+            time.sleep(0.01)
+        try:
+            for run_id in run_ids:
+                with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
+                    store.manifests.delete_run(run_id, run_owner(run_id))
+            store.cache.rebuild(CACHE_OWNER)
+        finally:
+            lock.release()
     return ForgetReport(forgotten=run_ids)
-
-
-def _repair_cache_index(store: Store, forgotten: set[str], owner: str) -> None:
-    """Point cache entries that named a forgotten run at another run with the same keys."""
-    stale: set[str] = set()
-    for path, entry in _cache_entries(store):
-        if entry is None or entry.run_id in forgotten:
-            stale.add(path)
-    if not stale:
-        return
-    for _run_id, _item, _stage, manifest in store.manifests.iter_manifests():
-        if isinstance(manifest, Exception) or manifest.status != "succeeded":
-            continue
-        path = str(store.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash)))
-        if path in stale:
-            store.cache.record(manifest, owner)
-            stale.discard(path)
-    for path in stale:
-        durable.unlink(path)
-
-
-def _cache_entries(store: Store):  # noqa: ANN202
-    root = store.layout.cache
-    if not root.is_dir():
-        return
-    for shard in os.scandir(root):
-        if not shard.is_dir():
-            continue
-        for entry in os.scandir(shard.path):
-            try:
-                yield entry.path, decode_record(Path(entry.path).read_bytes(), CacheEntry, entry.path)
-            except (StagestoreError, OSError):
-                yield entry.path, None
 
 
 def _refs_of(store: Store, ref: ArtifactRef, live: set[str]) -> None:
@@ -156,11 +131,12 @@ def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
                 touched.add(path.parent)
         for folder in sorted(touched):
             durable.fsync_dir(folder)
+        # Under the exclusive store lock no run is between writing an entry and its manifest,
+        # so no work lock is needed; the cache-index owner names the temps.
+        with owner_locked(store.layout, CACHE_OWNER, "the cache index"):
+            cache = store.cache.rebuild(CACHE_OWNER, dry_run=dry_run, lock_work=False)
         if not dry_run:
-            for path, entry in _cache_entries(store):
-                if entry is None or not store.layout.manifest_path(
-                        entry.run_id, entry.stage, entry.item).exists():
-                    durable.unlink(path)
             _remove_stale_run_locks(store)
         return GcReport(dry_run=dry_run, objects_kept=kept, objects_removed=len(removed),
-                        bytes_removed=freed, removed=removed)
+                        bytes_removed=freed, removed=removed, cache_entries_rebuilt=cache.rebuilt,
+                        cache_entries_removed=cache.removed)

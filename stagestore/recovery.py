@@ -26,6 +26,7 @@ import msgspec
 from . import durable
 from .errors import FormatVersionError, RunBusyError, StagestoreError
 from .layout import StoreLayout, run_owner
+from .manifests import CACHE_OWNER, CacheRebuild
 from .locking import OwnerLock, owner_locked, store_lock
 from .objects import SyncBatch
 from .pipeline import CODE_INPUT, code_path, item_stages
@@ -51,13 +52,16 @@ def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, j
         if run_id and not store.manifests.has_run(run_id):
             store.manifests.read_run(run_id)  # raises RunNotFoundError with its hint
         plan.remove_orphans()
-        findings = Verifier(store, [], hash_progress).run()
+        findings = Verifier(store, [], hash_progress, cache_index=False).run()
         plan.remove_corrupt_objects({f.object for f in findings.problems
                                      if f.kind == "object_corrupt" and f.object})
         for rid in [run_id] if run_id else store.manifests.runs():
             plan.recover_run(rid)
+        cache = plan.rebuild_cache_index()
         return RecoverReport(ok=not plan.unresolved, dry_run=dry_run, actions=plan.actions,
-                             runs=plan.runs, unresolved=plan.unresolved)
+                             runs=plan.runs, unresolved=plan.unresolved,
+                             cache_entries_rebuilt=cache.rebuilt,
+                             cache_entries_removed=cache.removed)
 
 
 class _Recovery:
@@ -131,6 +135,33 @@ class _Recovery:
     def missing(self, ref: ArtifactRef) -> bool:
         """Whether the artifact, or any file of it, is gone (or about to be removed)."""
         return not artifact_present(self.store.objects, ref, gone=self._removed.__contains__)
+
+    # --- the cache index ---
+
+    def rebuild_cache_index(self) -> CacheRebuild:
+        """Last, so that it sees the manifests this recover removed and wrote.  Runs may be
+        writing entries meanwhile: each is rewritten under its key's work lock.  A `forget`
+        holds the cache-index lock from its first deletion to the end of its own repair: the
+        entries naming its runs are its to repair, so then the index is left to it."""
+        lock = OwnerLock(self.layout, CACHE_OWNER)
+        if not lock.try_acquire():
+            return CacheRebuild(0, 0)
+        try:
+            done = self.store.cache.rebuild(RECOVER_OWNER, dry_run=self.dry_run)
+        finally:
+            lock.release()
+        parts, planned = [], []
+        if done.rebuilt:
+            parts.append(f"pointed {done.rebuilt} cache entries at runs that hold the same results")
+            planned.append(f"would point {done.rebuilt} cache entries at runs that hold the "
+                           "same results")
+        if done.removed:
+            parts.append(f"removed {done.removed} cache entries that no run's manifest can replace")
+            planned.append(f"would remove {done.removed} cache entries that no run's manifest "
+                           "can replace")
+        if parts:
+            self.act("rebuild_cache_index", "; ".join(parts), "; ".join(planned))
+        return done
 
     # --- runs ---
 

@@ -111,6 +111,8 @@ class RecoverReport(Report, kw_only=True):
     actions: list[RecoverAction]
     runs: list[RunReport]
     unresolved: list[str]
+    cache_entries_rebuilt: int = 0  # stale entries pointed at another run with the same result
+    cache_entries_removed: int = 0  # stale entries no run's manifest could replace
 
 
 class FileChange(Report, kw_only=True):
@@ -147,6 +149,8 @@ class GcReport(Report, kw_only=True):
     objects_removed: int
     bytes_removed: int
     removed: list[str]
+    cache_entries_rebuilt: int = 0  # as in RecoverReport
+    cache_entries_removed: int = 0
 
 
 class Conflict(Report, kw_only=True):

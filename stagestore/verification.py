@@ -2,8 +2,9 @@
 
 Verify re-hashes objects (never trusts a mode bit or a size), decodes every manifest and run
 record against its schema, checks that every object a record names exists and matches, and
-that every stage's recorded upstream hashes equal the upstream manifests' output hashes.  It
-collects typed findings and repairs nothing: `recover` acts.
+that every stage's recorded upstream hashes equal the upstream manifests' output hashes, and
+that every cache entry leads to a succeeded manifest with its key.  It collects typed findings
+and repairs nothing: `recover` acts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .hashing import EMPTY_DIGEST, hash_file
 from .layout import StoreLayout, run_owner
 from .pipeline import item_stages
 from .locking import owner_is_live, store_lock
+from .manifests import Location, cache_key
 from .objects import OBJECT_MODE
 from .records import ArtifactRef, RunRecord, StageManifest, TreeListing
 from .reports import Finding, VerifyReport
@@ -51,8 +53,10 @@ def verify(store: Store, run_ids: Iterable[str] = (), *,
 
 
 class Verifier:
-    def __init__(self, store: Store, run_ids: list[str], progress: BytesProgress | None) -> None:
+    def __init__(self, store: Store, run_ids: list[str], progress: BytesProgress | None, *,
+                 cache_index: bool = True) -> None:
         self.store = store
+        self.cache_index = cache_index  # recover rebuilds the index itself, and needs no report
         self.layout: StoreLayout = store.layout
         self.run_ids = run_ids
         self.progress = progress
@@ -60,6 +64,9 @@ class Verifier:
         self.refs = _Refs()
         self.manifests_checked = 0
         self.trees_seen: dict[str, TreeListing | None] = {}
+        # (run, item, stage) -> cache key of each manifest read (None: not succeeded), so the
+        # cache index is checked without reading every manifest twice.
+        self.keys: dict[Location, str | None] = {}
 
     def find(self, kind: str, severity: str, message: str, **where: str | None) -> None:
         self.findings.append(Finding(kind=kind, severity=severity, message=message, **where))  # type: ignore[arg-type]
@@ -74,6 +81,8 @@ class Verifier:
             self.check_run(run_id)
         objects, nbytes = self.check_objects(whole_store=not self.run_ids)
         self.check_temps()
+        if not self.run_ids and self.cache_index:
+            self.check_cache_index()
         problems = [f for f in self.findings if f.severity == "problem"]
         warnings = [f for f in self.findings if f.severity == "warning"]
         return VerifyReport(ok=not problems, objects_checked=objects, bytes_checked=nbytes,
@@ -129,6 +138,8 @@ class Verifier:
                 self.find("manifest_invalid", "problem", message, run_id=run_id, stage=stage,
                           item=item, path=path)
         for stage, manifest in loaded.items():
+            self.keys[(run_id, item, stage)] = cache_key(manifest.input_hash, manifest.config_hash) \
+                if manifest.status == "succeeded" else None
             self.note_manifest(manifest)
             self.check_upstream(run_id, stage, manifest, loaded, shared, item)
         return loaded
@@ -317,6 +328,25 @@ class Verifier:
                           f"object {digest} has mode {stat.S_IMODE(st.st_mode):o}, not 444",
                           object=digest, path=str(path))
         return len(sizes), done
+
+    def check_cache_index(self) -> None:
+        stale = self.store.cache.stale(self.keys)
+        results = self.store.cache.results() if stale else {}
+        for wrong in stale:
+            holder = results.get(wrong.key) if wrong.key is not None else None
+            fix = (f"run {holder.run_id} holds the same result: `stagestore recover` or "
+                   "`stagestore gc` points the entry there") if holder is not None else (
+                "no run holds that result: `stagestore recover` or `stagestore gc` removes it")
+            entry = wrong.entry
+            where = {"run_id": entry.run_id, "item": entry.item, "stage": entry.stage} \
+                if entry is not None else {}
+            # A stale entry costs a re-execution, never a wrong result: a warning.
+            if wrong.kind == "cache_entry_invalid":
+                self.find("cache_entry_invalid", "warning", f"{wrong.problem}; {fix}",
+                          path=str(wrong.path), **where)
+            else:
+                self.find("cache_entry_stale", "warning", f"{wrong.problem}; {fix}",
+                          path=str(wrong.path), **where)
 
     def check_temps(self) -> None:
         for entry, owner in orphaned_temps(self.layout):

@@ -470,6 +470,10 @@ def gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{verb} {plural(report.objects_removed, 'object')} "
                f"({_size(report.bytes_removed)}); kept {report.objects_kept}")
+    if report.cache_entries_rebuilt or report.cache_entries_removed:
+        click.echo(("would rebuild" if report.dry_run else "rebuilt")
+                   + f" {plural(report.cache_entries_rebuilt, 'cache entry', 'cache entries')}, "
+                   + ("remove" if report.dry_run else "removed") + f" {report.cache_entries_removed}")
 
 
 def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
