@@ -137,7 +137,7 @@ class ScaleStore:
     """
 
     def __init__(self, root: Path, files_per_run: int, file_size: int = 256) -> None:
-        from stagestore.store import Store
+        from stagestore.store.store import Store
 
         self.root = root
         self.files_per_run = files_per_run
@@ -150,7 +150,7 @@ class ScaleStore:
         self.empty = ""
 
     def _put(self, data: bytes) -> str:
-        from stagestore.hashing import digest_bytes
+        from stagestore.store.hashing import digest_bytes
 
         digest = digest_bytes(data)
         path = self.store.layout.object_path(digest)
@@ -171,13 +171,13 @@ class ScaleStore:
         return f"scale-{index:05d}"
 
     def grow(self, total_runs: int) -> None:
-        from stagestore.keys import config_hash, input_hash
-        from stagestore.layout import run_owner
-        from stagestore.manifests import output_hash
-        from stagestore.records import (ArtifactRef, AttemptLog, PipelineDef, PipelineMeta,
-                                        PipelineRef, RunRecord, StageManifest, StageSpec,
-                                        TreeEntry, TreeListing)
-        from stagestore.trees import encode_tree
+        from stagestore.pipeline.keys import config_hash, input_hash
+        from stagestore.store.layout import run_owner
+        from stagestore.store.manifests import output_hash
+        from stagestore.model.records import (ArtifactRef, AttemptLog, PipelineDef, PipelineMeta,
+                                              PipelineRef, RunRecord, StageManifest, StageSpec,
+                                              TreeEntry, TreeListing)
+        from stagestore.store.trees import encode_tree
 
         pref = PipelineRef(name="scale", version="1")
         workdir = self.root.parent

@@ -313,7 +313,7 @@ def s1_hash(b: Bench) -> ScenarioResult:
     size = b.cfg.big_size
     r = ScenarioResult("1", "hash", f"hash a {human(size)} file",
                        target="at least 0.9x the throughput of b3sum",
-                       method=("stagestore.hashing.hash_file (what commit and verify call) timed "
+                       method=("stagestore.store.hashing.hash_file (what commit and verify call) timed "
                                "inside its process, vs b3sum FILE timed as a whole command; warm "
                                "page cache (one untimed warm-up); ratio = b3sum time / "
                                "stagestore time"))
@@ -963,7 +963,7 @@ KIND_KEY_ENV = "STAGESTORE_BENCH_KEY"
 KIND_KEY = bytes(range(32)).hex()  # 64 hex characters, as docs/kinds.md "Keys" accepts
 _KIND_METHOD = (
     "Each repetition, interleaved in a rotating order after one untimed warm-up of every step "
-    "(warm page cache): (a) the stage's child process `python -m stagestore.kindstage "
+    "(warm page cache): (a) the stage's child process `python -m stagestore.execution.kindstage "
     "CONTEXT.json` (the process the runner starts for a built-in stage; context as in "
     "docs/kinds.md \"The child process\", output to a new path, key in an environment "
     "variable), timed as a whole command: interpreter start-up, imports, reading, the kind's "
@@ -976,7 +976,7 @@ _KIND_METHOD = (
 
 
 def _kind_context(ws: Path, tag: str, settings: dict, src: Path) -> tuple[Path, Path, Path]:
-    """A context file for `python -m stagestore.kindstage` (docs/kinds.md, "The child
+    """A context file for `python -m stagestore.execution.kindstage` (docs/kinds.md, "The child
     process"); returns (context, dest, stats).  Unset settings are null (the defaults)."""
     dest, stats = ws / f"out-{tag}", ws / f"stats-{tag}.json"
     context = {key: settings.get(key) for key in ("kind", "algorithm", "params", "chunk_size",
@@ -1019,7 +1019,7 @@ class _KindSteps:
         def step() -> float:
             _remove(dest)
             _remove(stats)
-            elapsed, _ = run([PY, "-m", "stagestore.kindstage", context], cwd=self.ws,
+            elapsed, _ = run([PY, "-m", "stagestore.execution.kindstage", context], cwd=self.ws,
                              env=self.env)
             result = json.loads(stats.read_text())
             if result["bytes_in"] != self.bytes_in:
@@ -1317,7 +1317,7 @@ def _s3servers():  # noqa: ANN202 - the module tests/s3servers.py, loaded by pat
 
 def _s3_jobs() -> int:
     """stagestore's default number of transfers at once (push/pull --jobs), used by the peers."""
-    from stagestore.transfer import JOBS
+    from stagestore.remote.transfer import JOBS
 
     return JOBS
 

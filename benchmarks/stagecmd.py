@@ -10,7 +10,7 @@ the built-in kinds, which import cryptography (`aesgcm-file`) or zstandard (`zst
     write-files OUTDIR COUNT SIZE [--fsync]            COUNT files of SIZE bytes in a new folder
     write-small OUT                                     a 16-byte file
     hash-blake3 FILE                                    blake3 update_mmap, max_threads=AUTO
-    hash-stagestore FILE                                stagestore.hashing.hash_file
+    hash-stagestore FILE                                stagestore.store.hashing.hash_file
     read-chunks FILE bytearray|mmap                     read in 1 MiB chunks into that buffer
     write-text OUT SIZE [--seed N]                      text-like data (words, ~3x compressible)
     aesgcm-file IN OUT                                  AESGCM(key).encrypt of the whole file,
@@ -114,7 +114,7 @@ def hash_blake3(path: str) -> dict:
 
 
 def hash_stagestore(path: str) -> dict:
-    from stagestore.hashing import hash_file
+    from stagestore.store.hashing import hash_file
 
     t0 = time.perf_counter()
     digest = hash_file(path)
@@ -292,7 +292,7 @@ def obstore_get(bucket: str, prefix: str, dest: str, endpoint: str, jobs: int,
 def count_requests(args: list[str]) -> dict:
     """Run `stagestore ARGS...` in this process with every S3 request of its remote counted
     (a list page is one request; an empty listing still one)."""
-    from stagestore import storage
+    from stagestore.remote import storage
     from stagestore.cli import main as cli_main
 
     counts: dict[str, int] = {}

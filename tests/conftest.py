@@ -102,12 +102,12 @@ class Workspace:
                               capture_output=True, text=True, timeout=timeout, env=full_env)
 
     def load(self):  # noqa: ANN201
-        from stagestore.pipeline import load_pipeline
+        from stagestore.pipeline.model import load_pipeline
 
         return load_pipeline(self.pipeline_file)
 
     def open_store(self):  # noqa: ANN201
-        from stagestore.store import Store
+        from stagestore.store.store import Store
 
         return Store.create(self.store)
 

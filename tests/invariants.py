@@ -24,14 +24,14 @@ import os
 import stat
 from pathlib import Path
 
-from stagestore.hashing import EMPTY_DIGEST, hash_file
-from stagestore.layout import TMP_SEP
-from stagestore.locking import OwnerLock, store_lock
-from stagestore.objects import OBJECT_MODE
-from stagestore.records import ArtifactRef
-from stagestore.store import Store
-from stagestore.trees import read_tree
-from stagestore.verification import verify
+from stagestore.store.hashing import EMPTY_DIGEST, hash_file
+from stagestore.store.layout import TMP_SEP
+from stagestore.store.locking import OwnerLock, store_lock
+from stagestore.store.objects import OBJECT_MODE
+from stagestore.model.records import ArtifactRef
+from stagestore.store.store import Store
+from stagestore.store.trees import read_tree
+from stagestore.inspection.verify import verify
 
 
 class InvariantError(AssertionError):
@@ -175,7 +175,7 @@ def outputs_of(store: Store, run_id: str) -> dict[tuple[str | None, str], str | 
 def check_rerun(pipeline, store: Store, reference: dict, run_id: str = "a", **run_kwargs) -> None:  # noqa: ANN001
     """5: a rerun of `run_id` ends with the reference's output hashes, and a run after that
     executes nothing."""
-    from stagestore.runner import run
+    from stagestore.execution.runner import run
 
     run(pipeline, store, run_id=run_id, **run_kwargs)
     got = outputs_of(store, run_id)

@@ -76,7 +76,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stagestore import durable
+from stagestore.store import durable
 
 ROOT = 0
 META_POLICIES = ("synced", "all", "swap", "random")
@@ -358,7 +358,7 @@ class Recording:
         """The progress callback: a stage reported successful (executed, or reused)."""
         if event.event not in ("succeeded", "cached") or event.stage is None:
             return
-        from stagestore.store import Store
+        from stagestore.store.store import Store
 
         manifest = Store(self.root).manifests.read(event.run_id, event.stage, event.item)
         with self._lock:

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 import stagestore
 from stagestore import Pipeline, load_pipeline
 from stagestore.errors import PipelineError
-from stagestore.pipeline import _decode
-from stagestore.records import ClassifyRule, StageSpec
-from stagestore.store import Store
-from stagestore.tomlwrite import TomlValueError, section, value
+from stagestore.pipeline.model import _decode
+from stagestore.model.records import ClassifyRule, StageSpec
+from stagestore.store.store import Store
+from stagestore.pipeline.tomlwrite import TomlValueError, section, value
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "docs-pipeline" / "stagestore.toml"
 

@@ -9,14 +9,14 @@ import shutil
 import msgspec
 import pytest
 
-from stagestore.layout import run_owner
-from stagestore.locking import OwnerLock
-from stagestore.manifests import cache_key
-from stagestore.reclaim import gc
-from stagestore.records import CacheEntry, decode_record
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.verification import verify
+from stagestore.store.layout import run_owner
+from stagestore.store.locking import OwnerLock
+from stagestore.store.manifests import cache_key
+from stagestore.inspection.gc import gc
+from stagestore.model.records import CacheEntry, decode_record
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.inspection.verify import verify
 
 STAGES = ("make", "count", "report")
 CACHE_KINDS = {"cache_entry_stale", "cache_entry_invalid"}
@@ -259,7 +259,7 @@ def test_recover_leaves_the_index_to_a_forget_in_progress(ws, two_runs):
 
 
 def test_forget_points_the_entries_of_the_forgotten_run_at_another(ws, two_runs):
-    from stagestore.reclaim import forget
+    from stagestore.inspection.gc import forget
 
     store = two_runs
     forget(store, ["r1"])

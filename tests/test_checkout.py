@@ -7,12 +7,12 @@ import os
 import msgspec
 import pytest
 
-from stagestore.checkouts import checkout
+from stagestore.inspection.checkout import checkout
 from stagestore.errors import StagestoreError
-from stagestore.hashing import EMPTY_DIGEST, canonical_json
-from stagestore.manifests import output_hash
-from stagestore.records import ArtifactRef, TreeEntry, TreeListing
-from stagestore.runner import run
+from stagestore.store.hashing import EMPTY_DIGEST, canonical_json
+from stagestore.store.manifests import output_hash
+from stagestore.model.records import ArtifactRef, TreeEntry, TreeListing
+from stagestore.execution.runner import run
 
 
 def _listing(tmp_path):
@@ -41,7 +41,7 @@ def test_checkout_copies_outputs_with_their_bytes(done, tmp_path):
     assert written == [str(tmp_path / "out" / "out")]
     assert (tmp_path / "out" / "out" / "f1.txt").read_text() == "file 1\n!"
     tree = store.manifests.read("a", "make").outputs["out"].hash
-    from stagestore.trees import read_tree
+    from stagestore.store.trees import read_tree
 
     for entry in read_tree(store.objects, tree).entries:
         assert store.objects.path(entry.hash).stat().st_nlink == 1  # copied, never linked out

@@ -9,9 +9,9 @@ import time
 
 import msgspec
 
-from stagestore.reclaim import gc
-from stagestore.store import Store
-from stagestore.verification import verify
+from stagestore.inspection.gc import gc
+from stagestore.store.store import Store
+from stagestore.inspection.verify import verify
 
 SLOW = """
 [pipeline]
@@ -92,8 +92,8 @@ def test_gc_during_a_run_loses_nothing(ws):
 
 def test_gc_removes_only_unreferenced_objects(ws):
     ws.linear()
-    from stagestore.reclaim import forget
-    from stagestore.runner import run
+    from stagestore.inspection.gc import forget
+    from stagestore.execution.runner import run
 
     store = ws.open_store()
     run(ws.load(), store, run_id="a")
@@ -150,7 +150,7 @@ def test_a_waiting_gc_holds_off_shared_holders_that_come_after_it(tmp_path):
     import pytest
 
     from stagestore.errors import RunBusyError
-    from stagestore.locking import store_lock
+    from stagestore.store.locking import store_lock
 
     layout = Store.create(tmp_path / "store").layout
     events: list[str] = []
@@ -177,7 +177,7 @@ def test_a_waiting_gc_holds_off_shared_holders_that_come_after_it(tmp_path):
 
 
 def _hold_exclusive(layout, events: list[str]) -> None:
-    from stagestore.locking import store_lock
+    from stagestore.store.locking import store_lock
 
     with store_lock(layout, exclusive=True):
         events.append("gc")
@@ -190,7 +190,7 @@ def _as_format_1(root):
 
 
 def test_a_format_1_store_is_upgraded_by_the_first_store_lock(tmp_path):
-    from stagestore.locking import store_lock
+    from stagestore.store.locking import store_lock
 
     Store.create(tmp_path / "store")
     store = _as_format_1(tmp_path / "store")
@@ -208,7 +208,7 @@ def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path
     import pytest
     from filelock import ReadWriteLock
 
-    from stagestore import locking
+    from stagestore.store import locking
     from stagestore.errors import RunBusyError
 
     Store.create(tmp_path / "store")

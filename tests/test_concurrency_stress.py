@@ -27,10 +27,10 @@ import pytest
 
 from invariants import check_objects_named, check_store, referenced
 from stagestore.errors import RunBusyError
-from stagestore.layout import StoreLayout
-from stagestore.locking import OwnerLock, owner_is_live, store_lock
-from stagestore.store import Store
-from stagestore.trees import read_tree
+from stagestore.store.layout import StoreLayout
+from stagestore.store.locking import OwnerLock, owner_is_live, store_lock
+from stagestore.store.store import Store
+from stagestore.store.trees import read_tree
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -296,7 +296,7 @@ def test_eight_writers_thousand_stages_with_gc_and_recover_beside_them(tmp_path)
 FIRST_DECODE = """
 import sys, threading
 sys.setswitchinterval(1e-6)  # switch threads as often as possible: widens the window
-from stagestore.store import Store
+from stagestore.store.store import Store
 
 store = Store.open(sys.argv[1])
 barrier = threading.Barrier(4)

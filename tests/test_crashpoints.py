@@ -1,7 +1,7 @@
 """Crash points (issue 4): end the process right before durable operation N, for every N.
 
 For each reference workload of `workloads.py` (`linear`, `fanout`, `tree50`, `kinds`, `bigin`),
-K is the number of durable operations (calls into `stagestore/durable.py`, seen by the fault hook) of
+K is the number of durable operations (calls into `stagestore/store/durable.py`, seen by the fault hook) of
 a fault-free `run` on a freshly created store.  For every N in 1..K a forked child runs the
 workload and ends itself with `os._exit(99)` right before operation N; the parent then checks
 
@@ -59,13 +59,13 @@ import pytest
 
 import invariants
 import workloads
-from stagestore import durable
+from stagestore.store import durable
 from stagestore.errors import StagestoreError
-from stagestore.pipeline import Pipeline
-from stagestore.reclaim import forget, gc
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.store import Store
+from stagestore.pipeline.model import Pipeline
+from stagestore.inspection.gc import forget, gc
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
 
 SEED = 0  # printed with every point; nothing here is random, the op order is deterministic
 CRASH_EXIT = 99

@@ -50,7 +50,7 @@ def _fan(ws: Workspace, failing: str = "none", items: int = len(ITEMS)) -> Path:
 
 
 def _hashes(store: Path, run_id: str) -> dict[tuple[str, str], str | None]:
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     manifests = Store.open(store).manifests
     found = {}
@@ -62,7 +62,7 @@ def _hashes(store: Path, run_id: str) -> dict[tuple[str, str], str | None]:
 
 
 def _item_records(store: Path, run_id: str) -> dict:
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     manifests = Store.open(store).manifests
     return {item: manifests.read_item(run_id, item) for item in manifests.items(run_id)}
@@ -295,8 +295,8 @@ def test_the_circuit_breaker_stays_on_the_driver(ws, cluster):
 
 
 def test_probe_decisions_are_taken_and_handed_back_on_the_driver():
-    from stagestore.distributed import BreakerCall, _gates, _settle
-    from stagestore.resilience import CircuitBreaker
+    from stagestore.execution.dask import BreakerCall, _gates, _settle
+    from stagestore.execution.resilience import CircuitBreaker
 
     breaker = CircuitBreaker(2)
     assert _gates(breaker, ["s"]) == {}
@@ -323,8 +323,8 @@ def test_the_executor_seam_takes_any_executor(ws):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from stagestore.runner import run
-    from stagestore.store import Store
+    from stagestore.execution.runner import run
+    from stagestore.store.store import Store
 
     _fan(ws, failing="it03")
     items = ITEMS[:6]
@@ -376,7 +376,7 @@ def test_without_dask_installed_the_dask_executor_is_a_usage_error(ws):
 
 
 def test_dask_logging_is_silenced_while_the_executor_lasts_and_restored_after():
-    from stagestore.distributed import DaskExecutor
+    from stagestore.execution.dask import DaskExecutor
 
     names = ("distributed", "distributed.client", "distributed.scheduler", "dask")
     before = {name: logging.getLogger(name).level for name in names}

@@ -48,7 +48,7 @@ def _workspace(ws: Workspace) -> None:
 
 
 def _hashes(store, run_id: str) -> dict:  # noqa: ANN001
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     manifests = Store.open(store).manifests
     found = {("-", "prep"): manifests.read(run_id, "prep").output_hash}
@@ -78,7 +78,7 @@ def test_items_run_in_scratch_stores_and_push_to_the_remote(ws, s3_bucket, tmp_p
     ok(ws.cli("verify"))
     # the items ran in the scratch store (one per remote URL under STAGESTORE_SCRATCH)
     [scratch_store] = list(scratch.iterdir())
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     assert sorted(Store.open(scratch_store).manifests.items("r")) == ITEMS
     # and the remote has everything: another store pulls the run and verifies
@@ -136,7 +136,7 @@ def test_items_get_the_snapshots_of_shared_inputs_from_the_remote(ws, tmp_path):
         ws.write(f"in/{item}.txt", f"own input of {item}\n")
     ws.write("items.txt", "".join(f"{item}\n" for item in SHARED_ITEMS))
     ok(ws.cli("run", "--items", "items.txt", "--run-id", "r", "--store", str(tmp_path / "local")))
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     local = Store.open(tmp_path / "local").manifests
     expected = {(item, stage): local.read("r", stage, item).output_hash

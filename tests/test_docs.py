@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stagestore.cli.commands import cli
 from stagestore.cli.reference import render_cli_reference
-from stagestore.schema import render_schemas
+from stagestore.store.schema import render_schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_every_failure_class_is_documented():
-    from stagestore import executor
+    from stagestore.execution import attempt as executor
 
     stages_doc = (ROOT / "docs" / "stages.md").read_text()
     classes = [v for k, v in vars(executor).items() if k.isupper() and isinstance(v, str)
@@ -89,7 +89,7 @@ def test_every_failure_class_is_documented():
 def test_every_verify_finding_kind_is_documented():
     import re
 
-    source = (ROOT / "stagestore" / "verification.py").read_text()
+    source = (ROOT / "stagestore" / "inspection" / "verify.py").read_text()
     kinds = set(re.findall(r'self\.find\(\s*"([a-z_]+)"', source))
     assert {"object_corrupt", "object_missing", "manifest_missing"} <= kinds
     recovery = (ROOT / "docs" / "recovery.md").read_text()

@@ -15,11 +15,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stagestore import failures as F
-from stagestore.records import (MANIFEST_SCHEMA_VERSION, ClassifyRule, ExecutionOptions, Failure,
-                                StageSpec)
-from stagestore.runner import run
-from stagestore.taxonomy import failure_report
+from stagestore.execution.classify import classify
+from stagestore.model import failures as F
+from stagestore.model.records import (MANIFEST_SCHEMA_VERSION, ClassifyRule, ExecutionOptions,
+                                      Failure, StageSpec)
+from stagestore.execution.runner import run
+from stagestore.inspection.report import failure_report
 
 
 def _run(ws, **kwargs):
@@ -729,7 +730,7 @@ def test_json_check(ws, text, ok):
     (F.BUILD_FAILURE, 1, "fatal", "build"),  # an unknown failure is fatal
 ])
 def test_runner_classes_have_the_categories_that_fit_them(class_, exit_code, category, domain):
-    failure = F.classify(StageSpec(cmd="x"), Failure(class_=class_, signal="s", exit_code=exit_code))
+    failure = classify(StageSpec(cmd="x"), Failure(class_=class_, signal="s", exit_code=exit_code))
     assert (failure.class_, failure.category, failure.domain) == (class_, category, domain)
     assert failure.taxonomy_eligible is (domain == "build")
 
@@ -740,15 +741,15 @@ def test_rules_match_in_order_and_an_infrastructure_stage_changes_the_default_cl
              ClassifyRule(match="quota", class_="DependencyResolutionFailure", category="fatal")]
     spec = StageSpec(cmd="x", classify=rules)
     raw = Failure(class_=F.BUILD_FAILURE, signal="s", exit_code=1)
-    second = F.classify(spec, raw, "disk quota exceeded")
+    second = classify(spec, raw, "disk quota exceeded")
     assert (second.class_, second.rule) == ("DependencyResolutionFailure", 1)  # exit 1 != 2
-    first = F.classify(spec, Failure(class_=F.BUILD_FAILURE, signal="s", exit_code=2), "quota")
+    first = classify(spec, Failure(class_=F.BUILD_FAILURE, signal="s", exit_code=2), "quota")
     assert (first.class_, first.category, first.rule) == ("InfrastructureGateFailure", "retryable", 0)
-    infra = F.classify(StageSpec(cmd="x", domain="infrastructure"), raw, "other")
+    infra = classify(StageSpec(cmd="x", domain="infrastructure"), raw, "other")
     assert (infra.class_, infra.category, infra.domain, infra.taxonomy_eligible) == (
         "InfrastructureGateFailure", "fatal", "infrastructure", False)
     # Rules never reclassify the runner's own failures.
-    timeout = F.classify(spec, Failure(class_=F.TIMEOUT, signal="s"), "quota")
+    timeout = classify(spec, Failure(class_=F.TIMEOUT, signal="s"), "quota")
     assert (timeout.class_, timeout.rule) == (F.TIMEOUT, None)
 
 

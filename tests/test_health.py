@@ -1,4 +1,4 @@
-"""`stagestore doctor` (stagestore.health) and `stagestore stats` (stagestore.stats)."""
+"""`stagestore doctor` (stagestore.inspection.doctor) and `stagestore stats` (stagestore.inspection.stats)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from conftest import STEPS, Workspace
-from stagestore import health
-from stagestore.health import doctor
-from stagestore.locking import OwnerLock
-from stagestore.reclaim import gc
-from stagestore.records import (ArtifactRef, Failure, PipelineRef, StageManifest, encode_record)
-from stagestore.runner import run
-from stagestore.stats import _one, percentile, stage_stats
-from stagestore.store import Store
+from stagestore.inspection import doctor as health
+from stagestore.inspection.doctor import doctor
+from stagestore.store.locking import OwnerLock
+from stagestore.inspection.gc import gc
+from stagestore.model.records import (ArtifactRef, Failure, PipelineRef, StageManifest,
+                                      encode_record)
+from stagestore.execution.runner import run
+from stagestore.inspection.stats import _one, percentile, stage_stats
+from stagestore.store.store import Store
 
 CHECKS = ["format", "free_disk", "filesystem", "locks", "temps", "runs", "records"]
 ORPHAN = "run-zzz~0123456789abcdef~x"
@@ -440,7 +441,7 @@ def test_durations_of_executed_manifests_only():
 
 
 def test_doctor_does_not_wait_for_gc(ran, monkeypatch):
-    from stagestore.locking import store_lock
+    from stagestore.store.locking import store_lock
 
     store = ran.open_store()
     monkeypatch.setattr(health, "LOCK_TIMEOUT", 0)

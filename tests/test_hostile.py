@@ -62,21 +62,21 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from stagestore import durable
-from stagestore.checkouts import checkout
+from stagestore.store import durable
+from stagestore.inspection.checkout import checkout
 from stagestore.errors import CorruptRecordError, PipelineError, StagestoreError
-from stagestore.hashing import EMPTY_DIGEST, canonical_json, digest_bytes
-from stagestore.manifests import check_manifest, output_hash
-from stagestore.pipeline import Pipeline, _decode, load_pipeline, validate_pipeline
-from stagestore.records import (ArtifactRef, AttemptLog, CacheEntry, ExecutionOptions, Failure,
-                                FirstFailure, ItemRecord, PipelineDef, PipelineMeta, PipelineRef,
-                                RunRecord, StageEvent, StageManifest, StageSpec, TreeEntry,
-                                TreeListing, decode_record)
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.store import Store
-from stagestore.trees import check_tree, read_tree
-from stagestore.verification import verify
+from stagestore.store.hashing import EMPTY_DIGEST, canonical_json, digest_bytes
+from stagestore.store.manifests import check_manifest, output_hash
+from stagestore.pipeline.model import Pipeline, _decode, load_pipeline, validate_pipeline
+from stagestore.model.records import (ArtifactRef, AttemptLog, CacheEntry, ExecutionOptions,
+                                      Failure, FirstFailure, ItemRecord, PipelineDef, PipelineMeta,
+                                      PipelineRef, RunRecord, StageEvent, StageManifest, StageSpec,
+                                      TreeEntry, TreeListing, decode_record)
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
+from stagestore.store.trees import check_tree, read_tree
+from stagestore.inspection.verify import verify
 
 sys.path.insert(0, str(Path(__file__).parent))
 from invariants import check_sentinel, check_store, snapshot_tree  # noqa: E402
@@ -799,7 +799,7 @@ def _validate_in_child(data: bytes, tmp_path: Path, kill_after: float = 8.0) -> 
         import sys, time
         from pathlib import Path
         from stagestore.errors import StagestoreError
-        from stagestore.pipeline import Pipeline, _decode, validate_pipeline
+        from stagestore.pipeline.model import Pipeline, _decode, validate_pipeline
         path = Path(sys.argv[1])
         pipeline = Pipeline(_decode(path.read_bytes(), str(path)), path, path.parent)
         started = time.perf_counter()
@@ -914,7 +914,7 @@ import atheris
 
 sys.path.insert(0, {tests!r})
 with atheris.instrument_imports():
-    import stagestore.pipeline, stagestore.records, stagestore.manifests, stagestore.trees
+    import stagestore.pipeline.model, stagestore.model.records, stagestore.store.manifests, stagestore.store.trees
     import test_hostile as hostile
 
 hostile._WORKDIR = __import__("pathlib").Path.cwd()  # libFuzzer exits without Python's atexit

@@ -49,12 +49,12 @@ from pathlib import Path
 import pytest
 
 import invariants
-from stagestore import durable
+from stagestore.store import durable
 from stagestore.errors import StagestoreError
-from stagestore.hashing import hash_file
-from stagestore.runner import run
-from stagestore.store import Store
-from stagestore.verification import verify
+from stagestore.store.hashing import hash_file
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
+from stagestore.inspection.verify import verify
 from test_crashpoints import SEED, Workload, points, recover_ok, run_points
 
 FSYNC_OPS = frozenset({"fsync", "fsync_dir"})

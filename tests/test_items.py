@@ -16,9 +16,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stagestore.items import read_items
-from stagestore.runner import run
-from stagestore.taxonomy import failure_report
+from stagestore.pipeline.items import read_items
+from stagestore.execution.runner import run
+from stagestore.inspection.report import failure_report
 
 
 def _run(ws, **kwargs):
@@ -398,7 +398,7 @@ def test_verify_text_names_the_item_id_of_a_damaged_manifest(ws):
 
 
 def test_recover_does_not_resume_a_systemically_aborted_run(ws):
-    from stagestore.records import ExecutionOptions
+    from stagestore.model.records import ExecutionOptions
 
     count = ws.root / "count"
     _pipeline(ws, """

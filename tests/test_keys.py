@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import stagestore
-from stagestore.keys import config_hash
-from stagestore.records import StageSpec
+from stagestore.pipeline.keys import config_hash
+from stagestore.model.records import StageSpec
 
 TWO_STAGES = """
 [pipeline]

@@ -48,12 +48,12 @@ import pytest
 
 import workloads
 from invariants import check_rerun, check_store, outputs_of
-from stagestore.pipeline import load_pipeline
-from stagestore.runner import run
-from stagestore.store import Store
+from stagestore.pipeline.model import load_pipeline
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
 
 # `run` from the library (the reference runs and check_rerun) is serialised between the two loop
-# threads: stagestore.processes keeps process-wide state (the `stopping` flag).
+# threads: stagestore.execution.processes keeps process-wide state (the `stopping` flag).
 _LIBRARY = threading.Lock()
 
 LOOPS = ("linear", "fanout")
@@ -463,7 +463,7 @@ def test_a_sigkilled_runner_takes_its_stage_process_with_it(tmp_path):
     "behind and the test passes (seen once in CI). "
     "LIMITATION, documented (docs/format.md 'Processes a stage leaves behind', docs/recovery.md "
     "'The runner is SIGKILLed while a stage runs'): stages run in their own session "
-    "(stagestore/processes.py:77-78, start_new_session=True), so killpg of the runner's group does "
+    "(stagestore/execution/processes.py:77-78, start_new_session=True), so killpg of the runner's group does "
     "not reach them; only the direct child dies (PR_SET_PDEATHSIG) and its children keep "
     "running"))
 def test_a_sigkilled_runner_leaves_no_grandchild_of_a_stage_behind(tmp_path):

@@ -13,9 +13,9 @@ import sys
 import msgspec
 import pytest
 
-from stagestore.pipeline import load_pipeline
-from stagestore.store import Store
-from stagestore.verification import verify
+from stagestore.pipeline.model import load_pipeline
+from stagestore.store.store import Store
+from stagestore.inspection.verify import verify
 
 KEY = "7f" * 32
 OTHER_KEY = "a5" * 32
@@ -335,7 +335,7 @@ def test_check_warns_about_compressing_encrypted_data_and_compressing_twice(ws):
 
 
 def test_decompressing_in_between_makes_a_second_compression_fine(ws):
-    from stagestore.stagekinds import compatibility
+    from stagestore.pipeline.kindspec import compatibility
 
     ws.write("data.bin", "x")
     ws.pipeline("""
@@ -475,7 +475,7 @@ def test_the_builder_makes_kind_stages_that_round_trip(ws):
 
 
 def test_manifests_of_kind_stages_decode_as_records(kws):
-    from stagestore.records import StageManifest
+    from stagestore.model.records import StageManifest
 
     assert _run(kws, "--run-id", "r1").returncode == 0
     for stage in ("sums", "pack", "seal", "open", "unpack", "debug"):
@@ -574,6 +574,6 @@ def test_the_kinds_example_runs_and_gives_the_folder_back(tmp_path):
     assert outcomes["inspect"] == "disabled" and outcomes["unpack"] == "succeeded"
     store = Store.open(ws_root / ".stagestore")
     unpack = store.manifests.read("r1", "unpack")
-    from stagestore.trees import hash_artifact
+    from stagestore.store.trees import hash_artifact
 
     assert unpack.outputs["delivery"] == hash_artifact(ws_root / "data", "data")

@@ -1,4 +1,4 @@
-"""The built-in stage kinds (stagestore.kinds) and their child entry point (stagestore.kindstage).
+"""The built-in stage kinds (stagestore.kinds) and their child entry point (stagestore.execution.kindstage).
 
 Round trips, byte-for-byte determinism, damaged and hostile inputs (each must fail and leave no
 output), the sums file checked by the real `sha256sum`/`b3sum`, keys, and bounded memory.
@@ -719,7 +719,7 @@ def kindstage(tmp_path: Path, context: dict, env: dict | None = None) -> subproc
     path = tmp_path / "context.json"
     path.write_text(json.dumps({"workdir": str(tmp_path), "stats": str(tmp_path / "stats.json"),
                                 "chunk_size": "1KiB", **context}))
-    return subprocess.run([sys.executable, "-m", "stagestore.kindstage", str(path)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "stagestore.execution.kindstage", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
 

@@ -48,15 +48,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from stagestore import durable
+from stagestore.store import durable
 from stagestore.errors import StagestoreError
-from stagestore.pipeline import load_pipeline
-from stagestore.reclaim import gc
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.store import Store
-from stagestore.trees import read_tree
-from stagestore.verification import verify
+from stagestore.pipeline.model import load_pipeline
+from stagestore.inspection.gc import gc
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
+from stagestore.store.trees import read_tree
+from stagestore.inspection.verify import verify
 
 sys.path.insert(0, str(Path(__file__).parent))
 from invariants import check_complete_manifests, check_store, outputs_of, referenced  # noqa: E402

@@ -6,9 +6,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from stagestore import diff, manifests, remotes, resilience
-from stagestore.records import MANIFEST_SCHEMA_VERSION
-from stagestore.runner import run
+from stagestore.inspection import diff
+from stagestore.store import manifests
+from stagestore.remote import remotes
+from stagestore.execution import resilience
+from stagestore.model.records import MANIFEST_SCHEMA_VERSION
+from stagestore.execution.runner import run
 
 PIPELINE = """
 [pipeline]

@@ -13,8 +13,8 @@ import re
 import pytest
 
 from stagestore.errors import EXIT_USAGE, PipelineError, StageNotFoundError, StagestoreError
-from stagestore.pipeline import load_pipeline
-from stagestore.syntax import Placeholder, command_template, placeholders, render
+from stagestore.pipeline.model import load_pipeline
+from stagestore.pipeline.syntax import Placeholder, command_template, placeholders, render
 
 HEAD = '[pipeline]\nname = "p"\nversion = "3"\n\n'
 

@@ -50,10 +50,10 @@ import powerloss
 import workloads
 from invariants import check_rerun, check_reported_kept, check_store, outputs_of
 from powerloss import Recording, recording, seed_for
-from stagestore import durable
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.store import Store
+from stagestore.store import durable
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
 
 SEED = int(os.environ.get("STAGESTORE_POWERLOSS_SEED", "1729"))
 RANDOM_DRAWS = int(os.environ.get("STAGESTORE_POWERLOSS_DRAWS", "4"))
@@ -512,7 +512,7 @@ def _first_prefix_reporting(rec: Recording, stage: str, after: int) -> int:
                 if sum(1 for e in rec.state(p).reported if e[2] == stage) > before)
 
 
-# Regression (fixed): durable.mkdir (stagestore/durable.py:131-134) returns without fsyncing the
+# Regression (fixed): durable.mkdir (stagestore/store/durable.py:131-134) returns without fsyncing the
 # parent when the folder already exists, so a shard folder created by a process killed between its
 # mkdir and the fsync of objects/ is never made durable by the process that later commits into it
 # (objects.py:64 `_shard`); a power loss then loses objects that a reported stage's manifest names
@@ -567,7 +567,7 @@ def test_regression_concurrent_commit_into_a_shard_not_yet_durable(tmp_path):
     """fanout with two jobs: `left` and `right` produce the same bytes, so the same object in
     the same new shard folder.  The hook holds `right` between its `mkdir objects/xx` and the
     fsync of objects/ until `left` has committed into objects/xx and been reported."""
-    from stagestore.hashing import digest_bytes
+    from stagestore.store.hashing import digest_bytes
 
     pipeline = workloads.make("fanout", tmp_path / "ws")
     store = Store.create(tmp_path / "ws" / ".stagestore")
@@ -618,7 +618,7 @@ def _manifest_then_folder_sync(ops: list, index: int) -> bool:
 
 # Regression (fixed): a stage whose manifest a killed process renamed into the run folder but did
 # not fsync the folder for is reported `succeeded` by recover (or a rerun) from that existing
-# manifest (stagestore/stagework.py:152-154) without making its entry durable; a power loss then
+# manifest (stagestore/execution/stagework.py:152-154) without making its entry durable; a power loss then
 # loses a manifest reported successful
 def test_regression_reused_manifest_whose_entry_is_not_durable(recorded, tmp_path):
     clean = recorded("linear")
@@ -638,7 +638,7 @@ def test_regression_reused_manifest_whose_entry_is_not_durable(recorded, tmp_pat
 
 
 # Regression (fixed): a cache shard folder created by a process killed before the fsync of cache/
-# is reused without ever being made durable (stagestore/manifests.py:262-263 skips an existing
+# is reused without ever being made durable (stagestore/store/manifests.py:262-263 skips an existing
 # folder, durable.py:131-134); after a power loss the cache entry is gone, recover does not
 # rebuild it and verify does not notice, so one more run executes the stage again (invariant 5)
 def test_regression_cache_shard_left_by_a_crash_is_never_made_durable(recorded, tmp_path):

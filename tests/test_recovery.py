@@ -11,13 +11,13 @@ import time
 
 import msgspec
 
-from stagestore.layout import StoreLayout
-from stagestore.locking import OwnerLock
-from stagestore.records import MANIFEST_SCHEMA_VERSION
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.store import Store
-from stagestore.verification import verify
+from stagestore.store.layout import StoreLayout
+from stagestore.store.locking import OwnerLock
+from stagestore.model.records import MANIFEST_SCHEMA_VERSION
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
+from stagestore.inspection.verify import verify
 
 STAGES = ("make", "count", "report")
 
@@ -176,7 +176,7 @@ def test_a_run_sigkilled_mid_stage_is_recovered_with_its_recorded_definition(ws,
     reference_ws = tmp_path / "reference"
     shutil.copytree(ws.root, reference_ws)
     ref_store = Store.create(tmp_path / "ref-store")
-    from stagestore.pipeline import load_pipeline
+    from stagestore.pipeline.model import load_pipeline
 
     run(load_pipeline(reference_ws / "stagestore.toml"), ref_store, run_id="a")
     started.unlink()
@@ -229,7 +229,7 @@ def test_killed_runner_cli_exit_and_recover_cli(ws, tmp_path):
 def test_orphan_detection_uses_the_owner_lock(tmp_path):
     layout = StoreLayout(tmp_path)
     layout.locks.mkdir()
-    from stagestore.locking import owner_is_live
+    from stagestore.store.locking import owner_is_live
 
     assert not owner_is_live(layout, "run-x")
     lock = OwnerLock(layout, "run-x")
@@ -245,7 +245,7 @@ def test_recover_repairs_a_corrupted_output_by_running_its_stage_again(ws):
     run(ws.load(), store, run_id="a")
     run(ws.load(), store, run_id="b")  # reuses a's outputs: both runs name the same objects
     before = _outputs(store, "a")
-    listing = __import__("stagestore.trees", fromlist=["read_tree"]).read_tree(
+    listing = __import__("stagestore.store.trees", fromlist=["read_tree"]).read_tree(
         store.objects, store.manifests.read("a", "make").outputs["out"].hash)
     victim = store.objects.path(listing.entries[0].hash)
     os.chmod(victim, 0o644)

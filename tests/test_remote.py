@@ -29,7 +29,7 @@ class Remote:
             ["--endpoint", self.endpoint] if self.endpoint else [])
 
     def storage(self):  # noqa: ANN201
-        from stagestore.storage import open_storage
+        from stagestore.remote.storage import open_storage
 
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
@@ -73,7 +73,7 @@ def manifests_of(store: Path, run_id: str) -> dict[str, dict]:
 
 
 def remote_keys(remote: Remote, prefix: str = "") -> list[str]:
-    from stagestore.storage import pages_flat
+    from stagestore.remote.storage import pages_flat
 
     return sorted(info.key for info in pages_flat(remote.storage().list(prefix)))
 
@@ -184,7 +184,7 @@ def test_push_and_pull_through_a_folder_remote_on_another_filesystem(ws, tmp_pat
     objects across filesystems, where `copy_file_range` may refuse (EXDEV)."""
     import tempfile
 
-    from stagestore.storage import PART_SIZE
+    from stagestore.remote.storage import PART_SIZE
 
     shm = Path("/dev/shm")
     if not shm.is_dir():

@@ -17,9 +17,10 @@ from conftest import Workspace
 from test_cli import ok
 from test_remote import Remote, cli, remote_keys
 
-from stagestore.records import ItemRecord, RunRecord, StageManifest, TreeListing, decode_record
-from stagestore.remotes import parse_run_key
-from stagestore.storage import FileStorage, Storage, pages_flat
+from stagestore.model.records import (ItemRecord, RunRecord, StageManifest, TreeListing,
+                                      decode_record)
+from stagestore.remote.remotes import parse_run_key
+from stagestore.remote.storage import FileStorage, Storage, pages_flat
 
 
 class Stopped(BaseException):
@@ -116,8 +117,8 @@ outputs = ["o"]
 
 
 def test_a_push_stopped_at_any_write_leaves_the_remote_consistent(item_ws, tmp_path):
-    from stagestore.store import Store
-    from stagestore.transfer import Transfer
+    from stagestore.store.store import Store
+    from stagestore.remote.transfer import Transfer
 
     ok(item_ws.cli("run", "--run-id", "r1", "--items", "items.txt"))
     store = Store.open(item_ws.store)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from stagestore.runner import run
-from stagestore.verification import verify
+from stagestore.execution.runner import run
+from stagestore.inspection.verify import verify
 
 
 def _run(ws, **kwargs):
@@ -60,8 +60,8 @@ def test_keys_do_not_depend_on_where_the_workspace_or_store_lives(ws, tmp_path):
     _run(ws, run_id="a")
     other = tmp_path / "elsewhere" / "copy"
     shutil.copytree(ws.root, other, ignore=shutil.ignore_patterns(".stagestore"))
-    from stagestore.pipeline import load_pipeline
-    from stagestore.store import Store
+    from stagestore.pipeline.model import load_pipeline
+    from stagestore.store.store import Store
 
     run(load_pipeline(other / "stagestore.toml"), Store.create(tmp_path / "other-store"), run_id="a")
     for stage in ("make", "count", "report"):

@@ -1,4 +1,4 @@
-"""Every change stagestore makes inside a store goes through `stagestore.durable`."""
+"""Every change stagestore makes inside a store goes through `stagestore.store.durable`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import os
 import sys
 import traceback
 
-from stagestore import durable
-from stagestore.reclaim import forget, gc
-from stagestore.recovery import recover
-from stagestore.runner import run
-from stagestore.verification import verify
+from stagestore.store import durable
+from stagestore.inspection.gc import forget, gc
+from stagestore.inspection.recover import recover
+from stagestore.execution.runner import run
+from stagestore.inspection.verify import verify
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _EVENTS = {"os.rename", "os.remove", "os.mkdir", "os.link", "os.chmod", "os.rmdir",
@@ -80,10 +80,10 @@ def test_the_audit_catches_a_write_outside_the_seam(ws):
 
 def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
     """The failure model's writes too: item records, degraded manifests, the systemic abort."""
-    from stagestore.health import doctor
-    from stagestore.records import ExecutionOptions
-    from stagestore.stats import stage_stats
-    from stagestore.taxonomy import failure_report
+    from stagestore.inspection.doctor import doctor
+    from stagestore.model.records import ExecutionOptions
+    from stagestore.inspection.stats import stage_stats
+    from stagestore.inspection.report import failure_report
 
     ws.pipeline("""
         [pipeline]
@@ -126,10 +126,10 @@ def test_item_runs_fallbacks_and_reports_write_only_through_durable(ws):
 def _push_and_pull_through_a_folder_remote(ws, tmp_path) -> list[str]:  # noqa: ANN001
     """Push a run to a folder remote, auditing the remote's folder, and pull it into a new
     store, auditing that store; the violations seen."""
-    from stagestore.remotes import add_remote
-    from stagestore.storage import PART_SIZE
-    from stagestore.store import Store
-    from stagestore.transfer import pull, push
+    from stagestore.remote.remotes import add_remote
+    from stagestore.remote.storage import PART_SIZE
+    from stagestore.store.store import Store
+    from stagestore.remote.transfer import pull, push
 
     ws.linear()
     ws.write("data/big.txt", "x" * (PART_SIZE + 1))  # sent from its file, not from bytes
@@ -159,7 +159,7 @@ def test_a_folder_remote_is_written_only_through_durable(ws, tmp_path):
 
 
 def test_the_audit_catches_a_folder_remote_write_outside_the_seam(ws, tmp_path, monkeypatch):
-    from stagestore.storage import FileStorage
+    from stagestore.remote.storage import FileStorage
 
     def sneaky(self, key, data):  # noqa: ANN001, ANN202
         path = self.root / key
@@ -180,8 +180,8 @@ def _stage_write_order(store_root, action) -> list[str]:
     """Run `action()` with the seam's recorder on, and return what breaks docs/format.md's
     "Manifest last" for the stage results it wrote: a cache entry renamed into place without
     a rename of the manifest it names coming after it."""
-    from stagestore.records import CacheEntry, decode_record
-    from stagestore.store import Store
+    from stagestore.model.records import CacheEntry, decode_record
+    from stagestore.store.store import Store
 
     layout = Store(store_root).layout
     cache_dir = str(layout.cache) + os.sep
@@ -235,9 +235,9 @@ def test_check_commands_write_their_stderr_only_through_durable(ws):
 def test_remote_hits_and_pull_write_through_durable_cache_entry_before_manifest(ws, tmp_path):
     """`run --remote` reusing every stage from a folder remote, and `pull` into a fresh store:
     every write through the seam, and each cache entry before the manifest it names."""
-    from stagestore.remotes import add_remote
-    from stagestore.store import Store
-    from stagestore.transfer import pull, push
+    from stagestore.remote.remotes import add_remote
+    from stagestore.store.store import Store
+    from stagestore.remote.transfer import pull, push
 
     url = f"file://{tmp_path / 'remote'}"
     ws.linear()

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from stagestore.errors import StagestoreError
-from stagestore.records import ExecutionOptions
-from stagestore.runner import run
-from stagestore.store import Store
+from stagestore.model.records import ExecutionOptions
+from stagestore.execution.runner import run
+from stagestore.store.store import Store
 
 SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGHUP, id="SIGHUP")]
 
@@ -220,7 +220,7 @@ def _holds_a_lock(pid: int) -> bool:
 
 
 def test_sigterm_stops_gc_waiting_for_the_store(ws):
-    from stagestore.locking import store_lock
+    from stagestore.store.locking import store_lock
 
     ws.linear()
     store = ws.open_store()
@@ -313,7 +313,7 @@ def test_a_systemic_abort_in_one_run_leaves_another_run_of_the_process_alone(ws,
 
 
 def test_a_signal_stops_a_run_in_another_thread_with_a_stagestore_error(tmp_path):
-    from stagestore import processes
+    from stagestore.execution import processes
 
     other = _waiting_workspace(tmp_path)
     waiting = _Thread(lambda: run(other.load(), other.open_store(), run_id="w"))

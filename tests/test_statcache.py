@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stagestore import objects as objects_module
-from stagestore.runner import run
-from stagestore.statcache import RACY_NS
+from stagestore.store import objects as objects_module
+from stagestore.execution.runner import run
+from stagestore.store.statcache import RACY_NS
 
 PIPELINE = """
 [pipeline]
@@ -147,7 +147,7 @@ def test_an_entry_whose_object_is_gone_falls_back_to_hashing_and_storing(ws, has
 
 def test_the_stat_cache_survives_another_store_instance_saving_beside_it(ws, settled):
     """Two runs saving at once merge with what is on disk instead of dropping each other's."""
-    from stagestore.store import Store
+    from stagestore.store.store import Store
 
     _workspace(ws)
     ws.write("other.bin", "o" * 10)
@@ -163,7 +163,7 @@ def test_the_stat_cache_survives_another_store_instance_saving_beside_it(ws, set
 def test_item_inputs_are_remembered_once_at_the_end_of_the_run(ws, hashed, settled):
     """Each item's own inputs are hashed as the item starts; the cache is saved once when the
     run ends (not once per item: a save rewrites the whole file), and a rerun hashes none."""
-    from stagestore import durable
+    from stagestore.store import durable
 
     for item in ("a", "b", "c"):
         ws.write(f"data/{item}.txt", f"item {item}\n")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stagestore.storage import (PART_SIZE, FileStorage, RemoteError, RemoteNotFound, S3Storage,
-                                open_storage, pages_flat)
+from stagestore.remote.storage import (PART_SIZE, FileStorage, RemoteError, RemoteNotFound,
+                                       S3Storage, open_storage, pages_flat)
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_s3_conflict_409_is_retried(monkeypatch):
     told apart from a real "exists" by looking at the key."""
     import obstore.exceptions as oe
 
-    import stagestore.storage as storage_module
+    import stagestore.remote.storage as storage_module
 
     calls, exists = [], {"m/x.json": False}
 
@@ -212,7 +212,7 @@ def test_s3_errors_are_one_line_with_a_hint(s3_bucket, monkeypatch):
 
 
 def test_profile_credentials_are_read_when_the_environment_has_none(tmp_path, monkeypatch):
-    from stagestore.storage import _profile_credentials
+    from stagestore.remote.storage import _profile_credentials
 
     creds = tmp_path / "credentials"
     creds.write_text("[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = s1\n"

@@ -11,13 +11,14 @@ import msgspec
 import pytest
 
 from stagestore.errors import CorruptRecordError, FormatVersionError, InvalidNameError, OutputError
-from stagestore.hashing import EMPTY_DIGEST, canonical_json, digest_bytes, hash_file
-from stagestore.layout import contained, validate_name, validate_relpath
-from stagestore.objects import SyncBatch
-from stagestore.records import (MANIFEST_SCHEMA_VERSION, ArtifactRef, PipelineRef, StageManifest,
-                                TreeEntry, TreeListing, decode_record, encode_record)
-from stagestore.store import Store
-from stagestore.trees import hash_artifact, read_tree, store_tree
+from stagestore.store.hashing import EMPTY_DIGEST, canonical_json, digest_bytes, hash_file
+from stagestore.store.layout import contained, validate_name, validate_relpath
+from stagestore.store.objects import SyncBatch
+from stagestore.model.records import (MANIFEST_SCHEMA_VERSION, ArtifactRef, PipelineRef,
+                                      StageManifest, TreeEntry, TreeListing, decode_record,
+                                      encode_record)
+from stagestore.store.store import Store
+from stagestore.store.trees import hash_artifact, read_tree, store_tree
 
 
 @pytest.fixture
@@ -197,7 +198,7 @@ def test_linking_an_object_survives_a_concurrent_replacement(tmp_path, monkeypat
     """Regression: a stage's input view failed with InputMissingFailure when another item
     committed the same content at the moment it was linked (Linux link(2) returns ENOENT for an
     inode that just lost its last name, although the object's path never stops existing)."""
-    from stagestore import durable
+    from stagestore.store import durable
 
     source = tmp_path / "object"
     source.write_bytes(b"ok\n")
@@ -226,8 +227,8 @@ def test_concurrent_commits_of_one_content_never_break_a_view(tmp_path):
     one link in a hundred on Linux.)"""
     import threading
 
-    from stagestore import durable
-    from stagestore.store import Store
+    from stagestore.store import durable
+    from stagestore.store.store import Store
 
     store = Store.create(tmp_path / "store")
     digest = store.objects.put_bytes(b"same\n", "t")
@@ -278,8 +279,8 @@ def _many_files(store, count: int, outside=None):  # noqa: ANN001, ANN202
 def test_a_folder_of_many_files_is_synced_once_then_renamed(store, tmp_path):
     """From SYNCFS_MIN_FILES files on: hash and chmod each, one syncfs, then the renames; no
     per-file fsync, no copy of any byte (same inodes), and a hard-linked file is still copied."""
-    from stagestore import durable
-    from stagestore.objects import SYNCFS_MIN_FILES
+    from stagestore.store import durable
+    from stagestore.store.objects import SYNCFS_MIN_FILES
 
     outside = tmp_path / "outside.txt"
     outside.write_bytes(b"shared")
@@ -317,8 +318,8 @@ def test_a_failed_syncfs_renames_nothing_into_the_store(store, monkeypatch):
     became an object."""
     import errno
 
-    from stagestore import durable
-    from stagestore.objects import SYNCFS_MIN_FILES
+    from stagestore.store import durable
+    from stagestore.store.objects import SYNCFS_MIN_FILES
 
     folder = _many_files(store, SYNCFS_MIN_FILES)
     before = set(store.objects.list())
@@ -341,8 +342,8 @@ def test_a_large_folder_input_is_copied_then_synced_once(store, tmp_path):
     """From SYNCFS_MIN_FILES files on, an input folder's copies are not fsynced one by one: one
     syncfs makes them durable, and only then are they renamed into the store.  The workspace
     files are left as they were, and a second snapshot copies nothing."""
-    from stagestore import durable
-    from stagestore.objects import SYNCFS_MIN_FILES
+    from stagestore.store import durable
+    from stagestore.store.objects import SYNCFS_MIN_FILES
 
     source = tmp_path / "input"
     source.mkdir()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from stagestore.pipeline import Pipeline, load_pipeline
+from stagestore.pipeline.model import Pipeline, load_pipeline
 
 LINEAR = """
 [pipeline]
@@ -159,7 +159,7 @@ def make(name: str, folder: Path) -> Pipeline:
     elif name == "fanout":
         _write(folder / "data" / "source.txt", "hello fan-out\n")
     elif name == "bigin":
-        from stagestore.objects import SYNCFS_MIN_FILES
+        from stagestore.store.objects import SYNCFS_MIN_FILES
 
         for i in range(SYNCFS_MIN_FILES):
             _write(folder / "data" / f"d{i:02}.txt", f"datum {i}\n")

@@ -13,10 +13,17 @@ import sys
 INTERRUPTED_HINT = "`stagestore recover` completes an interrupted run"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..processes import Terminated, handle_signals
-    from .commands import cli
+def command_group():  # noqa: ANN201 - a click.Group; click is imported only here
+    """The `stagestore` group with every command on it."""
+    from . import commands, remote  # noqa: F401 - each adds its commands to the group
+    from .app import cli
 
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..execution.processes import Terminated, handle_signals
+    cli = command_group()
     args = argv if argv is not None else sys.argv[1:]
     debug, as_json = "--debug" in args, "--json" in args
     # SIGTERM and SIGHUP (timeout, docker stop, CI runners, schedulers, a closed terminal) take
@@ -123,8 +130,7 @@ def _help_hint(ctx, args: list[str]) -> str:  # noqa: ANN001 - a click.Context o
     """`see `stagestore CMD --help``, CMD from the failing context, else from the arguments."""
     if ctx is not None and ctx.command_path:
         return f"see `{ctx.command_path} --help`"
-    from .commands import cli
-
+    cli = command_group()
     path = ["stagestore"]
     group = cli
     words = iter(args)

@@ -3,121 +3,22 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import click
 
 from ..errors import ExitCode
 from . import render
-
-PIPELINE_HELP = "The pipeline file (default: stagestore.toml in the current folder)."
-STORE_HELP = ("The store folder (default: $STAGESTORE_STORE, else .stagestore beside the "
-              "pipeline file).")
-
-
-class Ctx:
-    def __init__(self, store: str | None, quiet: bool, debug: bool) -> None:
-        self.store = store
-        self.quiet = quiet
-        self.debug = debug
-
-
-def _store_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """`--store` accepted after the command too (`stagestore verify --store X`)."""
-    return click.option("--store", "store_dir", metavar="DIR", help=STORE_HELP)(func)
-
-
-def _pipeline_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-p", "--pipeline", "pipeline_file", metavar="FILE",
-                        default=None, help=PIPELINE_HELP)(func)
-
-
-def _json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")(func)
-
-
-class _FiniteRange(click.FloatRange):
-    """A FloatRange that also refuses nan and inf, which compare false with any bound."""
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
-        import math
-
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
-
-
-_JOBS = click.IntRange(min=1)
-_SECONDS = _FiniteRange(min=0)
-
-
-def _store_root(store_dir: str | None, pipeline_file: str | None = None) -> str:
-    from ..store import default_store_root
-
-    ctx = click.get_current_context().find_object(Ctx)
-    chosen = store_dir or (ctx.store if ctx else None)
-    if chosen:
-        return chosen
-    return str(default_store_root(pipeline_file or "stagestore.toml"))
-
-
-def _open_store(store_dir: str | None, pipeline_file: str | None = None):  # noqa: ANN202
-    from ..store import Store
-
-    return Store.open(_store_root(store_dir, pipeline_file))
-
-
-def _pipeline_and_store(pipeline_file: str | None, store_dir: str | None):  # noqa: ANN202
-    """The loaded pipeline, and its store if one exists (None: nothing has run yet)."""
-    from ..errors import StoreNotFoundError
-    from ..pipeline import load_pipeline
-    from ..store import Store
-
-    pipeline = load_pipeline(pipeline_file)
-    try:
-        return pipeline, Store.open(_store_root(store_dir, str(pipeline.path)))
-    except StoreNotFoundError:
-        return pipeline, None
-
-
-def _quiet() -> bool:
-    ctx = click.get_current_context().find_object(Ctx)
-    return bool(ctx and ctx.quiet)
-
-
-def _live() -> bool:
-    """Live progress only on a terminal, and not with --quiet."""
-    return not _quiet() and sys.stderr.isatty()
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="stagestore", prog_name="stagestore")
-@click.option("--store", "store_dir", metavar="DIR", envvar="STAGESTORE_STORE", help=STORE_HELP)
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--debug", is_flag=True, help="Show a traceback with every error.")
-@click.pass_context
-def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> None:
-    """A content-addressed, crash-safe artifact store for pipelines of stages.
-
-    Exit codes: 0 success; 1 a stage or item failed, or verify or doctor found a problem; 2 a
-    usage or pipeline error; 3 a systemic abort; 4 a run completed degraded (a fallback was
-    used); 70 an internal error; 129, 130, 143 stopped by SIGHUP, SIGINT (Ctrl-C), SIGTERM.
-    Errors are an `error:` and a `hint:` line on stderr (with --json, one JSON object); every
-    exit code and error class is in docs/errors.md.
-    """
-    ctx.obj = Ctx(store_dir, quiet, debug)
+from .app import (JOBS, SECONDS, FiniteRange, cli, is_quiet, json_option, open_store,
+                  pipeline_and_store, pipeline_option, show_live, store_option, store_root)
 
 
 @cli.command()
-@_pipeline_option
-@_store_option
+@pipeline_option
+@store_option
 @click.option("--run-id", metavar="ID", help="Name of the run (default: a new time-based id).")
 @click.option("--stage", "stages", metavar="NAME", multiple=True,
               help="Run this stage and whatever it needs upstream (repeatable).")
-@click.option("-j", "--jobs", type=_JOBS, default=1, show_default=True, metavar="N",
+@click.option("-j", "--jobs", type=JOBS, default=1, show_default=True, metavar="N",
               help="Independent stages run in parallel up to this many.")
 @click.option("--force", is_flag=True, help="Re-execute stages even when identical work exists.")
 @click.option("--items", "items_file", metavar="FILE",
@@ -129,7 +30,7 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
 @click.option("--systemic-min-items", type=click.IntRange(min=1), default=20, show_default=True,
               metavar="N",
               help="Sampling mode: items processed before systemic detection starts.")
-@click.option("--systemic-threshold", type=_FiniteRange(0, 1), default=0.80, show_default=True,
+@click.option("--systemic-threshold", type=FiniteRange(0, 1), default=0.80, show_default=True,
               metavar="R",
               help="Sampling mode: abort when more than this ratio of processed items failed at "
                    "one infrastructure stage.")
@@ -156,7 +57,7 @@ def cli(ctx: click.Context, store_dir: str | None, quiet: bool, debug: bool) -> 
               help="With --executor dask: the scheduler (tcp://HOST:PORT) of a cluster sharing "
                    "the store's filesystem; default: a local cluster of --jobs worker processes "
                    "(one per CPU when --jobs is 1).")
-@_json_option
+@json_option
 def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         stages: tuple[str, ...], jobs: int, force: bool, items_file: str | None,
         execution_mode: str, systemic_min_items: int, systemic_threshold: float,
@@ -170,11 +71,11 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
     when a systemic failure aborted the run; 4 when it completed degraded (a fallback was
     used); 2 on a usage or pipeline error.
     """
-    from ..items import read_items
-    from ..pipeline import load_pipeline
-    from ..records import ExecutionOptions
-    from ..runner import run as run_pipeline
-    from ..store import Store
+    from ..pipeline.items import read_items
+    from ..pipeline.model import load_pipeline
+    from ..model.records import ExecutionOptions
+    from ..execution.runner import run as run_pipeline
+    from ..store.store import Store
 
     _check_executor(executor, scheduler, items_file, remote_name, push)
     pipeline = load_pipeline(pipeline_file)
@@ -186,13 +87,13 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
                                  systemic_min_items=systemic_min_items,
                                  systemic_threshold=systemic_threshold,
                                  max_consecutive_failures=max_consecutive_failures)
-    store = Store.create(_store_root(store_dir, str(pipeline.path)))
+    store = Store.create(store_root(store_dir, str(pipeline.path)))
     _warn_network_filesystem(store)
-    quiet = quiet_here or _quiet()
+    quiet = quiet_here or is_quiet()
     if log_format == "json" and not quiet:
         progress = render.JsonLogProgress()
     else:
-        progress = render.RunProgress() if (_live() and not quiet_here) else None
+        progress = render.RunProgress() if (show_live() and not quiet_here) else None
     pool = (_dask_executor(scheduler, jobs, store, pipeline, remote_name is not None)
             if executor == "dask" else None)
     try:
@@ -232,7 +133,7 @@ def _check_executor(executor: str, scheduler: str | None, items_file: str | None
                          "workers, which take the run's shared results from the remote and "
                          "push their own there: it needs --push",
                          hint="add --push (or leave out --remote: workers then share the store)")
-    from ..distributed import require_dask
+    from ..execution.dask import require_dask
 
     require_dask()
 
@@ -242,7 +143,7 @@ def _dask_executor(scheduler: str | None, jobs: int, store, pipeline,  # noqa: A
     """The Dask executor of `run --executor dask`, its workers checked to see the workspace
     (where stage commands run) and, unless items run in scratch stores (`remote`), the
     store."""
-    from ..distributed import DaskExecutor, local_workers
+    from ..execution.dask import DaskExecutor, local_workers
 
     ctx = click.get_current_context().find_object(Ctx)
     pool = DaskExecutor(scheduler, workers=local_workers(jobs), debug=bool(ctx and ctx.debug))
@@ -258,7 +159,7 @@ def _dask_executor(scheduler: str | None, jobs: int, store, pipeline,  # noqa: A
 def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
     """Print the kinds' compatibility warnings; with `strict`, refuse to go on (exit 2)."""
     from ..errors import PipelineError
-    from ..stagekinds import compatibility
+    from ..pipeline.kindspec import compatibility
 
     found = compatibility(pipeline.stages)
     for warning in found:
@@ -270,9 +171,9 @@ def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
 
 
 @cli.command()
-@_pipeline_option
+@pipeline_option
 @click.option("--strict", is_flag=True, help="Exit 2 when there are warnings, too.")
-@_json_option
+@json_option
 def check(pipeline_file: str | None, strict: bool, as_json: bool) -> None:
     """Validate the pipeline without running anything, and print the compatibility warnings
     of its built-in kinds (compressing encrypted data, compressing or encrypting twice).
@@ -280,8 +181,8 @@ def check(pipeline_file: str | None, strict: bool, as_json: bool) -> None:
     Checks the file, that every input exists, and the keys of encrypt and decrypt stages.
     Exit 0 when there are only warnings; 2 for a validation error or, with --strict, a warning.
     """
-    from ..pipeline import load_pipeline
-    from ..planning import check as check_pipeline
+    from ..pipeline.model import load_pipeline
+    from ..inspection.plan import check as check_pipeline
 
     report = check_pipeline(load_pipeline(pipeline_file))
     render.check_report(report, as_json=as_json)
@@ -289,9 +190,9 @@ def check(pipeline_file: str | None, strict: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def plan(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """What a run would do per stage, run, reuse or pass through, and for a stage that would
     run, estimates of its peak memory, CPU cores, disk and duration.
@@ -299,16 +200,16 @@ def plan(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> Non
     Estimates come from the input sizes and what earlier runs of the same stage measured, or
     stated defaults for a built-in kind with no history (docs/kinds.md).  Stores nothing.
     """
-    from ..planning import plan as plan_pipeline
+    from ..inspection.plan import plan as plan_pipeline
 
-    render.plan_report(plan_pipeline(*_pipeline_and_store(pipeline_file, store_dir)),
+    render.plan_report(plan_pipeline(*pipeline_and_store(pipeline_file, store_dir)),
                        as_json=as_json)
 
 
 def _warn_network_filesystem(store) -> None:  # noqa: ANN001
     """One warning line when the store is on a network or FUSE filesystem (docs/reliability.md:
     their locks, renames and fsync are weaker than the store's guarantees assume)."""
-    from ..health import is_network_filesystem, mount_of
+    from ..inspection.doctor import is_network_filesystem, mount_of
 
     found = mount_of(store.root)
     if found is not None and is_network_filesystem(found[0]):
@@ -321,9 +222,9 @@ def _warn_network_filesystem(store) -> None:  # noqa: ANN001
 @click.argument("run_id")
 @click.option("--csv", "csv_dir", metavar="DIR",
               help="Also write each table as DIR/<table>.csv.")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_dir: str | None,
            as_json: bool) -> None:
     """Failure tables of a run: by stage, build failures by class, infrastructure, per item.
@@ -331,9 +232,9 @@ def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_di
     Counts each failed item's first failure once.  Build failure percentages are over
     taxonomy-eligible (build) failures only; infrastructure failures are counted apart.
     """
-    from ..taxonomy import failure_report
+    from ..inspection.report import failure_report
 
-    result = failure_report(_open_store(store_dir, pipeline_file), run_id)
+    result = failure_report(open_store(store_dir, pipeline_file), run_id)
     if csv_dir is not None:
         for path in render.write_report_csv(result, csv_dir):
             if not as_json:
@@ -345,13 +246,13 @@ def report(run_id: str, csv_dir: str | None, pipeline_file: str | None, store_di
 @click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
 @click.option("--remote", "remote_name", metavar="NAME",
               help="Check this remote instead of the local store.")
-@click.option("--sample", type=_FiniteRange(0, 100, min_open=True), default=100.0,
+@click.option("--sample", type=FiniteRange(0, 100, min_open=True), default=100.0,
               metavar="PERCENT",
               help="With --remote: re-hash this percentage of the remote's objects, chosen at "
                    "random (default: all).  Manifests and references are always all checked.")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
            pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Re-hash objects and cross-check every manifest; repair nothing.
@@ -360,11 +261,11 @@ def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
     With --remote NAME, the same for a remote: its objects, and every object its manifests
     name.  Exit 0 clean (warnings allowed), 1 when a problem is found.
     """
-    from ..verification import verify as verify_store
+    from ..inspection.verify import verify as verify_store
 
-    store = _open_store(store_dir, pipeline_file)
+    store = open_store(store_dir, pipeline_file)
     if remote_name is not None:
-        from ..remoteaudit import verify_remote
+        from ..remote.audit import verify_remote
 
         report = verify_remote(store, remote_name, run_ids, sample=sample)
         render.verify_report(report, as_json=as_json)
@@ -373,7 +274,7 @@ def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
         from ..errors import UsageError
 
         raise UsageError("--sample applies to --remote only")
-    progress = render.BytesProgress("verifying") if _live() else None
+    progress = render.BytesProgress("verifying") if show_live() else None
     try:
         report = verify_store(store, run_ids, progress=progress)
     finally:
@@ -386,11 +287,11 @@ def verify(run_ids: tuple[str, ...], remote_name: str | None, sample: float,
 @cli.command()
 @click.option("--run-id", metavar="ID", help="Complete only this run.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
-@click.option("-j", "--jobs", type=_JOBS, default=1, show_default=True, metavar="N",
+@click.option("-j", "--jobs", type=JOBS, default=1, show_default=True, metavar="N",
               help="Stages of interrupted runs run in parallel up to this many.")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | None,
             store_dir: str | None, as_json: bool) -> None:
     """Remove orphaned temps and complete interrupted runs, as they were defined.
@@ -400,10 +301,10 @@ def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | N
     after a successful one does nothing.  Exit 0 when the store ends clean, 1 when something
     could not be completed.
     """
-    from ..recovery import recover as recover_store
+    from ..inspection.recover import recover as recover_store
 
-    store = _open_store(store_dir, pipeline_file)
-    live = _live()
+    store = open_store(store_dir, pipeline_file)
+    live = show_live()
     hashing = render.BytesProgress("checking") if live else None
     try:
         report = recover_store(store, run_id=run_id, dry_run=dry_run, jobs=jobs,
@@ -422,17 +323,17 @@ def recover(run_id: str | None, dry_run: bool, jobs: int, pipeline_file: str | N
 @click.option("--stage", metavar="NAME", help="Only this stage.")
 @click.option("--item", metavar="ITEM", help="In item runs: only this item (and the stages that "
               "run once).")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def diff(run_a: str, run_b: str, stage: str | None, item: str | None, pipeline_file: str | None,
          store_dir: str | None, as_json: bool) -> None:
     """What changed between two runs, per stage, and why (config, inputs, outputs).
 
     In item runs each item's stages are compared too, matched by item id."""
-    from ..diff import diff_runs
+    from ..inspection.diff import diff_runs
 
-    report = diff_runs(_open_store(store_dir, pipeline_file), run_a, run_b, stage=stage,
+    report = diff_runs(open_store(store_dir, pipeline_file), run_a, run_b, stage=stage,
                        item=item)
     render.diff_report(report, as_json=as_json)
 
@@ -445,15 +346,15 @@ _item_option = click.option("--item", metavar="ITEM",
 @click.argument("run_id")
 @click.argument("stage", required=False)
 @_item_option
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def show(run_id: str, stage: str | None, item: str | None, pipeline_file: str | None,
          store_dir: str | None, as_json: bool) -> None:
     """Show a run's stages, or with STAGE one stage's manifest (--json: the manifest itself)."""
-    from ..inspect import show_run, show_stage
+    from ..inspection.status import show_run, show_stage
 
-    store = _open_store(store_dir, pipeline_file)
+    store = open_store(store_dir, pipeline_file)
     if stage is None:
         render.run_detail(show_run(store, run_id), as_json=as_json)
     else:
@@ -461,25 +362,25 @@ def show(run_id: str, stage: str | None, item: str | None, pipeline_file: str | 
 
 
 @cli.command()
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def runs(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """List the runs in the store, oldest first."""
-    from ..inspect import list_runs
+    from ..inspection.status import list_runs
 
-    render.runs_report(list_runs(_open_store(store_dir, pipeline_file)), as_json=as_json)
+    render.runs_report(list_runs(open_store(store_dir, pipeline_file)), as_json=as_json)
 
 
 @cli.command()
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Which stages a run would execute now, and why.  Stores nothing."""
-    from ..inspect import status as pipeline_status
+    from ..inspection.status import status as pipeline_status
 
-    render.status_report(pipeline_status(*_pipeline_and_store(pipeline_file, store_dir)),
+    render.status_report(pipeline_status(*pipeline_and_store(pipeline_file, store_dir)),
                          as_json=as_json)
 
 
@@ -489,14 +390,14 @@ def status(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> N
 @click.option("--to", "dest", required=True, metavar="DIR",
               help="Folder to write each output into, as DIR/NAME.")
 @_item_option
-@_pipeline_option
-@_store_option
+@pipeline_option
+@store_option
 def checkout(run_id: str, stage: str, dest: str, item: str | None, pipeline_file: str | None,
              store_dir: str | None) -> None:
     """Copy a stage's outputs out of the store as DIR/NAME; never writes outside DIR."""
-    from ..checkouts import checkout as checkout_outputs
+    from ..inspection.checkout import checkout as checkout_outputs
 
-    for path in checkout_outputs(_open_store(store_dir, pipeline_file), run_id, stage, dest,
+    for path in checkout_outputs(open_store(store_dir, pipeline_file), run_id, stage, dest,
                                  item=item):
         click.echo(path)
 
@@ -505,58 +406,58 @@ def checkout(run_id: str, stage: str, dest: str, item: str | None, pipeline_file
 @click.argument("run_id")
 @click.argument("stage")
 @_item_option
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def logs(run_id: str, stage: str, item: str | None, pipeline_file: str | None,
          store_dir: str | None, as_json: bool) -> None:
     """Print the stored stdout and stderr of each attempt of a stage."""
-    from ..inspect import stage_logs
+    from ..inspection.status import stage_logs
 
-    render.logs(stage_logs(_open_store(store_dir, pipeline_file), run_id, stage, item),
+    render.logs(stage_logs(open_store(store_dir, pipeline_file), run_id, stage, item),
                 as_json=as_json)
 
 
 @cli.command()
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
-@_pipeline_option
-@_store_option
+@pipeline_option
+@store_option
 def forget(run_ids: tuple[str, ...], pipeline_file: str | None, store_dir: str | None) -> None:
     """Remove runs' manifests, so gc can reclaim what only they referenced."""
-    from ..reclaim import forget as forget_runs
+    from ..inspection.gc import forget as forget_runs
 
-    report = forget_runs(_open_store(store_dir, pipeline_file), run_ids)
+    report = forget_runs(open_store(store_dir, pipeline_file), run_ids)
     for run_id in report.forgotten:
         click.echo(f"forgot run {run_id}")
 
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
-@click.option("--timeout", type=_SECONDS, default=None, metavar="SECONDS",
+@click.option("--timeout", type=SECONDS, default=None, metavar="SECONDS",
               help="Give up if runs still hold the store after this long (default: wait).")
 @click.option("--remote", "remote_name", metavar="NAME",
               help="Collect this remote's unreferenced objects instead of the local store's.")
-@click.option("--grace", "grace_hours", type=_SECONDS, default=24.0, show_default=True,
+@click.option("--grace", "grace_hours", type=SECONDS, default=24.0, show_default=True,
               metavar="HOURS", help="With --remote: keep unreferenced objects younger than this "
               "(a push in flight sends objects before its manifests).")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def gc(dry_run: bool, timeout: float | None, remote_name: str | None, grace_hours: float,
        pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Delete objects that no manifest references.  Safe while runs are in flight: gc waits
     for them to finish before it decides what is garbage.  With --remote NAME, the remote's
     objects that no remote manifest or record names and that are older than --grace."""
-    from ..reclaim import gc as collect
+    from ..inspection.gc import gc as collect
 
-    store = _open_store(store_dir, pipeline_file)
+    store = open_store(store_dir, pipeline_file)
     if remote_name is not None:
-        from ..remoteaudit import gc_remote
+        from ..remote.audit import gc_remote
 
         render.remote_gc_report(gc_remote(store, remote_name, grace_hours=grace_hours,
                                           dry_run=dry_run), as_json=as_json)
         return
-    if _live() and _store_busy(store):
+    if show_live() and _store_busy(store):
         click.echo("waiting for running stagestore processes to release the store...", err=True)
     report = collect(store, dry_run=dry_run, timeout=-1 if timeout is None else timeout)
     render.gc_report(report, as_json=as_json)
@@ -564,7 +465,7 @@ def gc(dry_run: bool, timeout: float | None, remote_name: str | None, grace_hour
 
 def _store_busy(store) -> bool:  # noqa: ANN001
     from ..errors import RunBusyError
-    from ..locking import store_lock
+    from ..store.locking import store_lock
 
     try:
         with store_lock(store.layout, exclusive=True, timeout=0):
@@ -577,7 +478,7 @@ def _store_busy(store) -> bool:  # noqa: ANN001
 @click.option("--out", "out_dir", metavar="DIR", help="Write one NAME.schema.json per record here.")
 def schema(out_dir: str | None) -> None:
     """Print (or write) the JSON Schema of every record stagestore stores."""
-    from ..schema import render_schemas, write_schemas
+    from ..store.schema import render_schemas, write_schemas
 
     if out_dir:
         for path in write_schemas(out_dir):
@@ -590,20 +491,20 @@ def schema(out_dir: str | None) -> None:
 
 
 @cli.command()
-@_pipeline_option
-@_json_option
+@pipeline_option
+@json_option
 def contracts(pipeline_file: str | None, as_json: bool) -> None:
     """For every stage: inputs, outputs, entry and exit criteria, manifest path."""
-    from ..inspect import contracts as stage_contracts
-    from ..pipeline import load_pipeline
+    from ..inspection.status import contracts as stage_contracts
+    from ..pipeline.model import load_pipeline
 
     render.contracts_report(stage_contracts(load_pipeline(pipeline_file)), as_json=as_json)
 
 
 @cli.command()
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def doctor(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """Check the store's health: format, disk, filesystem, locks, temps, runs, records.
 
@@ -612,10 +513,10 @@ def doctor(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> N
     nothing, not even a lock file.  Exit 0 when no check found a problem (warnings allowed), 1
     when one did.
     """
-    from ..health import doctor as check_store
-    from ..store import Store
+    from ..inspection.doctor import doctor as check_store
+    from ..store.store import Store
 
-    report = check_store(Store.open(_store_root(store_dir, pipeline_file), readonly=True))
+    report = check_store(Store.open(store_root(store_dir, pipeline_file), readonly=True))
     render.doctor_report(report, as_json=as_json)
     raise SystemExit(0 if report.ok else 1)
 
@@ -624,9 +525,9 @@ def doctor(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> N
 @click.option("--stage", metavar="NAME", help="Only this stage.")
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
               help="Look at the last N runs.")
-@_pipeline_option
-@_store_option
-@_json_option
+@pipeline_option
+@store_option
+@json_option
 def stats(stage: str | None, last: int, pipeline_file: str | None, store_dir: str | None,
           as_json: bool) -> None:
     """Per stage over the last runs: success rate, failures, durations, retries, last failure.
@@ -634,12 +535,7 @@ def stats(stage: str | None, last: int, pipeline_file: str | None, store_dir: st
     Read from the run-level and per-item manifests.  Durations (p50, p95; nearest rank) are
     of executed manifests only; reused ones count as succeeded.
     """
-    from ..stats import stage_stats
+    from ..inspection.stats import stage_stats
 
-    report = stage_stats(_open_store(store_dir, pipeline_file), stage=stage, last=last)
+    report = stage_stats(open_store(store_dir, pipeline_file), stage=stage, last=last)
     render.stats_report(report, as_json=as_json)
-
-# `remote`, `push` and `pull` live in their own module, which adds them to `cli` on import.
-import importlib  # noqa: E402
-
-importlib.import_module(".remote_commands", __package__)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .commands import cli
+from . import commands, remote  # noqa: F401 - each adds its commands to the group
+from .app import cli
 
 
 def render_cli_reference() -> str:

@@ -124,7 +124,7 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
 
         import msgspec
 
-        from ..reports import RunEvent
+        from ..model.reports import RunEvent
 
         failed = [i.item for i in report.items if i.status == "failed"]
         event = RunEvent(
@@ -368,7 +368,7 @@ def write_report_csv(report, folder: str) -> list[str]:  # noqa: ANN001
 
 
 def manifest(record, *, as_json: bool) -> None:  # noqa: ANN001
-    from ..records import encode_record
+    from ..model.records import encode_record
 
     if as_json:
         click.echo(encode_record(record).decode(), nl=False)

@@ -3,7 +3,7 @@ passthrough (docs/kinds.md).
 
 A self-contained streaming library: `run_kind` turns one input (a file or folder) into one
 output with bounded memory, and either writes the whole output or leaves nothing behind.  The
-runner calls it in a child process (`python -m stagestore.kindstage`); passthrough never gets
+runner calls it in a child process (`python -m stagestore.execution.kindstage`); passthrough never gets
 here, because its output is its input object, unchanged.
 """
 

@@ -3,7 +3,7 @@
 `KindError` is a `StagestoreError` and a `ValueError`: bad options, an unreadable or unsuitable
 input, a bad key.  `ValidationFailureError` and its subclasses mean the input failed the check
 the kind exists for (a checksum mismatch, a stream that does not decrypt); the child entry point
-(`stagestore.kindstage`) gives the two families different exit codes.
+(`stagestore.execution.kindstage`) gives the two families different exit codes.
 """
 
 from __future__ import annotations

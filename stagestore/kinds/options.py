@@ -95,7 +95,7 @@ def parse_chunk_size(value: int | str) -> int:
 
     Raises `KindError` unless the result is from 1 KiB to 100 MiB inclusive.
     """
-    from ..syntax import parse_size  # here: syntax imports the records, which the child needs not
+    from ..model.sizes import parse_size
 
     try:
         size = parse_size(value)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InvalidNameError
-from ..layout import validate_relpath
+from ..store.layout import validate_relpath
 from .chunks import PieceReader, read_pieces
 from .errors import KindError
 from .walk import Entry, walk

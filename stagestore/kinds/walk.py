@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from ..errors import InvalidNameError
-from ..layout import validate_relpath
+from ..store.layout import validate_relpath
 from .errors import KindError
 
 
