@@ -124,7 +124,7 @@ def remote_runs(name: str | None, pipeline_file: str | None, store_dir: str | No
     spec, storage = open_remote(store.layout, name)
     runs = Transfer(store, spec.name, storage).runs()
     if as_json:
-        render._json(runs)
+        render.print_json(runs)
     else:
         for run_id in runs:
             click.echo(run_id)

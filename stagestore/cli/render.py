@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 
-def _json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     import msgspec
 
     click.echo(msgspec.json.format(msgspec.json.encode(obj), indent=2))
@@ -136,7 +136,7 @@ def run_report(report, *, as_json: bool, log_json: bool = False) -> None:  # noq
         sys.stderr.buffer.write(msgspec.json.encode(event) + b"\n")
         sys.stderr.flush()
     if as_json:
-        _json(report)
+        print_json(report)
         return
     if log_json:
         click.echo(report.run_id)
@@ -212,7 +212,7 @@ def _items_summary(report) -> None:  # noqa: ANN001
 
 def verify_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for finding in report.problems:
         click.echo(f"problem: [{finding.kind}] {finding.message}")
@@ -230,7 +230,7 @@ def verify_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def recover_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for action in report.actions:
         click.echo(action.message)
@@ -244,7 +244,7 @@ def recover_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def diff_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     click.echo(f"diff {report.run_a} -> {report.run_b}")
     for stage in report.stages:
@@ -264,7 +264,7 @@ def diff_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def run_detail(detail, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(detail)
+        print_json(detail)
         return
     click.echo(f"run {detail.run_id}  pipeline {detail.pipeline}  {detail.state}")
     click.echo(f"  started {detail.started_at}  finished {detail.finished_at or '-'}")
@@ -282,7 +282,7 @@ def run_detail(detail, *, as_json: bool) -> None:  # noqa: ANN001
 def failure_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     """`stagestore report`: the four tables, as text, or the report as JSON."""
     if as_json:
-        _json(report)
+        print_json(report)
         return
     click.echo(f"run {report.run_id}: {report.processed} processed, {report.succeeded} succeeded, "
                f"{report.degraded} degraded, {report.failed} failed"
@@ -391,7 +391,7 @@ def manifest(record, *, as_json: bool) -> None:  # noqa: ANN001
 
 def runs_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     if not report.runs:
         click.echo("no runs")
@@ -405,7 +405,7 @@ def runs_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def status_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for row in report.stages:
         if row.would_execute:
@@ -419,7 +419,7 @@ def status_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def check_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for error in report.errors:
         _err(f"error: {error}")
@@ -433,7 +433,7 @@ def check_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def plan_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     rows = []
     for s in report.stages:
@@ -452,7 +452,7 @@ def _maybe(value, show) -> str:  # noqa: ANN001
 
 def logs(attempts, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(attempts)
+        print_json(attempts)
         return
     if not attempts:
         click.echo("no attempts recorded (the stage was reused from an earlier run)")
@@ -465,7 +465,7 @@ def logs(attempts, *, as_json: bool) -> None:  # noqa: ANN001
 
 def gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{verb} {plural(report.objects_removed, 'object')} "
@@ -478,7 +478,7 @@ def gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for c in report.stages:
         click.echo(f"stage {c.stage}" + (f": {c.description}" if c.description else ""))
@@ -500,7 +500,7 @@ def contracts_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def doctor_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     for check in report.checks:
         click.echo(f"{check.status:<8} {check.name:<11} {check.message}")
@@ -516,7 +516,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
 
 def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     n = len(report.runs)
     if not report.stages:
@@ -550,7 +550,7 @@ def stats_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def remote_list(remotes, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(remotes)
+        print_json(remotes)
         return
     if not remotes:
         click.echo("no remotes (add one: stagestore remote add NAME s3://BUCKET/PREFIX)")
@@ -572,7 +572,7 @@ def _conflicts(report) -> None:  # noqa: ANN001
 
 def push_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     click.echo(f"pushed {plural(report.manifests_pushed, 'manifest')} to {report.remote} "
                f"({report.manifests_present} already there); uploaded "
@@ -583,7 +583,7 @@ def push_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def pull_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     click.echo(f"pulled {plural(report.manifests_pulled, 'manifest')} from {report.remote} "
                f"({report.manifests_present} already here); downloaded "
@@ -594,7 +594,7 @@ def pull_report(report, *, as_json: bool) -> None:  # noqa: ANN001
 
 def remote_gc_report(report, *, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
-        _json(report)
+        print_json(report)
         return
     verb = "would remove" if report.dry_run else "removed"
     click.echo(f"{report.remote}: {verb} {plural(report.objects_removed, 'object')} "

@@ -24,7 +24,7 @@ from ..store.store import Store
 from ..store.trees import check_tree
 from .remotes import FORMAT_KEY, PROBE, RUNS, object_digest, object_key, open_remote, parse_run_key
 from .storage import BlobInfo, RemoteError, Storage, pages_flat
-from .transfer import _decode_manifest, _manifest_refs, _record_refs
+from .transfer import decode_manifest, manifest_refs, record_refs
 
 DEFAULT_GRACE_HOURS = 24.0
 
@@ -93,13 +93,13 @@ class _References:
                 continue
             try:
                 if kind.stage is not None:
-                    manifest = _decode_manifest(data, run_id, kind.stage, kind.item, where)
+                    manifest = decode_manifest(data, run_id, kind.stage, kind.item, where)
                     self.manifests += 1
-                    direct, tree_refs = _manifest_refs(manifest)
+                    direct, tree_refs = manifest_refs(manifest)
                 else:
                     type_ = RunRecord if kind.item is None else ItemRecord
                     record = decode_record(data, type_, where)
-                    direct, tree_refs = _record_refs(record.inputs)
+                    direct, tree_refs = record_refs(record.inputs)
             except StagestoreError as exc:
                 self.problem("manifest_invalid", exc.message, run_id=run_id, path=key)
                 continue

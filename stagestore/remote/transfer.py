@@ -60,8 +60,9 @@ def _version(manifest: StageManifest | None) -> str:
             f"{manifest.input_hash}, finished {finished}")
 
 
-def _decode_manifest(data: bytes, run_id: str, stage: str, item: str | None,
-                     where: str) -> StageManifest:
+def decode_manifest(data: bytes, run_id: str, stage: str, item: str | None,
+                    where: str) -> StageManifest:
+    """A manifest read from a remote, decoded and checked against where it was found."""
     manifest: StageManifest = decode_record(data, StageManifest, where)
     check_manifest(manifest, run_id, stage, where, item)
     return manifest
@@ -77,14 +78,16 @@ def _ref_hashes(refs: Iterable[ArtifactRef]) -> tuple[set[str], set[str]]:
     return direct, trees
 
 
-def _manifest_refs(manifest: StageManifest) -> tuple[set[str], set[str]]:
+def manifest_refs(manifest: StageManifest) -> tuple[set[str], set[str]]:
+    """(every object a manifest names: outputs, inputs and logs; the tree objects among them)."""
     direct, trees = _ref_hashes([*manifest.outputs.values(), *manifest.inputs.values()])
     for log in manifest.logs:
         direct.update((log.stdout, log.stderr))
     return direct, trees
 
 
-def _record_refs(inputs: dict[str, dict[str, ArtifactRef]]) -> tuple[set[str], set[str]]:
+def record_refs(inputs: dict[str, dict[str, ArtifactRef]]) -> tuple[set[str], set[str]]:
+    """(every object a run record's input snapshots name; the tree objects among them)."""
     return _ref_hashes([ref for refs in inputs.values() for ref in refs.values()])
 
 
@@ -248,7 +251,7 @@ class Transfer:
 
     @staticmethod
     def _needs(manifest: StageManifest, files: dict[str, set[str]]) -> set[str]:
-        direct, trees = _manifest_refs(manifest)
+        direct, trees = manifest_refs(manifest)
         return direct.union(*(files.get(tree, {tree}) for tree in trees))
 
     # --- push ---
@@ -304,7 +307,7 @@ class Transfer:
             return
         for item, data, inputs in records:
             failed, _ = self._move_refs(
-                *_record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
+                *record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
             if not failed:
                 self.storage.create(record_key(run_id, item, data), data)
 
@@ -315,7 +318,7 @@ class Transfer:
         direct: set[str] = set()
         trees: set[str] = set()
         for manifest, _ in chosen:
-            d, t = _manifest_refs(manifest)
+            d, t = manifest_refs(manifest)
             direct |= d
             trees |= t
         failed, files = self._move_refs(
@@ -345,7 +348,7 @@ class Transfer:
                 report.manifests_present += 1
             else:
                 try:
-                    remote = _decode_manifest(theirs, manifest.run_id, manifest.stage,
+                    remote = decode_manifest(theirs, manifest.run_id, manifest.stage,
                                               manifest.item, self.storage.where(key))
                 except StagestoreError:
                     remote = None
@@ -418,7 +421,7 @@ class Transfer:
                 continue
             try:
                 if kind.stage is not None:
-                    manifest = _decode_manifest(data, run_id, kind.stage, kind.item, where)
+                    manifest = decode_manifest(data, run_id, kind.stage, kind.item, where)
                     # The stage's result wins over its failed versions; of those, the latest.
                     slot = (kind.item, kind.stage)
                     held = chosen.get(slot)
@@ -445,12 +448,12 @@ class Transfer:
         direct: set[str] = set()
         trees: set[str] = set()
         for manifest, _, _ in chosen.values():
-            d, t = _manifest_refs(manifest)
+            d, t = manifest_refs(manifest)
             direct |= d
             trees |= t
         for record_inputs in [r[0].inputs for r in items.values()] + (
                 [run_record[0].inputs] if run_record else []):
-            d, t = _record_refs(record_inputs)
+            d, t = record_refs(record_inputs)
             direct |= d
             trees |= t
         if run_record is not None:
@@ -482,7 +485,7 @@ class Transfer:
                     report.manifests_present += 1
                     continue
                 try:
-                    local = _decode_manifest(ours, run_id, manifest.stage, manifest.item, str(path))
+                    local = decode_manifest(ours, run_id, manifest.stage, manifest.item, str(path))
                 except StagestoreError:
                     local = None
                 report.conflicts.append(Conflict(
@@ -522,11 +525,11 @@ class Transfer:
             key, data = found
         if path.exists() and path.read_bytes() == data:
             return True
-        manifest = _decode_manifest(data, run_id, stage, item, self.storage.where(key))
+        manifest = decode_manifest(data, run_id, stage, item, self.storage.where(key))
         tally = Tally()
         batch = SyncBatch()
         failed, _ = self._move_refs(
-            *_manifest_refs(manifest),
+            *manifest_refs(manifest),
             lambda digests: self.fetch_objects(digests, owner, batch, tally), tally)
         batch.flush()
         if failed:
@@ -545,7 +548,7 @@ class Transfer:
             if kind is None or not kind.failed or kind.stage != stage or kind.item != item:
                 continue
             data = self.storage.read(info.key)
-            manifest = _decode_manifest(data, run_id, stage, item, self.storage.where(info.key))
+            manifest = decode_manifest(data, run_id, stage, item, self.storage.where(info.key))
             if best is None or manifest.finished_at > best[0]:
                 best = (manifest.finished_at, info.key, data)
         return None if best is None else (best[1], best[2])
@@ -555,7 +558,7 @@ class Transfer:
         tally = Tally()
         batch = SyncBatch()
         failed, _ = self._move_refs(
-            *_record_refs(inputs), lambda digests: self.fetch_objects(digests, owner, batch, tally),
+            *record_refs(inputs), lambda digests: self.fetch_objects(digests, owner, batch, tally),
             tally)
         batch.flush()
         if failed:
@@ -566,7 +569,7 @@ class Transfer:
         """The objects of an item's input snapshots, to the remote."""
         tally = Tally()
         failed, _ = self._move_refs(
-            *_record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
+            *record_refs(inputs), lambda digests: self.send_objects(digests, tally), tally)
         if failed:
             raise RemoteError("cannot push an item's input snapshots: " + "; ".join(
                 tally.problems[:3]))
@@ -580,7 +583,7 @@ class Transfer:
         for stage in manifests.stages(run_id, item):
             path = manifests.layout.manifest_path(run_id, stage, item)
             data = path.read_bytes()
-            chosen.append((_decode_manifest(data, run_id, stage, item, str(path)), data))
+            chosen.append((decode_manifest(data, run_id, stage, item, str(path)), data))
         self.push_manifests(chosen, tally, report)
         record = manifests.read_item_optional(run_id, item)
         if record is not None and record.status != "running" and not tally.problems \
@@ -602,7 +605,7 @@ class Transfer:
                 self.storage.read(cache_entry_key(cache_key(input_hash, config_hash))),
                 CacheEntry, "remote cache entry")
             key = manifest_key(entry.run_id, entry.stage, entry.item)
-            manifest = _decode_manifest(self.storage.read(key), entry.run_id, entry.stage,
+            manifest = decode_manifest(self.storage.read(key), entry.run_id, entry.stage,
                                         entry.item, self.storage.where(key))
         except RemoteNotFound:
             return None
