@@ -321,18 +321,7 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, tmp_path: str |
     `.tmp/`).  A crash at any point leaves either the old file or the new one under `path`,
     never a mix.
     """
-    fd = create_exclusive(tmp_path, mode)
-    try:
-        try:
-            write_all(fd, data, tmp_path)
-            fsync_fd(fd, tmp_path)
-        finally:
-            os.close(fd)
-        rename(tmp_path, path)
-    except BaseException:
-        discard(tmp_path)
-        raise
-    fsync_dir(os.path.dirname(os.fspath(path)))
+    _replace_atomically(path, tmp_path, mode, lambda fd: write_all(fd, data, tmp_path))
 
 
 def copy_file_atomic(src: str | os.PathLike[str], path: str | os.PathLike[str],
@@ -340,10 +329,17 @@ def copy_file_atomic(src: str | os.PathLike[str], path: str | os.PathLike[str],
     """`write_file_atomic` with the bytes of the file `src`: copied into `tmp_path` (see
     `copy_file`, so `src` may be on another filesystem), fsynced, renamed to `path`, whose
     folder is then fsynced."""
-    fd = create_exclusive(tmp_path)
+    _replace_atomically(path, tmp_path, 0o644, lambda fd: _copy_into(src, fd, tmp_path))
+
+
+def _replace_atomically(path: str | os.PathLike[str], tmp_path: str | os.PathLike[str],
+                        mode: int, fill: Callable[[int], object]) -> None:
+    """Create `tmp_path`, `fill` its descriptor, fsync it, rename it to `path` and fsync
+    `path`'s folder; the temp is removed if anything before the rename fails."""
+    fd = create_exclusive(tmp_path, mode)
     try:
         try:
-            _copy_into(src, fd, tmp_path)
+            fill(fd)
             fsync_fd(fd, tmp_path)
         finally:
             os.close(fd)
