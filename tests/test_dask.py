@@ -343,7 +343,43 @@ def test_the_pool_scheduler_takes_any_executor(ws):
     assert _hashes(ws.root / "a", "p") == _hashes(ws.root / "b", "p")
 
 
+def test_the_library_runs_items_on_dask(fan, cluster):
+    """`run(scheduler=DaskScheduler(address))`: what `--executor dask --scheduler` does."""
+    from stagestore.execution.dask import DaskScheduler
+    from stagestore.execution.runner import run
+    from stagestore.store.store import Store
+
+    ws, local = fan
+    local_cluster, _ = cluster
+    report = run(ws.load(), Store.create(ws.root / "lib"), run_id="r", items=ITEMS[:8],
+                 scheduler=DaskScheduler(local_cluster.scheduler_address))
+    assert report.status == "succeeded" and report.processed == 8
+    hashes = _hashes(ws.root / "lib", "r")
+    assert hashes == {key: value for key, value in local.items() if key[0] in ITEMS[:8]}
+
+
 # --- usage errors ----------------------------------------------------------------------------
+
+
+def test_the_library_checks_a_dask_run_before_it_starts(ws, tmp_path):
+    """The checks of `--executor dask`, in `run()`, in words that name no flag."""
+    from stagestore.errors import UsageError
+    from stagestore.execution.dask import DaskScheduler
+    from stagestore.execution.runner import run
+    from stagestore.store.store import Store
+
+    _fan(ws)
+    store = Store.create(ws.root / "s")
+    added = ws.cli("remote", "add", "origin", f"file://{tmp_path / 'r'}")
+    assert added.returncode == 0, added.stderr
+    for kwargs, message in [({}, "this run has no items"),
+                            ({"items": ITEMS, "remote": "origin"},
+                             "the run must push to the remote")]:
+        with pytest.raises(UsageError, match=message) as raised:
+            run(ws.load(), store, run_id="x", scheduler=DaskScheduler("tcp://127.0.0.1:1"),
+                **kwargs)
+        assert "--" not in f"{raised.value.message} {raised.value.hint}"
+    assert not store.layout.run_record_path("x").exists()
 
 
 def _one_error(proc) -> str:  # noqa: ANN001

@@ -9,9 +9,10 @@ else executed with retries and fallbacks, its manifest written last.
 An item run (`items`) first runs the stages that do not depend on the item, once, as a DAG; then
 takes every item, in the order given, through the per-item stages in order, stopping an item at
 its first failure (recorded in its item record the moment it happens).  In sampling mode a
-systemic failure aborts the run.  Where and how many items run at once is the item scheduler's
-(scheduler.py; the default, `LocalScheduler`, runs up to `jobs` in threads here): it gets the
-run's `ItemHost` (`_Host` here), and everything else about an item is decided here.
+systemic failure aborts the run.  Where the items run, and how many at once, is up to the item
+scheduler (scheduler.py; the default, `LocalScheduler`, runs up to `jobs` in threads here),
+which works through the run's `ItemHost` (`_Host` here); everything else about an item is
+decided here.
 """
 
 from __future__ import annotations
