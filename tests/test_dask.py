@@ -318,11 +318,12 @@ def test_probe_decisions_are_taken_and_handed_back_on_the_driver():
     assert _gates(breaker, ["s"])["s"].admit and not _gates(breaker, ["s"])["s"].open
 
 
-def test_the_executor_seam_takes_any_executor(ws):
-    """A process pool runs `run_item` as Dask does: the same results as local threads."""
+def test_the_pool_scheduler_takes_any_executor(ws):
+    """A process pool runs `worker.run_item` as Dask does: the same results as local threads."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from stagestore.execution.dask import PoolScheduler
     from stagestore.execution.runner import run
     from stagestore.store.store import Store
 
@@ -331,7 +332,8 @@ def test_the_executor_seam_takes_any_executor(ws):
     local = run(ws.load(), Store.create(ws.root / "a"), run_id="p", items=items, jobs=2)
     spawn = multiprocessing.get_context("spawn")
     elsewhere = run(ws.load(), Store.create(ws.root / "b"), run_id="p", items=items, jobs=2,
-                    executor=lambda jobs: ProcessPoolExecutor(jobs, mp_context=spawn))
+                    scheduler=PoolScheduler(
+                        lambda jobs: ProcessPoolExecutor(jobs, mp_context=spawn)))
     assert elsewhere.status == local.status == "failed"
     def summary(report):  # noqa: ANN001, ANN202
         return [(i.item, i.status, i.first_failure_stage, i.failure) for i in report.items]
@@ -341,7 +343,43 @@ def test_the_executor_seam_takes_any_executor(ws):
     assert _hashes(ws.root / "a", "p") == _hashes(ws.root / "b", "p")
 
 
+def test_the_library_runs_items_on_dask(fan, cluster):
+    """`run(scheduler=DaskScheduler(address))`: what `--executor dask --scheduler` does."""
+    from stagestore.execution.dask import DaskScheduler
+    from stagestore.execution.runner import run
+    from stagestore.store.store import Store
+
+    ws, local = fan
+    local_cluster, _ = cluster
+    report = run(ws.load(), Store.create(ws.root / "lib"), run_id="r", items=ITEMS[:8],
+                 scheduler=DaskScheduler(local_cluster.scheduler_address))
+    assert report.status == "succeeded" and report.processed == 8
+    hashes = _hashes(ws.root / "lib", "r")
+    assert hashes == {key: value for key, value in local.items() if key[0] in ITEMS[:8]}
+
+
 # --- usage errors ----------------------------------------------------------------------------
+
+
+def test_the_library_checks_a_dask_run_before_it_starts(ws, tmp_path):
+    """The checks of `--executor dask`, in `run()`, in words that name no flag."""
+    from stagestore.errors import UsageError
+    from stagestore.execution.dask import DaskScheduler
+    from stagestore.execution.runner import run
+    from stagestore.store.store import Store
+
+    _fan(ws)
+    store = Store.create(ws.root / "s")
+    added = ws.cli("remote", "add", "origin", f"file://{tmp_path / 'r'}")
+    assert added.returncode == 0, added.stderr
+    for kwargs, message in [({}, "this run has no items"),
+                            ({"items": ITEMS, "remote": "origin"},
+                             "the run must push to the remote")]:
+        with pytest.raises(UsageError, match=message) as raised:
+            run(ws.load(), store, run_id="x", scheduler=DaskScheduler("tcp://127.0.0.1:1"),
+                **kwargs)
+        assert "--" not in f"{raised.value.message} {raised.value.hint}"
+    assert not store.layout.run_record_path("x").exists()
 
 
 def _one_error(proc) -> str:  # noqa: ANN001
@@ -355,7 +393,9 @@ def test_executor_usage_errors(ws):
     _fan(ws)
     proc = ws.cli("run", "--executor", "dask")
     assert proc.returncode == 2
-    assert "needs --items FILE" in _one_error(proc)
+    assert _one_error(proc) == ("error: the Dask scheduler runs the items of an item run, and "
+                                "this run has no items")
+    assert "hint: pass --items FILE, or leave out --executor dask" in proc.stderr
     proc = ws.cli("run", "--items", "items.txt", "--scheduler", "tcp://127.0.0.1:1")
     assert proc.returncode == 2
     assert _one_error(proc) == "error: --scheduler needs --executor dask"
@@ -370,8 +410,7 @@ def test_without_dask_installed_the_dask_executor_is_a_usage_error(ws):
     proc = ws.cli("run", "--items", "items.txt", "--executor", "dask",
                   env={"PYTHONPATH": str(shadow.parent)})
     assert proc.returncode == 2
-    assert _one_error(proc) == ("error: --executor dask needs dask.distributed, which is not "
-                                "installed")
+    assert _one_error(proc) == "error: items on Dask need dask.distributed, which is not installed"
     assert "hint: pip install 'stagestore[dask]'" in proc.stderr
 
 

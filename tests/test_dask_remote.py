@@ -100,7 +100,9 @@ def test_remote_items_need_push(ws, tmp_path):
     ok(ws.cli("remote", "add", "origin", f"file://{tmp_path / 'r'}"))
     proc = ws.cli("run", "--items", "items.txt", "--executor", "dask", "--remote", "origin")
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: --executor dask with --remote") and "--push" in proc.stderr
+    assert proc.stderr.startswith("error: the Dask scheduler with a remote runs items in scratch "
+                                  "stores")
+    assert "hint: add --push (or leave out --remote" in proc.stderr
 
 
 # An item stage with inputs that are not per item (a script, a folder) and a `call` stage,

@@ -8,7 +8,7 @@ import click
 
 from ..errors import ExitCode
 from . import render
-from .app import (JOBS, SECONDS, FiniteRange, cli, is_quiet, json_option, open_store,
+from .app import (JOBS, SECONDS, Ctx, FiniteRange, cli, is_quiet, json_option, open_store,
                   pipeline_and_store, pipeline_option, show_live, store_option, store_root)
 
 
@@ -53,7 +53,7 @@ from .app import (JOBS, SECONDS, FiniteRange, cli, is_quiet, json_option, open_s
               show_default=True,
               help="Where items run: local (threads here, up to --jobs), or dask (one Dask task "
                    "per item; with --items; needs stagestore[dask]).")
-@click.option("--scheduler", metavar="ADDRESS",
+@click.option("--scheduler", "address", metavar="ADDRESS",
               help="With --executor dask: the scheduler (tcp://HOST:PORT) of a cluster sharing "
                    "the store's filesystem; default: a local cluster of --jobs worker processes "
                    "(one per CPU when --jobs is 1).")
@@ -63,7 +63,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         execution_mode: str, systemic_min_items: int, systemic_threshold: float,
         max_consecutive_failures: int | None, log_format: str, quiet_here: bool,
         remote_name: str | None, push: bool, strict: bool, executor: str,
-        scheduler: str | None, as_json: bool) -> None:
+        address: str | None, as_json: bool) -> None:
     """Run the pipeline's stages in dependency order, reusing identical work.
 
     Prints the run id.  Exit 0 when every stage (and item) succeeded; 1 when a stage or an
@@ -77,7 +77,7 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
     from ..execution.runner import run as run_pipeline
     from ..store.store import Store
 
-    _check_executor(executor, scheduler, items_file, remote_name, push)
+    scheduler = _scheduler(executor, address, items_file, remote_name, push)
     pipeline = load_pipeline(pipeline_file)
     pipeline.check_stage_names(stages)  # before the store is created
     if any(spec.kind is not None for spec in pipeline.stages.values()):
@@ -94,16 +94,9 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         progress = render.JsonLogProgress()
     else:
         progress = render.RunProgress() if (show_live() and not quiet_here) else None
-    pool = (_dask_executor(scheduler, jobs, store, pipeline, remote_name is not None)
-            if executor == "dask" else None)
-    try:
-        report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs,
-                              force=force, items=items, execution=execution, progress=progress,
-                              remote=remote_name, push=push,
-                              executor=None if pool is None else lambda _jobs: pool)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)  # a no-op once the items have run
+    report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
+                          items=items, execution=execution, progress=progress,
+                          remote=remote_name, push=push, scheduler=scheduler)
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     code = RUN_EXIT_CODES[report.status]
     if report.push is not None and not report.push.ok and code == ExitCode.OK:
@@ -115,45 +108,28 @@ RUN_EXIT_CODES = {"succeeded": ExitCode.OK, "failed": ExitCode.FAILED,
                   "aborted": ExitCode.SYSTEMIC, "degraded": ExitCode.DEGRADED}
 
 
-def _check_executor(executor: str, scheduler: str | None, items_file: str | None,
-                    remote_name: str | None, push: bool) -> None:
-    """The usage errors of --executor and --scheduler, and dask being importable."""
+def _scheduler(executor: str, address: str | None, items_file: str | None,
+               remote_name: str | None, push: bool):  # noqa: ANN202
+    """The item scheduler of --executor (None: the local one), its usage errors raised before
+    anything is created, with hints naming the flags."""
     from ..errors import UsageError
 
     if executor != "dask":
-        if scheduler is not None:
+        if address is not None:
             raise UsageError("--scheduler needs --executor dask",
                              hint="add --executor dask, or leave out --scheduler")
-        return
-    if items_file is None:
-        raise UsageError("--executor dask runs the items of an item run, and needs --items FILE",
-                         hint="pass --items FILE, or leave out --executor dask")
-    if remote_name is not None and not push:
-        raise UsageError("--executor dask with --remote runs items in scratch stores on the "
-                         "workers, which take the run's shared results from the remote and "
-                         "push their own there: it needs --push",
-                         hint="add --push (or leave out --remote: workers then share the store)")
-    from ..execution.dask import require_dask
-
-    require_dask()
-
-
-def _dask_executor(scheduler: str | None, jobs: int, store, pipeline,  # noqa: ANN001, ANN202
-                   remote: bool):
-    """The Dask executor of `run --executor dask`, its workers checked to see the workspace
-    (where stage commands run) and, unless items run in scratch stores (`remote`), the
-    store."""
-    from ..execution.dask import DaskExecutor, local_workers
+        return None
+    from ..execution.dask import DaskScheduler
 
     ctx = click.get_current_context().find_object(Ctx)
-    pool = DaskExecutor(scheduler, workers=local_workers(jobs), debug=bool(ctx and ctx.debug))
+    scheduler = DaskScheduler(address, debug=bool(ctx and ctx.debug))
     try:
-        pool.check_paths(([] if remote else [str(store.root)]) + [str(pipeline.workdir)],
-                         remote)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        scheduler.check(items=items_file is not None, remote=remote_name is not None, push=push)
+    except UsageError as exc:
+        exc.hint = ("pass --items FILE, or leave out --executor dask" if items_file is None else
+                    "add --push (or leave out --remote: workers then share the store)")
         raise
-    return pool
+    return scheduler
 
 
 def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001

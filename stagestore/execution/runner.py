@@ -7,9 +7,12 @@ stages have succeeded, is processed by `stagework.StageWork`: reused if identica
 else executed with retries and fallbacks, its manifest written last.
 
 An item run (`items`) first runs the stages that do not depend on the item, once, as a DAG; then
-takes every item, in the order given and up to `jobs` at a time, through the per-item stages in
-order, stopping an item at its first failure (recorded in its item record the moment it
-happens).  In sampling mode a systemic failure aborts the run.
+takes every item, in the order given, through the per-item stages in order, stopping an item at
+its first failure (recorded in its item record the moment it happens).  In sampling mode a
+systemic failure aborts the run.  Where the items run, and how many at once, is up to the item
+scheduler (scheduler.py; the default, `LocalScheduler`, runs up to `jobs` in threads here),
+which works through the run's `ItemHost` (`_Host` here); everything else about an item is
+decided here.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from ..errors import OutputError, PipelineError, RunInterrupted, UsageError
-from ..model.failures import UPSTREAM_MISSING
+from ..errors import CorruptRecordError, OutputError, PipelineError, RunInterrupted, UsageError
+from ..model.failures import INFRASTRUCTURE_GATE, UPSTREAM_MISSING
 from ..model.records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
                              RunRecord, StageManifest, SystemicFailure, decode_record, now)
 from ..model.reports import ItemReport, PushReport, RunEvent, RunReport, StageReport
@@ -41,19 +44,11 @@ from ..store.trees import store_tree
 from . import processes
 from .classify import runner_failure
 from .resilience import CircuitBreaker, SystemicDetector
+from .scheduler import ItemHost, ItemScheduler, LocalScheduler
 from .stagework import ProgressCallback, StageWork
 
 if TYPE_CHECKING:
     from ..remote.transfer import Transfer
-
-
-ItemExecutorFactory = Callable[[int], Executor]
-"""Makes the executor an item run's items run on, given `jobs`; used as a context manager for
-the item run.  None (the default): a thread pool here, each item running in this process.  Else
-each item runs as `distributed.run_item(ItemTask)`, submitted in list order, possibly in
-another process or machine that sees the store and workspace at the same paths, or, with a
-remote, in a scratch store of its own (see stagestore/execution/dask.py; `distributed.DaskExecutor`
-is the Dask one)."""
 
 
 def new_run_id() -> str:
@@ -64,10 +59,11 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
         stages: Iterable[str] = (), jobs: int = 1, force: bool = False,
         items: list[str] | None = None, execution: ExecutionOptions | None = None,
         progress: ProgressCallback | None = None, remote: str | None = None,
-        push: bool = False, executor: ItemExecutorFactory | None = None) -> RunReport:
+        push: bool = False, scheduler: ItemScheduler | None = None) -> RunReport:
     """Run `stages` (all when empty) and whatever they need upstream, as run `run_id`; with
-    `items`, every item through the stages that run per item (see `read_items`), on the
-    executor `executor` makes (None: a thread pool of `jobs` threads here).
+    `items`, every item through the stages that run per item (see `read_items`), on
+    `scheduler` (None: `LocalScheduler`, a thread pool of `jobs` threads here;
+    `dask.DaskScheduler` runs each item as a task on a Dask cluster).
 
     With `remote` (a remote's name), a stage whose keys have a succeeded manifest on that
     remote is reused from it (its outputs pulled) instead of executed; with `push`, each
@@ -75,6 +71,8 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     (`RunReport.push`)."""
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    scheduler = scheduler if scheduler is not None else LocalScheduler()
+    scheduler.check(items=bool(items), remote=remote is not None, push=push)
     if not pipeline.validated:  # built in Python and not validated yet
         pipeline.validate()
     execution = check_execution(execution or ExecutionOptions())
@@ -91,14 +89,15 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     run_id = validate_name(run_id, "run id") if run_id else new_run_id()
     owner = run_owner(run_id)
     transfer = _transfer(store, remote, push)
-    with store_lock(store.layout, exclusive=False), \
+    with scheduler.session(store.root, pipeline.workdir, jobs=jobs, remote=transfer is not None), \
+            store_lock(store.layout, exclusive=False), \
             owner_locked(store.layout, owner, f"run {run_id!r}"):
         record = _open_or_start_run(pipeline, store, run_id, selected, owner, items or [],
                                     execution)
         try:
             report = Execution(store, record, selected, jobs=jobs, force=force,
                                progress=progress, remote=transfer, push=push,
-                               executor=executor).run()
+                               scheduler=scheduler).run()
         except BaseException:
             try:
                 store.objects.stat_cache.save(owner)
@@ -236,12 +235,15 @@ class Execution:
     def __init__(self, store: Store, record: RunRecord, selected: list[str], *, jobs: int,
                  force: bool, progress: ProgressCallback | None, resuming: bool = False,
                  redo: set[str] | None = None, remote: Transfer | None = None,
-                 push: bool = False, executor: ItemExecutorFactory | None = None,
-                 stop: processes.StopToken | None = None) -> None:
+                 push: bool = False, scheduler: ItemScheduler | None = None,
+                 stop: processes.StopToken | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
+        """`breaker`: the circuit breaker its stages use (default: the run's own, from its
+        execution options); a body run elsewhere gets one that reports to the driver's."""
         self.store = store
         # This run's own: a systemic abort or an error stops this run's stages and no other's.
         self.stop = stop if stop is not None else processes.StopToken()
-        self.executor = executor
+        self.scheduler = scheduler if scheduler is not None else LocalScheduler()
         self.remote = remote
         self.pushing = push and remote is not None
         self.push_report: PushReport | None = None
@@ -264,10 +266,9 @@ class Execution:
             {name for name, spec in self.stages.items() if spec.domain == "infrastructure"})
         self.systemic: SystemicFailure | None = None
         self._lock = threading.Lock()
-        self._turn = threading.Condition()
-        self._started = 0
         self.work = StageWork(store, record, force=force, item_stages=per_item,
-                              breaker=CircuitBreaker(options.max_consecutive_failures),
+                              breaker=breaker if breaker is not None else
+                              CircuitBreaker(options.max_consecutive_failures),
                               emit=self.emit, remote=remote, stop=self.stop)
 
     def emit(self, event: str, stage: str | None = None, detail: str = "",
@@ -421,57 +422,11 @@ class Execution:
     # --- items ---
 
     def _run_items(self, shared: dict[str, StageReport]) -> list[ItemReport]:
-        """Every item through the per-item stages.  The pool takes items in the order of the
-        list, so they start in that order (strictly one after another with jobs=1).  With an
-        executor factory, on that executor (`distributed.run_items_elsewhere`)."""
-        if self.executor is not None:
-            from .dask import run_items_elsewhere
+        """Every item through the per-item stages, on the run's item scheduler."""
+        return self.scheduler.run_items(_Host(self, shared))
 
-            return run_items_elsewhere(self, shared)
-        with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="item") as pool:
-            futures = [pool.submit(self._item, index, item, shared)
-                       for index, item in enumerate(self.record.items)]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                self.stop.stop()
-                for future in futures:
-                    future.cancel()
-                raise
-
-    def _wait_turn(self, index: int) -> None:
-        """Items start in list order: item `index` starts only after item `index - 1` has."""
-        with self._turn:
-            while self._started < index:
-                self._turn.wait(0.1)
-
-    def _take_turn(self, index: int) -> None:
-        with self._turn:
-            self._started = max(self._started, index + 1)
-            self._turn.notify_all()
-
-    def _item(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
-        self._wait_turn(index)
-        try:
-            return self._item_started(index, item, shared)
-        finally:
-            self._take_turn(index)  # a no-op once the item has started
-
-    def _item_started(self, index: int, item: str, shared: dict[str, StageReport]) -> ItemReport:
-        decided, record = self.item_before(item)
-        if decided is not None:
-            return decided
-        try:
-            record, reports = self.item_body(item, record, shared,
-                                             started=lambda: self._take_turn(index))
-        except processes.Interrupted:
-            if self.systemic is not None:
-                return ItemReport(item=item, status="not_processed")
-            raise
-        return self.item_after(item, record, reports)
-
-    # An item in three parts, so that its body can run elsewhere (stagestore/execution/dask.py):
-    # the driver's decisions before, the body, and the driver's bookkeeping after.
+    # An item in three parts, so that its body can run elsewhere (worker.py, for dask.py): the
+    # driver's decisions before, the body, and the driver's bookkeeping after.
 
     def item_before(self, item: str) -> tuple[ItemReport | None, ItemRecord | None]:
         """(the item's report if it is not to be taken now, else None; its record, if any)."""
@@ -493,16 +448,45 @@ class Execution:
         """Snapshot the item's inputs and write its `running` record (unless it has one), then
         its stages; its ended record and stage reports.  `started` is called once it has
         started.  Raises `processes.Interrupted` when the run is stopping."""
-        if record is None or record.status != "running":
-            # The same run taken again keeps each item's snapshots, as it keeps the run's own.
-            inputs = record.inputs if record is not None else self._snapshot_item(item)
-            record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
-                                inputs=inputs, started_at=now())
-            self.store.manifests.write_item(record, self.owner)
+        record = self.item_start(item, record)
         self.emit("item_start", None, "", item)
         if started is not None:
             started()
         return self._item_stages(item, record, shared)
+
+    def item_start(self, item: str, record: ItemRecord | None) -> ItemRecord:
+        """Snapshot the item's own inputs and write its `running` record, unless `record` is
+        one; its `running` record."""
+        if record is not None and record.status == "running":
+            return record
+        # The same run taken again keeps each item's snapshots, as it keeps the run's own.
+        inputs = record.inputs if record is not None else self._snapshot_item(item)
+        record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
+                            inputs=inputs, started_at=now())
+        self.store.manifests.write_item(record, self.owner)
+        return record
+
+    def item_lost(self, item: str, stage: str, signal: str
+                  ) -> tuple[ItemRecord, list[StageReport]]:
+        """An item whose body was lost elsewhere: failed at `stage` with an infrastructure
+        failure whose signal is `signal` (see `ItemHost.lose`)."""
+        failure = runner_failure(self.stages[stage], INFRASTRUCTURE_GATE, signal)
+        try:
+            record = self.store.manifests.read_item_optional(self.record.run_id, item)
+        except CorruptRecordError:
+            record = None
+        if record is None:
+            record = ItemRecord(run_id=self.record.run_id, item=item, status="running",
+                                inputs={}, started_at=now())
+        self.emit("failed", stage, f"{failure.class_} ({failure.category})", item)
+        first = FirstFailure(stage=stage, failure=failure, at=now())
+        return self._end_item(record, "failed", first), [
+            StageReport(stage=stage, item=item, outcome="failed", failure=failure, reason=signal)]
+
+    def item_run_inputs(self) -> dict[str, dict[str, ArtifactRef]]:
+        """The snapshots the run record holds for the per-item stages (`ItemHost.run_inputs`)."""
+        return {stage: self.record.inputs[stage] for stage in self.item_order
+                if self.record.inputs.get(stage)}
 
     def item_after(self, item: str, record: ItemRecord, reports: list[StageReport]) -> ItemReport:
         """An item that ended: `item_end`, the systemic detector and check."""
@@ -607,3 +591,59 @@ def _item_report(record: ItemRecord, stages: list[StageReport]) -> ItemReport:
     return ItemReport(item=record.item, status=status,  # type: ignore[arg-type]
                       first_failure_stage=first.stage if first else None,
                       failure=first.failure if first else None, stages=stages)
+
+
+class _Host(ItemHost):
+    """The `ItemHost` of an `Execution`: what its item scheduler may do, and nothing else."""
+
+    def __init__(self, execution: Execution, shared: dict[str, StageReport]) -> None:
+        self._ex = execution
+        self.run_id = execution.record.run_id
+        self.items = list(execution.record.items)
+        self.jobs = execution.jobs
+        self.store = execution.store
+        self.remote = execution.remote
+        self.stages = list(execution.item_order)
+        self.selected = list(execution.selected)
+        self.shared = shared
+        self.force = execution.work.force
+        self.breaker = execution.work.breaker
+
+    def before(self, item: str) -> tuple[ItemReport | None, ItemRecord | None]:
+        return self._ex.item_before(item)
+
+    def body(self, item: str, record: ItemRecord | None,
+             started: Callable[[], None] | None = None) -> tuple[ItemRecord, list[StageReport]]:
+        return self._ex.item_body(item, record, self.shared, started)
+
+    def after(self, item: str, record: ItemRecord, stages: list[StageReport]) -> ItemReport:
+        return self._ex.item_after(item, record, stages)
+
+    @property
+    def aborted(self) -> bool:
+        return self._ex.systemic is not None
+
+    @property
+    def stopping(self) -> bool:
+        return self._ex.systemic is not None or self._ex.stop.stopped
+
+    def stop(self) -> None:
+        self._ex.stop.stop()
+
+    def emit(self, event: str, stage: str | None = None, detail: str = "",
+             item: str | None = None) -> None:
+        self._ex.emit(event, stage, detail, item)
+
+    def start(self, item: str, record: ItemRecord | None) -> ItemRecord:
+        return self._ex.item_start(item, record)
+
+    def run_inputs(self) -> dict[str, dict[str, ArtifactRef]]:
+        return self._ex.item_run_inputs()
+
+    def replay(self, events: list[RunEvent]) -> None:
+        if self._ex.progress is not None:
+            for event in events:
+                self._ex.progress(event)
+
+    def lose(self, item: str, stage: str, signal: str) -> tuple[ItemRecord, list[StageReport]]:
+        return self._ex.item_lost(item, stage, signal)
