@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stagestore.cli.commands import cli
+from stagestore.cli import command_group
 from stagestore.cli.reference import render_cli_reference
 from stagestore.store.schema import render_schemas
+
+cli = command_group()
 
 ROOT = Path(__file__).resolve().parent.parent
 

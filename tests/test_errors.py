@@ -125,7 +125,9 @@ def test_numeric_options_out_of_range_are_refused(ws, args, option):
 
 def _json_commands() -> list[tuple[str, ...]]:
     """Every command with `--json`, with a placeholder for each required argument."""
-    from stagestore.cli.commands import cli
+    from stagestore.cli import command_group
+
+    cli = command_group()
 
     found = []
 
