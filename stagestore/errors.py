@@ -75,6 +75,12 @@ class UsageError(StagestoreError):
     hint = None  # the CLI points at the command's --help
 
 
+class ItemsNeededError(UsageError):
+    """A stage of the run runs once per item, and the run was given no items."""
+
+    hint = "give the run its list of items"
+
+
 class PipelineError(StagestoreError):
     """The pipeline file is invalid: syntax, types, unknown keys, cycles, names or paths."""
 

@@ -262,7 +262,7 @@ def test_items_need_a_per_item_stage_and_a_per_item_stage_needs_items(ws):
     _items(ws, ["i01"])
     proc = ws.cli("run", "--items", "items.txt")
     assert proc.returncode == 2
-    assert _errors(proc) == ["error: --items was given, but no selected stage runs per item"]
+    assert _errors(proc) == ["error: items were given, but no selected stage runs per item"]
     _pipeline(ws, IDS, COUNT=ws.root / "count")
     proc = ws.cli("run")
     assert proc.returncode == 2

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..errors import ExitCode
+from ..errors import ExitCode, ItemsNeededError
 from . import render
 from .app import (JOBS, SECONDS, Ctx, FiniteRange, cli, is_quiet, json_option, open_store,
                   pipeline_and_store, pipeline_option, show_live, store_option, store_root)
@@ -94,9 +94,13 @@ def run(pipeline_file: str | None, store_dir: str | None, run_id: str | None,
         progress = render.JsonLogProgress()
     else:
         progress = render.RunProgress() if (show_live() and not quiet_here) else None
-    report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs, force=force,
-                          items=items, execution=execution, progress=progress,
-                          remote=remote_name, push=push, scheduler=scheduler)
+    try:
+        report = run_pipeline(pipeline, store, run_id=run_id, stages=stages, jobs=jobs,
+                              force=force, items=items, execution=execution, progress=progress,
+                              remote=remote_name, push=push, scheduler=scheduler)
+    except ItemsNeededError as exc:
+        exc.hint = "pass --items FILE with one item id a line"
+        raise
     render.run_report(report, as_json=as_json, log_json=log_format == "json" and not quiet)
     code = RUN_EXIT_CODES[report.status]
     if report.push is not None and not report.push.ok and code == ExitCode.OK:
@@ -114,6 +118,8 @@ def _scheduler(executor: str, address: str | None, items_file: str | None,
     anything is created, with hints naming the flags."""
     from ..errors import UsageError
 
+    if push and remote_name is None:  # said here in the flags' words; the library says it too
+        raise UsageError("--push needs --remote NAME", hint="add --remote NAME, or leave out --push")
     if executor != "dask":
         if address is not None:
             raise UsageError("--scheduler needs --executor dask",

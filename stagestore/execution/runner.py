@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ..errors import CorruptRecordError, OutputError, PipelineError, RunInterrupted, UsageError
+from ..errors import ItemsNeededError, CorruptRecordError, OutputError, PipelineError, RunInterrupted, UsageError
 from ..model.failures import INFRASTRUCTURE_GATE, UPSTREAM_MISSING
 from ..model.records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRecord, PipelineRef,
                              RunRecord, StageManifest, SystemicFailure, decode_record, now)
@@ -70,7 +70,7 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     stage's result is pushed there as it commits, and the run's records when it ends
     (`RunReport.push`)."""
     if jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+        raise UsageError(f"jobs must be at least 1, got {jobs}")
     scheduler = scheduler if scheduler is not None else LocalScheduler()
     scheduler.check(items=bool(items), remote=remote is not None, push=push)
     if not pipeline.validated:  # built in Python and not validated yet
@@ -80,11 +80,10 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     every_item_stage = pipeline.item_stages()
     per_item = [s for s in selected if s in every_item_stage]
     if per_item and not items:
-        raise UsageError(f"stage {per_item[0]!r} runs once per item (it uses {{item}}, "
-                         "`per_item`, or an upstream stage that does)",
-                         hint="pass --items FILE with one item id a line")
+        raise ItemsNeededError(f"stage {per_item[0]!r} runs once per item (it uses {{item}}, "
+                               "`per_item`, or an upstream stage that does)")
     if items and not per_item:
-        raise UsageError("--items was given, but no selected stage runs per item",
+        raise UsageError("items were given, but no selected stage runs per item",
                          hint="use {item} in a stage's cmd or input paths, or set per_item = true")
     run_id = validate_name(run_id, "run id") if run_id else new_run_id()
     owner = run_owner(run_id)
@@ -113,7 +112,8 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
 def _transfer(store: Store, remote: str | None, push: bool):  # noqa: ANN202
     if remote is None:
         if push:
-            raise UsageError("--push needs --remote NAME")
+            raise UsageError("pushing needs a remote to push to",
+                             hint="name a remote, or do not push")
         return None
     from ..remote.remotes import open_remote
     from ..remote.transfer import Transfer
@@ -124,12 +124,13 @@ def _transfer(store: Store, remote: str | None, push: bool):  # noqa: ANN202
 
 def check_execution(options: ExecutionOptions) -> ExecutionOptions:
     if options.systemic_min_items < 1:
-        raise UsageError(f"--systemic-min-items must be at least 1, got {options.systemic_min_items}")
+        raise UsageError("systemic_min_items must be at least 1, got "
+                         f"{options.systemic_min_items}")
     if not 0 <= options.systemic_threshold <= 1:
-        raise UsageError("--systemic-threshold must be a ratio from 0 to 1, got "
+        raise UsageError("systemic_threshold must be a ratio from 0 to 1, got "
                          f"{options.systemic_threshold}")
     if options.max_consecutive_failures is not None and options.max_consecutive_failures < 1:
-        raise UsageError("--max-consecutive-failures must be at least 1, got "
+        raise UsageError("max_consecutive_failures must be at least 1, got "
                          f"{options.max_consecutive_failures}")
     return options
 
@@ -155,13 +156,11 @@ def _open_or_start_run(pipeline: Pipeline, store: Store, run_id: str, selected: 
         if record.definition != pipeline.definition:
             raise UsageError(
                 f"run {run_id!r} was started from a different pipeline definition",
-                hint=f"use a new --run-id, or `stagestore recover --run-id {run_id}` to complete "
-                     "it as it was defined")
+                hint="start a new run id, or recover this run to complete it as it was defined")
         if items != record.items:
             raise UsageError(
                 f"run {run_id!r} was started with a different list of items",
-                hint=f"use a new --run-id, or `stagestore recover --run-id {run_id}` to complete "
-                     "it with its own items")
+                hint="start a new run id, or recover this run to complete it with its own items")
         inputs = dict(record.inputs)
         missing = [s for s in selected if s not in inputs]
         inputs.update(snapshot_inputs(pipeline, store, missing, owner))
