@@ -12,6 +12,9 @@ from ..store.layout import run_owner
 from ..store.locking import owner_is_live
 from ..store.store import Store
 
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+ITEM_HINT = "in an item run, a stage that runs per item is stored per item: name the item"
+
 if TYPE_CHECKING:
     from ..pipeline.model import Pipeline
 
@@ -132,7 +135,7 @@ def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -
         known = store.manifests.stages(run_id, item)
         hint = None
         if item is None and store.manifests.items(run_id):
-            hint = "in an item run, a stage that runs per item needs --item ITEM"
+            hint = ITEM_HINT
         raise StageNotFoundError(f"{where} has no manifest for stage {stage!r}; stages: "
                                  + (", ".join(known) or "none"), hint=hint)
     return manifest
