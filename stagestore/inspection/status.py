@@ -52,6 +52,7 @@ def _items_failed(store: Store, record: RunRecord) -> bool:
 
 
 def list_runs(store: Store) -> RunsReport:
+    """The runs in the store, oldest first, each with its state and stage counts."""
     runs = []
     for run_id in store.manifests.runs():
         try:
@@ -80,6 +81,8 @@ def _manifest_status(store: Store, run_id: str, stage: str) -> str:
 
 
 def show_run(store: Store, run_id: str) -> RunDetail:
+    """A run's stages (and items) with their outcomes.  Raises `RunNotFoundError` for an
+    unknown run."""
     from ..pipeline.model import item_stages
 
     record = store.manifests.read_run(run_id)
@@ -116,6 +119,8 @@ def show_run(store: Store, run_id: str) -> RunDetail:
 
 
 def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -> StageManifest:
+    """The manifest of a run's stage (in an item run, of `item`'s stage for a stage that runs
+    per item).  Raises `RunNotFoundError` or `StageNotFoundError`."""
     from ..errors import StageNotFoundError, UsageError
     from ..store.layout import item_dirname
 
@@ -142,6 +147,7 @@ def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -
 
 
 def stage_logs(store: Store, run_id: str, stage: str, item: str | None = None) -> list[AttemptOutput]:
+    """The stored stdout and stderr of each attempt of a stage, as `show_stage` finds it."""
     manifest = show_stage(store, run_id, stage, item)
     out = []
     for log in manifest.logs:
@@ -236,6 +242,7 @@ def _why(store: Store | None, stage: str, keys: tuple[str, str], flat: dict[str,
 
 
 def contracts(pipeline: Pipeline) -> ContractsReport:
+    """For every stage: its inputs, outputs, entry and exit criteria, and manifest path."""
     from ..pipeline.model import CODE_INPUT, stage_input_paths
 
     rows = []

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -31,6 +32,10 @@ from ..store import durable
 from ..store.hashing import PREFIX, digest_bytes, digest_hex
 from ..store.layout import item_dirname, item_id, validate_name
 from .storage import RemoteError, RemoteNotFound, Storage, open_storage
+
+if TYPE_CHECKING:
+    from ..store.layout import StoreLayout
+    from ..store.store import Store
 
 FORMAT_KEY = "stagestore-remote.json"
 OBJECTS = "objects/"
@@ -176,17 +181,17 @@ def find_remote(config: StoreConfig, name: str | None) -> RemoteSpec:
                      hint="`stagestore remote list` shows them")
 
 
-def _layout(store):  # noqa: ANN001, ANN202 - a Store, or its StoreLayout
+def _layout(store: Store | StoreLayout) -> StoreLayout:
     return getattr(store, "layout", store)
 
 
-def list_remotes(store) -> list[RemoteSpec]:  # noqa: ANN001 - a Store
+def list_remotes(store: Store) -> list[RemoteSpec]:
     """The store's remotes, as added: name, URL, endpoint and region."""
     return list(read_config(_layout(store)).remotes)
 
 
-def add_remote(store, name: str, url: str, *, endpoint: str | None = None,  # noqa: ANN001
-               region: str | None = None) -> RemoteSpec:
+def add_remote(store: Store | StoreLayout, name: str, url: str, *,
+               endpoint: str | None = None, region: str | None = None) -> RemoteSpec:
     """Add remote `name` at `url` (`s3://BUCKET/PREFIX`, or `file:///PATH` for a folder) to the
     store's config, after checking that it can be reached, that it is a stagestore remote or
     empty, and that the server refuses a second create-only write.  Credentials come from the
@@ -207,7 +212,7 @@ def add_remote(store, name: str, url: str, *, endpoint: str | None = None,  # no
     return spec
 
 
-def remove_remote(store, name: str) -> RemoteSpec:  # noqa: ANN001 - a Store
+def remove_remote(store: Store | StoreLayout, name: str) -> RemoteSpec:
     """Forget remote `name`'s settings; the remote's own data is left as it is.  Raises
     `UsageError` when the store has no such remote."""
     layout = _layout(store)
