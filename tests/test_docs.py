@@ -131,8 +131,10 @@ COMMAND_API = {
 
 
 def _command_names() -> set[str]:
+    from stagestore.cli import command_group
+
     names = set()
-    for name, command in cli.commands.items():
+    for name, command in command_group().commands.items():
         sub = getattr(command, "commands", None)
         if sub is None:
             names.add(name)
