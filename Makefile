@@ -20,7 +20,7 @@ help:
 	@echo "                writes benchmarks/results/latest.json (see benchmarks/README.md)"
 	@echo "make schemas    regenerate schemas/*.json from the record types"
 	@echo "make docs       regenerate docs/cli.md from the commands' help, docs/errors.md from"
-	@echo "                stagestore/errors.py"
+	@echo "                stagestore/errors.py, docs/api.md from the public API's docstrings"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -101,3 +101,4 @@ clean:
 docs: venv
 	$(PY) -m stagestore.cli.reference > docs/cli.md
 	$(PY) -m stagestore.cli.errordoc > docs/errors.md
+	$(PY) -m stagestore.cli.apidoc > docs/api.md

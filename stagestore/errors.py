@@ -56,7 +56,7 @@ class StagestoreError(Exception):
     """Root of every error stagestore raises on purpose."""
 
     exit_code = ExitCode.FAILED
-    hint: str | None = "run again with --debug to see where it happened"
+    hint: str | None = None  # the CLI says how to see the traceback (`cli.cli_hint`)
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -112,7 +112,7 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store exists where a command that reads one looked (nothing has run there yet)."""
 
     exit_code = ExitCode.USAGE
-    hint = "run a pipeline first, or pass --store DIR (or set STAGESTORE_STORE)"
+    hint = "run a pipeline first, or open the store by its folder (or set STAGESTORE_STORE)"
 
 
 class FormatVersionError(StoreError):

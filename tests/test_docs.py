@@ -97,3 +97,91 @@ def test_every_verify_finding_kind_is_documented():
     recovery = (ROOT / "docs" / "recovery.md").read_text()
     for kind in kinds:
         assert kind in recovery, kind
+
+
+# --- the Python API ------------------------------------------------------------------------------
+
+# Every command (and `remote` subcommand), and the library function(s) it calls: the public
+# API covers the CLI.  A new command fails `test_every_command_has_an_api_function` until it
+# is added here with its function.
+COMMAND_API = {
+    "run": ["run", "LocalScheduler", "DaskScheduler"],
+    "check": ["check", "compatibility_warnings"],
+    "plan": ["plan"],
+    "status": ["status"],
+    "contracts": ["contracts"],
+    "runs": ["list_runs"],
+    "show": ["show_run", "show_stage"],
+    "logs": ["stage_logs"],
+    "report": ["failure_report"],
+    "stats": ["stage_stats"],
+    "diff": ["diff_runs"],
+    "checkout": ["checkout"],
+    "verify": ["verify", "verify_remote"],
+    "recover": ["recover"],
+    "doctor": ["doctor"],
+    "forget": ["forget"],
+    "gc": ["gc", "gc_remote"],
+    "schema": ["schemas", "write_schemas"],
+    "push": ["push"],
+    "pull": ["pull"],
+    "remote add": ["add_remote"],
+    "remote list": ["list_remotes"],
+    "remote remove": ["remove_remote"],
+    "remote runs": ["remote_runs"],
+}
+
+
+def _command_names() -> set[str]:
+    from stagestore.cli import command_group
+
+    names = set()
+    for name, command in command_group().commands.items():
+        sub = getattr(command, "commands", None)
+        if sub is None:
+            names.add(name)
+        else:
+            names |= {f"{name} {subname}" for subname in sub}
+    return names
+
+
+def test_every_command_has_an_api_function():
+    import stagestore
+
+    assert _command_names() == set(COMMAND_API), \
+        "a command was added or removed: map it to its library function in COMMAND_API"
+    for command, names in COMMAND_API.items():
+        for name in names:
+            assert name in stagestore.__all__, f"`stagestore {command}`: {name} is not exported"
+
+
+def test_api_reference_is_current():
+    from stagestore.cli.apidoc import render_api_reference
+
+    assert (ROOT / "docs" / "api.md").read_text() == render_api_reference(), \
+        "docs/api.md is stale: run `make docs`"
+
+
+def test_every_api_name_is_documented():
+    import stagestore
+
+    reference = (ROOT / "docs" / "api.md").read_text()
+    for name in stagestore.__all__:
+        assert f"### `{name}`\n" in reference, name
+        assert (getattr(stagestore, name).__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch):
+    """The README's complete API example, executed as written in a temp folder."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API\n"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for word in ("Store.create", "load_pipeline", "run(", "verify(", "diff_runs(", "push(",
+                 "pull("):
+        assert word in code, word
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STAGESTORE_STORE", raising=False)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102
+    assert (tmp_path / "laptop-store").is_dir()

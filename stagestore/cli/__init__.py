@@ -11,6 +11,46 @@ import sys
 
 
 INTERRUPTED_HINT = "`stagestore recover` completes an interrupted run"
+DEBUG_HINT = "run again with --debug to see where it happened"
+
+
+def _cli_hints() -> dict[str, str]:
+    """Library hint -> the CLI's: the library speaks of parameters and functions, the CLI of
+    its flags and commands."""
+    from ..errors import StoreNotFoundError
+    from ..inspection.plan import STRICT_HINT
+    from ..inspection.status import ITEM_HINT
+    from ..pipeline.items import ITEMS_FILE_HINT
+    from ..pipeline.model import PIPELINE_FILE_HINT
+    from ..remote.audit import VERIFY_REMOTE_HINT
+    from ..remote.remotes import REMOTE_NAME_HINT
+    from ..store.objects import DAMAGED_REMOTE_OBJECT_HINT
+    from ..store.schema import SCHEMA_FOLDER_HINT
+
+    return {
+        str(StoreNotFoundError.hint):
+            "run a pipeline first, or pass --store DIR (or set STAGESTORE_STORE)",
+        PIPELINE_FILE_HINT: "pass -p FILE, or run from the folder holding stagestore.toml",
+        ITEMS_FILE_HINT: "pass --items FILE with one item id a line",
+        ITEM_HINT: "in an item run, a stage that runs per item needs --item ITEM",
+        REMOTE_NAME_HINT: "pass --remote NAME",
+        VERIFY_REMOTE_HINT: "run `stagestore verify --remote NAME`",
+        DAMAGED_REMOTE_OBJECT_HINT: "run `stagestore verify --remote NAME` to find every damaged "
+                                    "remote object; push it again from a store that has it intact",
+        SCHEMA_FOLDER_HINT: "pass --out a folder (it is created if it does not exist)",
+        STRICT_HINT: "fix them, or run without --strict",
+    }
+
+
+def cli_hint(hint: str | None, cls: type) -> str | None:
+    """The hint the CLI prints for an error of class `cls` whose hint is `hint`: the CLI's
+    words for a library hint, `DEBUG_HINT` for an error without one (a `UsageError` without
+    one gets the command's `--help` instead, from the caller)."""
+    from ..errors import UsageError
+
+    if hint is None:
+        return None if issubclass(cls, UsageError) else DEBUG_HINT
+    return _cli_hints().get(hint, hint)
 
 
 def command_group():  # noqa: ANN201 - a click.Group; click is imported only here
@@ -77,7 +117,8 @@ def _report_error(exc: BaseException, debug: bool, argv: list[str] | None = None
     elif isinstance(exc, click.ClickException):
         message, hint, code = exc.format_message(), _help_hint(None, args), exc.exit_code
     elif isinstance(exc, StagestoreError):
-        hint = exc.hint or (_help_hint(None, args) if isinstance(exc, UsageError) else None)
+        hint = (cli_hint(exc.hint, type(exc))
+                or (_help_hint(None, args) if isinstance(exc, UsageError) else None))
         message, code = exc.message, exc.exit_code
     elif isinstance(exc, PermissionError):
         message, hint, code = (f"permission denied: {exc.filename}",

@@ -139,17 +139,13 @@ def _scheduler(executor: str, address: str | None, items_file: str | None,
 
 
 def _compatibility(pipeline, strict: bool) -> None:  # noqa: ANN001
-    """Print the kinds' compatibility warnings; with `strict`, refuse to go on (exit 2)."""
-    from ..errors import PipelineError
-    from ..pipeline.kindspec import compatibility
+    """Print the kinds' compatibility warnings; with `strict`, the library refuses (exit 2)."""
+    from ..inspection.plan import compatibility_warnings
 
-    found = compatibility(pipeline.stages)
-    for warning in found:
+    for warning in compatibility_warnings(pipeline):
         click.echo(f"warning: {warning.message}", err=True)
-    if found and strict:
-        raise PipelineError(f"{pipeline.display}: "
-                            f"{render.plural(len(found), 'compatibility warning')} with --strict",
-                            hint="fix them, or run without --strict")
+    if strict:
+        compatibility_warnings(pipeline, strict=True)
 
 
 @cli.command()
@@ -189,15 +185,11 @@ def plan(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> Non
 
 
 def _warn_network_filesystem(store) -> None:  # noqa: ANN001
-    """One warning line when the store is on a network or FUSE filesystem (docs/reliability.md:
-    their locks, renames and fsync are weaker than the store's guarantees assume)."""
-    from ..inspection.doctor import is_network_filesystem, mount_of
+    from ..inspection.doctor import network_filesystem_warning
 
-    found = mount_of(store.root)
-    if found is not None and is_network_filesystem(found[0]):
-        click.echo(f"warning: the store {store.root} is on a {found[0]} filesystem (mounted at "
-                   f"{found[1]}); its locks, renames and fsync may not give the guarantees in "
-                   "docs/reliability.md; prefer a local disk", err=True)
+    warning = network_filesystem_warning(store)
+    if warning is not None:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command()
@@ -431,6 +423,7 @@ def gc(dry_run: bool, timeout: float | None, remote_name: str | None, grace_hour
     for them to finish before it decides what is garbage.  With --remote NAME, the remote's
     objects that no remote manifest or record names and that are older than --grace."""
     from ..inspection.gc import gc as collect
+    from ..inspection.gc import store_busy
 
     store = open_store(store_dir, pipeline_file)
     if remote_name is not None:
@@ -439,37 +432,30 @@ def gc(dry_run: bool, timeout: float | None, remote_name: str | None, grace_hour
         render.remote_gc_report(gc_remote(store, remote_name, grace_hours=grace_hours,
                                           dry_run=dry_run), as_json=as_json)
         return
-    if show_live() and _store_busy(store):
+    if show_live() and store_busy(store):
         click.echo("waiting for running stagestore processes to release the store...", err=True)
     report = collect(store, dry_run=dry_run, timeout=-1 if timeout is None else timeout)
     render.gc_report(report, as_json=as_json)
-
-
-def _store_busy(store) -> bool:  # noqa: ANN001
-    from ..errors import RunBusyError
-    from ..store.locking import store_lock
-
-    try:
-        with store_lock(store.layout, exclusive=True, timeout=0):
-            return False
-    except RunBusyError:
-        return True
 
 
 @cli.command()
 @click.option("--out", "out_dir", metavar="DIR", help="Write one NAME.schema.json per record here.")
 def schema(out_dir: str | None) -> None:
     """Print (or write) the JSON Schema of every record stagestore stores."""
-    from ..store.schema import render_schemas, write_schemas
-
-    if out_dir:
-        for path in write_schemas(out_dir):
-            click.echo(path)
-        return
     import msgspec
 
-    merged = {name: msgspec.json.decode(data) for name, data in render_schemas().items()}
-    click.echo(msgspec.json.format(msgspec.json.encode(merged), indent=2))
+    from ..errors import UsageError
+    from ..store.schema import schemas, write_schemas
+
+    if out_dir:
+        try:
+            written = write_schemas(out_dir)
+        except UsageError as exc:  # the library names the folder; the CLI, its option too
+            raise UsageError(f"--out {exc.message}", hint=exc.hint) from None
+        for path in written:
+            click.echo(path)
+        return
+    click.echo(msgspec.json.format(msgspec.json.encode(schemas()), indent=2))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ExitCode, StagestoreError, UsageError
+from . import cli_hint
 
 # Every module that defines a `StagestoreError` subclass; tests/test_docs.py checks that no
 # other module does.
@@ -62,8 +63,9 @@ def render_error_reference() -> str:
     for cls in error_classes():
         bases = ", ".join(f"`{_name(base)}`" for base in cls.__bases__)
         code = ExitCode(cls.exit_code)
-        hint = (cls.hint or ("see `stagestore COMMAND --help`"
-                             if issubclass(cls, UsageError) else "-")).replace("|", "\\|")
+        hint = (cli_hint(cls.hint, cls) or ("see `stagestore COMMAND --help`"
+                                            if issubclass(cls, UsageError) else "-")
+                ).replace("|", "\\|")
         lines.append(f"| `{_name(cls)}` | {bases} | {int(code)} `{code.name}` | {_when(cls)} "
                      f"| {hint} |")
     return "\n".join(lines) + "\n"

@@ -36,8 +36,7 @@ def remote_add(name: str, url: str, endpoint: str | None, region: str | None,
     from .app import store_root
 
     store = Store.create(store_root(store_dir, pipeline_file))  # a fresh machine has none yet
-    spec = add_remote(store.layout, name, url,
-                      endpoint=endpoint, region=region)
+    spec = add_remote(store, name, url, endpoint=endpoint, region=region)
     click.echo(f"added remote {spec.name} ({spec.url}); create-only writes hold")
 
 
@@ -47,10 +46,9 @@ def remote_add(name: str, url: str, endpoint: str | None, region: str | None,
 @json_option
 def remote_list(pipeline_file: str | None, store_dir: str | None, as_json: bool) -> None:
     """List the remotes: name, URL, endpoint and region."""
-    from ..remote.remotes import read_config
+    from ..remote.remotes import list_remotes
 
-    render.remote_list(read_config(open_store(store_dir, pipeline_file).layout).remotes,
-                       as_json=as_json)
+    render.remote_list(list_remotes(open_store(store_dir, pipeline_file)), as_json=as_json)
 
 
 @remote.command("remove")
@@ -61,7 +59,7 @@ def remote_remove(name: str, pipeline_file: str | None, store_dir: str | None) -
     """Forget remote NAME's settings.  Nothing on the remote is deleted."""
     from ..remote.remotes import remove_remote
 
-    spec = remove_remote(open_store(store_dir, pipeline_file).layout, name)
+    spec = remove_remote(open_store(store_dir, pipeline_file), name)
     click.echo(f"removed remote {spec.name} ({spec.url}); its data was left as it is")
 
 
@@ -117,14 +115,11 @@ def pull(run_ids: tuple[str, ...], remote_name: str | None, jobs: int,
 def remote_runs(name: str | None, pipeline_file: str | None, store_dir: str | None,
                 as_json: bool) -> None:
     """List the run ids remote NAME (default: the only one) holds."""
-    from ..remote.remotes import open_remote
-    from ..remote.transfer import Transfer
+    from ..remote.transfer import remote_runs as runs_of
 
-    store = open_store(store_dir, pipeline_file)
-    spec, storage = open_remote(store.layout, name)
-    runs = Transfer(store, spec.name, storage).runs()
+    report = runs_of(open_store(store_dir, pipeline_file), name)
     if as_json:
-        render.print_json(runs)
+        render.print_json(report.runs)
     else:
-        for run_id in runs:
+        for run_id in report.runs:
             click.echo(run_id)

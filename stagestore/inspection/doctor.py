@@ -172,6 +172,18 @@ def is_network_filesystem(fstype: str) -> bool:
     return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse")
 
 
+def network_filesystem_warning(store: Store) -> str | None:
+    """A warning when the store is on a network or FUSE filesystem (docs/reliability.md:
+    their locks, renames and fsync are weaker than the store's guarantees assume); None on a
+    local disk or when the mount table cannot tell."""
+    found = mount_of(store.root)
+    if found is None or not is_network_filesystem(found[0]):
+        return None
+    return (f"the store {store.root} is on a {found[0]} filesystem (mounted at {found[1]}); "
+            "its locks, renames and fsync may not give the guarantees in docs/reliability.md; "
+            "prefer a local disk")
+
+
 def _filesystem(store: Store) -> DoctorCheck:
     found = mount_of(store.root)
     if found is None:
@@ -183,7 +195,7 @@ def _filesystem(store: Store) -> DoctorCheck:
         return _check("filesystem", "warning",
                       f"{where}, a network or FUSE filesystem: its locks and renames are weaker "
                       "than a local disk's, so concurrent runs and crashes can damage the store; "
-                      "keep the store on a local disk (--store DIR)")
+                      "keep the store on a local disk")
     return _check("filesystem", "ok", where)
 
 

@@ -108,6 +108,17 @@ def _remove_stale_run_locks(store: Store) -> None:
                 durable.unlink(entry.path)
 
 
+def store_busy(store: Store) -> bool:
+    """Whether running stagestore processes hold the store now, so `gc` would wait for them."""
+    from ..errors import RunBusyError
+
+    try:
+        with store_lock(store.layout, exclusive=True, timeout=0):
+            return False
+    except RunBusyError:
+        return True
+
+
 def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
     """Delete every object no manifest or run record references."""
     with store_lock(store.layout, exclusive=True, timeout=timeout):

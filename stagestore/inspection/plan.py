@@ -13,9 +13,9 @@ import os
 import statistics
 from pathlib import Path
 
-from ..errors import StagestoreError
+from ..errors import PipelineError, StagestoreError
 from ..model.records import StageManifest, StageSpec
-from ..model.reports import CheckReport, PlanReport, StagePlan
+from ..model.reports import CheckReport, CompatProblem, PlanReport, StagePlan
 from ..pipeline.kindspec import compatibility, source, stage_config_hash
 from ..pipeline.model import Pipeline, stage_input_paths
 from ..store.store import Store
@@ -41,6 +41,21 @@ DEFAULT_RATIO = {"checksum": 0.0, "compress": 0.5, "decompress": 2.0, "encrypt":
 SUMS_LINE = 100  # bytes of one line of a sums file: a checksum's output with no history
 
 HISTORY = 20  # most recent runs read for a stage's history
+
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+STRICT_HINT = "fix them, or run without strict"
+
+
+def compatibility_warnings(pipeline: Pipeline, *, strict: bool = False) -> list[CompatProblem]:
+    """The compatibility warnings of the pipeline's built-in kinds (compressing encrypted
+    data, compressing or encrypting twice; docs/kinds.md).  With `strict`, any warning is a
+    `PipelineError`, which is how a strict run refuses to start."""
+    found = compatibility(pipeline.stages)
+    if found and strict:
+        count = f"{len(found)} compatibility warning" + ("s" if len(found) != 1 else "")
+        raise PipelineError(f"{pipeline.display}: {count}, refused when strict",
+                            hint=STRICT_HINT)
+    return found
 
 
 def check(pipeline: Pipeline) -> CheckReport:

@@ -46,6 +46,11 @@ RECOVER_OWNER = "recover"
 def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, jobs: int = 1,
             progress: ProgressCallback | None = None,
             hash_progress: BytesProgress | None = None) -> RecoverReport:
+    """Remove orphaned temps and complete interrupted runs (all, or only `run_id`), as they
+    were defined.  Re-hashes every object as `verify` does and plans from what it finds:
+    damaged objects are removed and manifests naming them are redone.  Idempotent.  With
+    `dry_run`, says what it would do and changes nothing.  Raises `RunNotFoundError` for an
+    unknown `run_id`; what could not be completed is in the report's `unresolved`."""
     with store_lock(store.layout, exclusive=False), \
             owner_locked(store.layout, RECOVER_OWNER, "recover"):
         plan = _Recovery(store, dry_run, jobs, progress)

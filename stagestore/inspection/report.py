@@ -21,6 +21,9 @@ DOMINANT_SIGNALS = 3
 
 
 def failure_report(store: Store, run_id: str) -> FailureReport:
+    """A run's failure tables: failures by stage, build failures by class, infrastructure
+    failures, and each failed item's first failure (counted once).  Build percentages are over
+    taxonomy-eligible failures only.  Raises `RunNotFoundError` for an unknown run."""
     record = store.manifests.read_run(run_id)
     outcomes: list[tuple[str | None, str, tuple[str, Failure] | None]] = (
         _item_outcomes(store, record) if record.items else [_run_outcome(store, record)])

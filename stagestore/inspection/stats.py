@@ -42,7 +42,7 @@ def stage_stats(store: Store, stage: str | None = None, last: int = DEFAULT_LAST
     most recent failure.  `stage` limits the report to one stage, which must have a manifest in
     those runs (`StageNotFoundError` otherwise)."""
     if last < 1:
-        raise UsageError(f"--last must be at least 1, not {last}")
+        raise UsageError(f"stats need at least 1 run to look at, not last={last}")
     run_ids = store.manifests.runs()[-last:]
     by_stage: dict[str, list[StageManifest]] = {}
     unreadable: dict[str, int] = {}

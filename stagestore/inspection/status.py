@@ -12,6 +12,9 @@ from ..store.layout import run_owner
 from ..store.locking import owner_is_live
 from ..store.store import Store
 
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+ITEM_HINT = "in an item run, a stage that runs per item is stored per item: name the item"
+
 if TYPE_CHECKING:
     from ..pipeline.model import Pipeline
 
@@ -49,6 +52,7 @@ def _items_failed(store: Store, record: RunRecord) -> bool:
 
 
 def list_runs(store: Store) -> RunsReport:
+    """The runs in the store, oldest first, each with its state and stage counts."""
     runs = []
     for run_id in store.manifests.runs():
         try:
@@ -77,6 +81,8 @@ def _manifest_status(store: Store, run_id: str, stage: str) -> str:
 
 
 def show_run(store: Store, run_id: str) -> RunDetail:
+    """A run's stages (and items) with their outcomes.  Raises `RunNotFoundError` for an
+    unknown run."""
     from ..pipeline.model import item_stages
 
     record = store.manifests.read_run(run_id)
@@ -113,6 +119,8 @@ def show_run(store: Store, run_id: str) -> RunDetail:
 
 
 def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -> StageManifest:
+    """The manifest of a run's stage (in an item run, of `item`'s stage for a stage that runs
+    per item).  Raises `RunNotFoundError` or `StageNotFoundError`."""
     from ..errors import StageNotFoundError, UsageError
     from ..store.layout import item_dirname
 
@@ -132,13 +140,14 @@ def show_stage(store: Store, run_id: str, stage: str, item: str | None = None) -
         known = store.manifests.stages(run_id, item)
         hint = None
         if item is None and store.manifests.items(run_id):
-            hint = "in an item run, a stage that runs per item needs --item ITEM"
+            hint = ITEM_HINT
         raise StageNotFoundError(f"{where} has no manifest for stage {stage!r}; stages: "
                                  + (", ".join(known) or "none"), hint=hint)
     return manifest
 
 
 def stage_logs(store: Store, run_id: str, stage: str, item: str | None = None) -> list[AttemptOutput]:
+    """The stored stdout and stderr of each attempt of a stage, as `show_stage` finds it."""
     manifest = show_stage(store, run_id, stage, item)
     out = []
     for log in manifest.logs:
@@ -233,6 +242,7 @@ def _why(store: Store | None, stage: str, keys: tuple[str, str], flat: dict[str,
 
 
 def contracts(pipeline: Pipeline) -> ContractsReport:
+    """For every stage: its inputs, outputs, entry and exit criteria, and manifest path."""
     from ..pipeline.model import CODE_INPUT, stage_input_paths
 
     rows = []

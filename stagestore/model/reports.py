@@ -191,6 +191,13 @@ class PullReport(Report, kw_only=True):
     problems: list[str]
 
 
+class RemoteRuns(Report, kw_only=True):
+    """The run ids a remote holds (`remote_runs`)."""
+
+    remote: str
+    runs: list[str]
+
+
 class RemoteGcReport(Report, kw_only=True):
     dry_run: bool
     remote: str

@@ -7,6 +7,9 @@ import os
 from ..errors import InvalidNameError, UsageError
 from ..store.layout import item_dirname
 
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+ITEMS_FILE_HINT = "give a file with one item id a line"
+
 
 def read_items(path: str | os.PathLike[str]) -> list[str]:
     """One item id a line, in order; blank lines and lines starting with `#` are ignored and
@@ -16,7 +19,7 @@ def read_items(path: str | os.PathLike[str]) -> list[str]:
         text = open(path, encoding="utf-8").read()  # noqa: SIM115
     except FileNotFoundError:
         raise UsageError(f"items file {path} not found",
-                         hint="pass --items FILE with one item id a line") from None
+                         hint=ITEMS_FILE_HINT) from None
     except UnicodeDecodeError:
         raise UsageError(f"items file {path} is not UTF-8 text") from None
     except OSError as exc:

@@ -23,6 +23,9 @@ _CALL_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 DEFAULT_PIPELINE_FILE = "stagestore.toml"
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+PIPELINE_FILE_HINT = ("give the pipeline file's path, or work in the folder holding "
+                      "stagestore.toml")
 
 CODE_INPUT = "_code"
 """The implicit input of a `call` stage: the source of the module it calls, when that module
@@ -349,7 +352,7 @@ def load_pipeline(path: str | os.PathLike[str] | None = None, *, check_inputs: b
         data = file.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"pipeline file {file} not found",
-                            hint="pass -p FILE, or run from the folder holding stagestore.toml") from None
+                            hint=PIPELINE_FILE_HINT) from None
     except OSError as exc:
         raise PipelineError(f"cannot read pipeline file {file}: {exc.strerror}") from None
     definition = _decode(data, str(file))

@@ -27,6 +27,8 @@ from .storage import BlobInfo, RemoteError, Storage, pages_flat
 from .transfer import decode_manifest, manifest_refs, record_refs
 
 DEFAULT_GRACE_HOURS = 24.0
+# Library words; the CLI names its command instead (`stagestore.cli.cli_hint`).
+VERIFY_REMOTE_HINT = "verify the remote (`verify_remote`): it names every record it cannot read"
 
 
 class _Inventory:
@@ -145,7 +147,7 @@ def verify_remote(store: Store, remote: str | None, run_ids: Iterable[str] = (),
     if not 0 < sample <= 100:
         from ..errors import UsageError
 
-        raise UsageError(f"--sample must be a percentage above 0 and at most 100, got {sample:g}")
+        raise UsageError(f"sample must be a percentage above 0 and at most 100, got {sample:g}")
     spec, storage = open_remote(store.layout, remote)
     inventory = _Inventory(storage)
     selected = list(run_ids) or None
@@ -197,15 +199,15 @@ def gc_remote(store: Store, remote: str | None, *, grace_hours: float = DEFAULT_
     if grace_hours < 0:
         from ..errors import UsageError
 
-        raise UsageError(f"--grace must be at least 0 hours, got {grace_hours:g}")
+        raise UsageError(f"grace_hours must be at least 0, got {grace_hours:g}")
     spec, storage = open_remote(store.layout, remote)
     inventory = _Inventory(storage)
     refs = _References(storage, inventory, None, jobs)
     unreadable = [f for f in refs.findings if f.severity == "problem"]
     if unreadable:
-        raise RemoteError(f"gc --remote {spec.name}: {unreadable[0].message}; removing nothing, "
-                          "since what that record names is unknown",
-                          hint=f"run `stagestore verify --remote {spec.name}`")
+        raise RemoteError(f"gc of remote {spec.name!r}: {unreadable[0].message}; removing "
+                          "nothing, since what that record names is unknown",
+                          hint=VERIFY_REMOTE_HINT)
     cutoff = time.time() - grace_hours * 3600
     removed, young, kept, size = [], 0, 0, 0
     doomed = []

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -32,11 +33,17 @@ from ..store.hashing import PREFIX, digest_bytes, digest_hex
 from ..store.layout import item_dirname, item_id, validate_name
 from .storage import RemoteError, RemoteNotFound, Storage, open_storage
 
+if TYPE_CHECKING:
+    from ..store.layout import StoreLayout
+    from ..store.store import Store
+
 FORMAT_KEY = "stagestore-remote.json"
 OBJECTS = "objects/"
 RUNS = "runs/"
 CACHE = "cache/"
 PROBE = "probe/"
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+REMOTE_NAME_HINT = "name the remote"
 _RECORD_RE = re.compile(r"_(run|item)\.([0-9a-f]{16})\.json")
 _OBJECT_KEY_RE = re.compile(r"objects/([0-9a-f]{2})/([0-9a-f]{62})")
 _FAILED_RE = re.compile(r"(.+)~failed~([0-9a-f]{16})\.json")
@@ -165,7 +172,7 @@ def find_remote(config: StoreConfig, name: str | None) -> RemoteSpec:
                              hint="add one: stagestore remote add NAME s3://BUCKET/PREFIX")
         names = ", ".join(r.name for r in config.remotes)
         raise UsageError(f"this store has {len(config.remotes)} remotes ({names}): say which",
-                         hint="pass --remote NAME")
+                         hint=REMOTE_NAME_HINT)
     for spec in config.remotes:
         if spec.name == name:
             return spec
@@ -174,10 +181,24 @@ def find_remote(config: StoreConfig, name: str | None) -> RemoteSpec:
                      hint="`stagestore remote list` shows them")
 
 
-def add_remote(layout, name: str, url: str, *, endpoint: str | None = None,  # noqa: ANN001
-               region: str | None = None) -> RemoteSpec:
-    """Check the remote (reachable, a stagestore remote or empty, create-only writes hold),
-    then record it in the store's config."""
+def _layout(store: Store | StoreLayout) -> StoreLayout:
+    return getattr(store, "layout", store)
+
+
+def list_remotes(store: Store) -> list[RemoteSpec]:
+    """The store's remotes, as added: name, URL, endpoint and region."""
+    return list(read_config(_layout(store)).remotes)
+
+
+def add_remote(store: Store | StoreLayout, name: str, url: str, *,
+               endpoint: str | None = None, region: str | None = None) -> RemoteSpec:
+    """Add remote `name` at `url` (`s3://BUCKET/PREFIX`, or `file:///PATH` for a folder) to the
+    store's config, after checking that it can be reached, that it is a stagestore remote or
+    empty, and that the server refuses a second create-only write.  Credentials come from the
+    AWS environment variables or profile and are never stored.  Raises `InvalidNameError` for
+    a bad name, `UsageError` for a bad URL or a name already taken, `RemoteError` when the
+    remote cannot be used."""
+    layout = _layout(store)
     validate_name(name, "remote name")
     storage = open_storage(url, endpoint=endpoint, region=region)
     with config_locked(layout) as config:
@@ -191,8 +212,10 @@ def add_remote(layout, name: str, url: str, *, endpoint: str | None = None,  # n
     return spec
 
 
-def remove_remote(layout, name: str) -> RemoteSpec:  # noqa: ANN001
-    """Forget a remote's settings; the remote's own data is left as it is."""
+def remove_remote(store: Store | StoreLayout, name: str) -> RemoteSpec:
+    """Forget remote `name`'s settings; the remote's own data is left as it is.  Raises
+    `UsageError` when the store has no such remote."""
+    layout = _layout(store)
     with config_locked(layout) as config:
         spec = find_remote(config, name)
         write_config(layout, msgspec.structs.replace(

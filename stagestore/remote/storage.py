@@ -503,7 +503,7 @@ def open_storage(url: str, *, endpoint: str | None = None, region: str | None = 
         if not path.startswith("/"):
             raise UsageError(f"invalid remote URL {url!r}: a file:// URL needs an absolute path")
         if endpoint or region:
-            raise UsageError("--endpoint and --region apply to s3:// remotes only")
+            raise UsageError("an endpoint and a region apply to s3:// remotes only")
         return FileStorage(path)
     raise UsageError(f"invalid remote URL {url!r}: expected s3://BUCKET/PREFIX "
                      "(or file:///PATH for a folder)")

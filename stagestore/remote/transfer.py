@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ObjectDamagedError, RunNotFoundError, StagestoreError
 from ..model.records import (ArtifactRef, CacheEntry, ItemRecord, RemoteSpec, RunRecord,
                              StageManifest, decode_record, encode_record)
-from ..model.reports import Conflict, PullReport, PushReport
+from ..model.reports import Conflict, PullReport, PushReport, RemoteRuns
 from ..store import durable
 from ..store.hashing import PREFIX, digest_bytes, hash_file
 from ..store.layout import run_owner
@@ -646,7 +646,11 @@ def _newer(record: ItemRecord, than: ItemRecord) -> bool:
 
 def push(store: Store, run_ids: Iterable[str] = (), *, remote: str | None = None,
          jobs: int = JOBS) -> PushReport:
-    """Push runs (all when none are named) to a remote (the only one when not named)."""
+    """Push runs (all of the store's when none are named) to a remote (the only one when not
+    named): the objects their manifests name that the remote lacks, then each manifest with a
+    create-only write, then the run's records.  A manifest the remote holds with other content
+    is a conflict in the report (`ok` false), never overwritten.  Raises `UsageError` for an
+    unknown remote, `RunNotFoundError` for an unknown run."""
     from ..store.locking import store_lock
     from .remotes import open_remote
 
@@ -657,10 +661,21 @@ def push(store: Store, run_ids: Iterable[str] = (), *, remote: str | None = None
 
 def pull(store: Store, run_ids: Iterable[str], *, remote: str | None = None,
          jobs: int = JOBS) -> PullReport:
-    """Pull runs from a remote into the store."""
+    """Pull runs from a remote (the only one when not named) into the store: their manifests
+    and every object they name, each checked against its BLAKE3 name as it arrives.  Raises
+    `UsageError` for an unknown remote, `RunNotFoundError` for a run the remote lacks."""
     from ..store.locking import store_lock
     from .remotes import open_remote
 
     spec, storage = open_remote(store.layout, remote)
     with store_lock(store.layout, exclusive=False):
         return Transfer(store, spec.name, storage, jobs=jobs).pull(list(run_ids))
+
+
+def remote_runs(store: Store, remote: str | None = None) -> RemoteRuns:
+    """The run ids a remote (the only one when not named) holds, sorted.  Raises `UsageError`
+    when the store has no such remote (or, unnamed, not exactly one)."""
+    from .remotes import open_remote
+
+    spec, storage = open_remote(store.layout, remote)
+    return RemoteRuns(remote=spec.name, runs=Transfer(store, spec.name, storage).runs())

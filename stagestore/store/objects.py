@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .statcache import StatCache
 
 OBJECT_MODE = 0o444
+# Library words; the CLI names its command instead (`stagestore.cli.cli_hint`).
+DAMAGED_REMOTE_OBJECT_HINT = ("verify the remote (`verify_remote`) to find every damaged remote "
+                              "object; push it again from a store that has it intact")
 _HEX64 = re.compile("[0-9a-f]{64}")  # a well-formed object name: shard + rest
 # From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
 # file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
@@ -137,8 +140,7 @@ class ObjectStore:
                 raise ObjectDamagedError(
                     f"object {digest} from {source or 'the remote'} is damaged: its bytes "
                     f"hash to {got}; it was not stored",
-                    hint="run `stagestore verify --remote NAME` to find every damaged "
-                         "remote object; push it again from a store that has it intact")
+                    hint=DAMAGED_REMOTE_OBJECT_HINT)
         except BaseException:
             _discard(tmp)
             raise

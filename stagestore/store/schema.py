@@ -5,10 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from ..model.records import DOCUMENTS
+
+# Library words; the CLI names its flag instead (`stagestore.cli.cli_hint`).
+SCHEMA_FOLDER_HINT = "write the schemas into a folder (it is created if it does not exist)"
 
 
 def render_schemas() -> dict[str, bytes]:
@@ -33,14 +37,20 @@ def _clean_descriptions(node: object) -> object:
     return node
 
 
+def schemas() -> dict[str, Any]:
+    """Every record's JSON Schema, by file name (`NAME.schema.json`): what `write_schemas`
+    writes, decoded."""
+    return {name: msgspec.json.decode(data) for name, data in render_schemas().items()}
+
+
 def write_schemas(out_dir: str | os.PathLike[str]) -> list[str]:
-    """One NAME.schema.json per record in `out_dir` (created if needed); returns the paths."""
+    """One NAME.schema.json per record in `out_dir` (created if needed); returns the paths.
+    Raises `UsageError` when `out_dir` is a file or cannot be written."""
     from ..errors import UsageError
 
     folder = Path(out_dir)
-    hint = "pass --out a folder (it is created if it does not exist)"
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder}: not a folder", hint=hint)
+        raise UsageError(f"{folder}: not a folder", hint=SCHEMA_FOLDER_HINT)
     written = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -49,6 +59,6 @@ def write_schemas(out_dir: str | os.PathLike[str]) -> list[str]:
             path.write_bytes(data)
             written.append(str(path))
     except OSError as exc:
-        raise UsageError(f"--out {folder}: cannot write {exc.filename or folder}: "
-                         f"{exc.strerror}", hint=hint) from None
+        raise UsageError(f"{folder}: cannot write {exc.filename or folder}: "
+                         f"{exc.strerror}", hint=SCHEMA_FOLDER_HINT) from None
     return written

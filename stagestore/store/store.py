@@ -87,7 +87,7 @@ class Store:
         except FileNotFoundError:
             raise StoreNotFoundError(
                 f"no stagestore store at {self.root}",
-                hint="run a pipeline first, or pass --store DIR (or set STAGESTORE_STORE)") from None
+                ) from None
         except NotADirectoryError:
             raise StoreNotFoundError(f"{self.root} is not a folder") from None
         try:
