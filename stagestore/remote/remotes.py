@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ..errors import FormatVersionError, InvalidNameError, UsageError
+from ..errors import CorruptRecordError, FormatVersionError, InvalidNameError, UsageError
 from ..model.records import (REMOTE_FORMAT_VERSION, RemoteFormat, RemoteSpec, StoreConfig,
                              decode_record, encode_record, now)
 from ..store import durable
@@ -125,12 +125,12 @@ def parse_run_key(run_id: str, key: str) -> RunKey | None:
         try:
             return RunKey(item=item, stage=validate_name(match.group(1), "stage name"),
                           failed=True)
-        except Exception:  # noqa: BLE001
+        except InvalidNameError:  # a key that no stage name of ours could have made
             return None
     if rest.endswith(".json"):
         try:
             return RunKey(item=item, stage=validate_name(rest[:-5], "stage name"))
-        except Exception:  # noqa: BLE001
+        except InvalidNameError:  # a key that no stage name of ours could have made
             return None
     return None
 
@@ -251,7 +251,7 @@ def check_format(storage: Storage, name: str) -> bool:
         decode_record(data, RemoteFormat, where)
     except FormatVersionError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except CorruptRecordError as exc:
         raise RemoteError(f"remote {name!r}: {where} is not a stagestore remote's marker "
                           f"({getattr(exc, 'message', exc)})",
                           hint="use an empty prefix, or one a stagestore remote uses") from None

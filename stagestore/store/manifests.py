@@ -208,7 +208,7 @@ class ManifestStore:
                 for stage in self.stages(run_id, item):
                     try:
                         yield run_id, item, stage, self.read(run_id, stage, item)
-                    except Exception as exc:  # noqa: BLE001 - corrupt, newer format, unreadable
+                    except (OSError, StagestoreError) as exc:  # corrupt, newer, unreadable
                         yield run_id, item, stage, exc
 
 
