@@ -275,7 +275,7 @@ def test_a_failed_fsync_of_an_output_fails_the_attempt_and_is_never_trusted(line
 
 CLI_SCRIPT = """
 import errno, os, sys
-from stagestore import durable
+from stagestore.store import durable
 from stagestore.cli import main
 
 kind, n = sys.argv[1], int(sys.argv[2])
