@@ -266,7 +266,11 @@ class ViewStore:
                         self._stale_users(base.tree) or base.boot_id != boot_id()):
                     continue  # suspect: not worth a full check to save a build
                 try:
-                    old = self.listing(base.tree)
+                    # Decoded without `check_tree` (a third of a second per 100,000 entries):
+                    # the base view was built from this very listing after it passed the check,
+                    # and the paths removed below are validated one by one.
+                    old = decode_record(self.objects.read_bytes(base.tree), TreeListing,
+                                        f"tree {base.tree}")
                 except (CorruptRecordError, FormatVersionError, InvalidNameError, OSError):
                     continue
                 removed, added = _difference(old.entries, listing.entries)
