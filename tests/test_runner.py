@@ -364,7 +364,9 @@ def test_editing_a_called_module_reexecutes_its_stage_with_the_new_code(ws):
     assert "inputs._code" in store.manifests.read("c", "s").inputs
 
 
-def test_a_stage_removing_files_from_its_input_view_harms_nothing(ws):
+def test_a_stage_removing_files_from_its_input_view_is_detected_and_harms_no_object(ws):
+    # The view is shared with later attempts (store/views.py), so removing from it is a change
+    # to an input: the attempt fails, the view is discarded, and no object is touched.
     ws.linear()
     ws.write("steps/count.py", """
         import os, shutil, sys
@@ -373,5 +375,6 @@ def test_a_stage_removing_files_from_its_input_view_harms_nothing(ws):
         open(sys.argv[2], "w").write("0")
     """)
     report = _run(ws, run_id="a")
-    assert report.ok
+    assert report.stages[1].failure.class_ == "InputModifiedFailure"
+    assert "objects are intact" in report.stages[1].failure.signal
     assert verify(ws.open_store()).ok

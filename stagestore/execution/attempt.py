@@ -2,9 +2,15 @@
 
 An attempt gets a fresh folder `tmp/<owner>~<random>~<stage>.<attempt>/` holding
 
-* `in/`: read-only views of its inputs (hard links to objects; executables copied),
+* `in/`: read-only views of its file inputs (hard links to objects) and of a `call` stage's
+  own code,
 * `out/`: where the command must create each declared output (`STAGESTORE_OUT`),
 * `stdout`, `stderr`: what the command printed.
+
+A folder input, or an upstream output that is a folder, is handed over as the store's shared
+view of its tree (`views/<tree hex>/tree`, store/views.py): built once, reused by every
+attempt that reads that tree, watched while the command runs, and checked afterwards at a cost
+per folder, not per file.
 
 The command runs through `processes.run_group` (its own process group, the parent-death
 signal).  Then the stage's checks run (`gates`), and a failure gets its class and category
@@ -31,8 +37,10 @@ from ..pipeline.model import CODE_INPUT
 from ..pipeline.syntax import Placeholder, command_template, render
 from ..store import durable
 from ..store.hashing import hash_file
+from ..store.layout import TMP_SEP
 from ..store.objects import ObjectStore, SyncBatch
 from ..store.trees import materialize, read_tree, store_tree
+from ..store.views import ViewLease, ViewStore
 from .classify import classify
 from .gates import run_checks
 from .processes import StopToken, run_group
@@ -87,10 +95,24 @@ class Attempt:
         self.stdout_path = folder / "stdout"
         self.stderr_path = folder / "stderr"
         self._linked: dict[Path, tuple[str, tuple[int, int, int, int]]] = {}
+        self._leases: list[tuple[str, ViewLease]] = []  # (what, lease) of each folder handed over
+        self._files: dict[str, int] = {}  # tree digest -> how many files it holds
 
     # paths the command sees
 
+    def _tree_view(self, ref: ArtifactRef, what: str) -> Path:
+        """The shared, watched view of a folder (store/views.py); `what` names its role."""
+        scope = f"{self.stage}/{self.item}" if self.item is not None else self.stage
+        lease = ViewStore(self.objects).lease(
+            ref.hash, f"{self.folder.name}{TMP_SEP}{len(self._leases)}", self.owner,
+            f"{scope}/{what}")
+        self._leases.append((what, lease))
+        self._files[ref.hash] = lease.files
+        return lease.path
+
     def _view(self, ref: ArtifactRef, dest: Path) -> Path:
+        """A private view, in the attempt folder: a file (one hard link), or the code of a
+        `call` stage (imported from there, so it keeps its own name)."""
         if ref.kind == "tree":
             listing = read_tree(self.objects, ref.hash)
             materialize(listing, self.objects, dest, link=True)
@@ -121,7 +143,7 @@ class Attempt:
                 self._view(ref, self.in_dir / "code" / self.inputs.basenames[name])
                 continue
             if ref.kind == "tree":
-                path = self._view(ref, self.in_dir / "inputs" / name)
+                path = self._tree_view(ref, f"inputs.{name}")
             else:
                 durable.temp_dir(self.in_dir / "inputs" / name)
                 path = self._view(ref, self.in_dir / "inputs" / name / self.inputs.basenames[name])
@@ -131,7 +153,9 @@ class Attempt:
         for up, outputs in self.inputs.upstream.items():
             durable.temp_dir(self.in_dir / "upstream" / up)
             for name, ref in outputs.items():
-                values[f"upstream.{up}.{name}"] = str(self._view(ref, self.in_dir / "upstream" / up / name))
+                values[f"upstream.{up}.{name}"] = str(
+                    self._tree_view(ref, f"upstream.{up}.{name}") if ref.kind == "tree"
+                    else self._view(ref, self.in_dir / "upstream" / up / name))
         for name in self.spec.outputs:
             values[f"outputs.{name}"] = str(self.out_dir / name)
         for key, value in self.spec.params.items():
@@ -266,8 +290,10 @@ class Attempt:
     def _entry_check(self) -> Failure | None:
         for name, ref in self.inputs.workspace.items():
             if ref.kind == "tree" and name not in self.spec.allow_empty and name != CODE_INPUT:
-                entries = read_tree(self.objects, ref.hash).entries
-                if not any(e.kind == "file" for e in entries):
+                files = self._files.get(ref.hash)
+                if files is None:
+                    files = sum(e.kind == "file" for e in read_tree(self.objects, ref.hash).entries)
+                if not files:
                     return Failure(class_=INPUT_EMPTY, signal=(
                         f"input {name!r} ({self.spec.inputs.get(name, '?')}) is an empty folder; "
                         f"add files to it, or list it in `allow_empty` if empty is fine"))
@@ -301,10 +327,14 @@ class Attempt:
         return _read_tail(self.stderr_path, limit)
 
     def _inputs_unchanged(self) -> Failure | None:
-        """Whether the stage wrote into an input it was handed (a hard link to an object: as
-        root, mode 0444 does not stop it).  A changed size, mtime or mode is a write.  A changed
+        """Whether the stage wrote into an input it was handed: a folder's shared view (see
+        `_views_unchanged`), or a file (a hard link to an object: as root, mode 0444 does not
+        stop it).  A changed size, mtime or mode is a write.  A changed
         ctime alone may be one that put the mtime back (`touch -d`), or only another attempt
         linking the same object into its own view: the file is then hashed again."""
+        failure = self._views_unchanged()
+        if failure is not None:
+            return failure
         for path, (digest, before) in self._linked.items():
             try:
                 after = _fingerprint(path)
@@ -321,6 +351,40 @@ class Attempt:
                     f"the stage modified a read-only input it was handed ({path.name}); the "
                     "store object behind it is damaged: run `stagestore verify`"))
         return None
+
+    def _views_unchanged(self) -> Failure | None:
+        """Whether anything was written, created, removed, renamed or chmod-ed in a folder view
+        while the command ran (inotify on every folder of the view, or a check of every file
+        where inotify is not available; `ViewLease.check`).  A changed view is condemned (the
+        next attempt gets a fresh one); the objects behind the files named are hashed to say
+        whether the store itself is damaged."""
+        for what, lease in self._leases:
+            changed = lease.check()
+            if not changed:
+                continue
+            damaged = self._damaged_objects(lease.digest, changed)
+            shown = ", ".join(p or "." for p in changed[:3]) + (" ..." if len(changed) > 3 else "")
+            return Failure(class_=INPUT_MODIFIED, signal=(
+                f"the stage modified its read-only input view of {what} ({shown}); "
+                + ("the store objects behind it are damaged: run `stagestore verify`"
+                   if damaged else "the view was discarded; the store's objects are intact")))
+        return None
+
+    def _damaged_objects(self, digest: str, changed: list[str]) -> bool:
+        try:
+            entries = {e.path: e for e in read_tree(self.objects, digest).entries}
+        except (StagestoreError, OSError):
+            return True
+        for path in changed:
+            entry = entries.get(path)
+            if entry is None or entry.kind != "file" or entry.executable or entry.hash is None:
+                continue
+            try:
+                if hash_file(self.objects.path(entry.hash)) != entry.hash:
+                    return True
+            except OSError:
+                return True
+        return False
 
     def _commit_outputs(self, batch: SyncBatch) -> tuple[dict[str, ArtifactRef] | None, Failure | None]:
         outputs: dict[str, ArtifactRef] = {}
@@ -360,8 +424,12 @@ class Attempt:
         return digests[0], digests[1]
 
     def cleanup(self) -> None:
-        if self.folder.exists():
-            durable.rmtree(self.folder)
+        try:
+            while self._leases:
+                self._leases.pop()[1].release()
+        finally:
+            if self.folder.exists():
+                durable.rmtree(self.folder)
 
 
 def _read_tail(path: Path, limit: int) -> str:

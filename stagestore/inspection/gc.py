@@ -20,6 +20,10 @@ from ..store.locking import OwnerLock, owner_locked, store_lock
 from ..store.manifests import CACHE_OWNER
 from ..store.store import Store
 from ..store.trees import read_tree
+from ..store.views import ViewStore
+
+# A view nobody has used for this long is removed by gc even when its tree is still referenced.
+VIEW_IDLE_NS = 7 * 24 * 3600 * 10**9
 
 
 def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
@@ -108,6 +112,16 @@ def _remove_stale_run_locks(store: Store) -> None:
                 durable.unlink(entry.path)
 
 
+def _unused_views(store: Store, live: set[str]) -> list[str]:
+    """Views of trees nothing references any more, or unused for `VIEW_IDLE_NS`.  Removing one
+    is safe under the exclusive store lock: no attempt is using it, and nobody holds or waits
+    for its lock."""
+    views = ViewStore(store.objects)
+    cutoff = time.time_ns() - VIEW_IDLE_NS
+    return [name for name in views.names()
+            if "blake3:" + name not in live or views.last_used_ns(name) < cutoff]
+
+
 def store_busy(store: Store) -> bool:
     """Whether running stagestore processes hold the store now, so `gc` would wait for them."""
     from ..errors import RunBusyError
@@ -146,7 +160,10 @@ def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
         # so no work lock is needed; the cache-index owner names the temps.
         with owner_locked(store.layout, CACHE_OWNER, "the cache index"):
             cache = store.cache.rebuild(CACHE_OWNER, dry_run=dry_run, lock_work=False)
+        views = _unused_views(store, live)
         if not dry_run:
+            for hexname in views:
+                ViewStore(store.objects).remove(hexname)
             _remove_stale_run_locks(store)
         return GcReport(dry_run=dry_run, objects_kept=kept, objects_removed=len(removed),
                         bytes_removed=freed, removed=removed, cache_entries_rebuilt=cache.rebuilt,

@@ -60,6 +60,8 @@ def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, j
         findings = Verifier(store, [], hash_progress, cache_index=False).run()
         plan.remove_corrupt_objects({f.object for f in findings.problems
                                      if f.kind == "object_corrupt" and f.object})
+        plan.repair_views({f.object for f in findings.warnings
+                           if f.kind == "view_damaged" and f.object})
         for rid in [run_id] if run_id else store.manifests.runs():
             plan.recover_run(rid)
         cache = plan.rebuild_cache_index()
@@ -133,6 +135,35 @@ class _Recovery:
                 self._removed.discard(digest)
             else:
                 durable.rmtree(aside)
+
+    def repair_views(self, damaged: set[str]) -> None:
+        """Views are derived: after a damaged object was removed every view goes (one may hold
+        the damaged inode); otherwise views that differ from their tree go, and views used by
+        attempts that died are checked in full."""
+        from ..store.views import ViewStore
+
+        views = ViewStore(self.store.objects)
+        if self._removed:
+            for name in views.names():
+                self.act("remove_view", f"removed view {name} (objects were damaged)",
+                         f"would remove view {name} (objects were damaged)",
+                         path=str(self.layout.views / name))
+            if not self.dry_run:
+                views.discard_all(RECOVER_OWNER)
+            return
+        for digest in sorted(damaged):
+            name = digest.partition(":")[2]
+            self.act("remove_view", f"removed damaged view {name}",
+                     f"would remove damaged view {name}", path=str(self.layout.views / name))
+            if not self.dry_run:
+                views.discard_all_of(name, RECOVER_OWNER)
+        if self.dry_run:
+            return
+        for name in views.names():
+            done = views.repair(name, RECOVER_OWNER)
+            if done is not None:
+                self.act("check_view", f"{done} view {name}, which an interrupted attempt used",
+                         f"would check view {name}", path=str(self.layout.views / name))
 
     def _present(self, digest: str) -> bool:
         return digest not in self._removed and self.store.objects.exists(digest)

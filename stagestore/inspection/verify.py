@@ -81,6 +81,8 @@ class Verifier:
             self.check_run(run_id)
         objects, nbytes = self.check_objects(whole_store=not self.run_ids)
         self.check_temps()
+        if not self.run_ids:
+            self.check_views()
         if not self.run_ids and self.cache_index:
             self.check_cache_index()
         problems = [f for f in self.findings if f.severity == "problem"]
@@ -347,6 +349,22 @@ class Verifier:
             else:
                 self.find("cache_entry_stale", "warning", f"{wrong.problem}; {fix}",
                           path=str(wrong.path), **where)
+
+    def check_views(self) -> None:
+        """Views are derived state: one that differs from its tree is a warning (the next
+        attempt that needs it rebuilds it, and `recover` removes it); the objects are checked
+        on their own above."""
+        from ..store.views import ViewStore
+
+        views = ViewStore(self.store.objects)
+        for name in views.names():
+            wrong = views.check(name)
+            if wrong:
+                shown = ", ".join(p or "." for p in wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+                self.find("view_damaged", "warning",
+                          f"view views/{name} differs from its tree ({shown}); it is rebuilt "
+                          "when next used, and `stagestore recover` removes it",
+                          object="blake3:" + name, path=str(self.layout.views / name))
 
     def check_temps(self) -> None:
         for entry, owner in orphaned_temps(self.layout):

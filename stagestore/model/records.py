@@ -24,6 +24,7 @@ STAT_CACHE_SCHEMA_VERSION = 1
 ITEM_SCHEMA_VERSION = 1
 STORE_CONFIG_SCHEMA_VERSION = 1
 REMOTE_FORMAT_VERSION = 1
+VIEW_SEAL_SCHEMA_VERSION = 1
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -346,6 +347,27 @@ class StatCacheRecord(Record, kw_only=True):
     entries: list[StatCacheEntry]
 
 
+class ViewFolder(Record, kw_only=True):
+    """The stat of one folder of a view when it was sealed: an entry added, removed or renamed
+    in it, or a chmod, changes its mtime or ctime (docs/format.md, `views/`)."""
+
+    path: str  # relative to the view's `tree/`; "" for `tree/` itself
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class ViewSeal(Record, kw_only=True):
+    """`views/<tree hex>/seal.json`: the view in `tree/` holds exactly tree `tree`."""
+
+    schema_version: int = VIEW_SEAL_SCHEMA_VERSION
+    tree: str
+    files: int
+    boot_id: str  # the boot the view was checked in; another boot means a full check first
+    sealed_ns: int  # wall clock when it was checked: a file changed since has a newer ctime
+    folders: list[ViewFolder]
+
+
 class StoreFormat(Record, kw_only=True):
     """`stagestore.json` at the store's root: which format this folder holds."""
 
@@ -387,6 +409,7 @@ DOCUMENTS: dict[str, type[Record]] = {
     "pipeline": PipelineDef,
     "store-config": StoreConfig,
     "remote-format": RemoteFormat,
+    "view-seal": ViewSeal,
 }
 
 
@@ -401,6 +424,7 @@ _CURRENT_VERSIONS: dict[type[Record], int] = {
     StatCacheRecord: STAT_CACHE_SCHEMA_VERSION,
     StoreConfig: STORE_CONFIG_SCHEMA_VERSION,
     RemoteFormat: REMOTE_FORMAT_VERSION,
+    ViewSeal: VIEW_SEAL_SCHEMA_VERSION,
 }
 
 def _manifest_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:

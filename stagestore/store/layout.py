@@ -147,6 +147,7 @@ class StoreLayout:
         self.runs = self.root / "runs"
         self.locks = self.root / "locks"
         self.cache = self.root / "cache"
+        self.views = self.root / "views"  # derived: read-only views of trees (store/views.py)
         self.format_file = self.root / "stagestore.json"
         self.config_file = self.root / "config.json"  # StoreConfig: the remotes
         self.readme = self.root / "README.md"
