@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # The full expression: a second -m replaces addopts' `-m 'not slow'`, it does not add to it.
+# Two workers (pytest-xdist): the tier is about 75 s of CPU, split over the machine's 2 cores.
 check: venv
-	$(PY) -m pytest -q -m 'not slow and not heavy' -x
+	$(PY) -m pytest -q -m 'not slow and not heavy' -x -n 2
 
 test: venv
 	$(PY) -m pytest -q
