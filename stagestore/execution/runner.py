@@ -272,9 +272,14 @@ class Execution:
     def emit(self, event: str, stage: str | None = None, detail: str = "",
              item: str | None = None) -> None:
         if self.progress is not None:
-            self.progress(RunEvent(ts=now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                                   run_id=self.record.run_id, item=item, stage=stage,
-                                   event=event, detail=detail))
+            record = RunEvent(ts=now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                              run_id=self.record.run_id, item=item, stage=stage, event=event,
+                              detail=detail)
+            if item is None:
+                self.progress(record)
+            else:  # an item's records are synced in groups: reported once durable
+                progress = self.progress
+                self.store.manifests.when_durable(self.record.run_id, lambda: progress(record))
 
     def run(self) -> RunReport:
         """The run to its end.  Raises `RunInterrupted` when a signal stopped it through

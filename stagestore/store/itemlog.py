@@ -33,6 +33,7 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -354,6 +355,7 @@ class SegmentWriter:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._error: OSError | None = None
+        self._waiting: list[tuple[int, Callable[[], None]]] = []
         with log.lock:
             seg = log.segments.setdefault(self.name, _Segment(self.path, self.ino))
             seg.end = seg.size = self.end
@@ -395,16 +397,31 @@ class SegmentWriter:
             self.sync()
 
     def sync(self) -> None:
-        """Make every record appended so far durable (one fsync, unless already done)."""
+        """Make every record appended so far durable (one fsync, unless already done), then
+        call what waited for them (`when_durable`)."""
         with self._sync_lock:
             with self._lock:
                 target, count = self.end, self.pending
-            if target <= self.synced:
-                return
-            durable.fsync_fd(self.fd, self.path)
+            if target > self.synced:
+                durable.fsync_fd(self.fd, self.path)
+                with self._lock:
+                    self.synced = target
+                    self.pending -= count
             with self._lock:
-                self.synced = target
-                self.pending -= count
+                ready = [call for at, call in self._waiting if at <= self.synced]
+                self._waiting = [(at, call) for at, call in self._waiting if at > self.synced]
+            for call in ready:
+                call()
+
+    def when_durable(self, call: Callable[[], None]) -> None:
+        """Call `call` once every record appended so far is durable: now, or after the sync
+        that covers them (in the order of the calls to this method)."""
+        with self._sync_lock:
+            with self._lock:
+                if self.end > self.synced or self._waiting:
+                    self._waiting.append((self.end, call))
+                    return
+            call()
 
     def close(self) -> None:
         """Sync, stop the flusher and close the segment."""

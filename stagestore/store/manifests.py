@@ -14,7 +14,7 @@ import errno
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,6 +75,17 @@ class ManifestStore:
         writer = itemlog.existing_writer(self.layout.root, run_id)
         if writer is not None:
             writer.sync()
+
+    def when_durable(self, run_id: str, call: Callable[[], None]) -> None:
+        """Call `call` once every item record this process has appended to the run so far is
+        durable: at once when they are, else after the group sync that covers them.  The
+        runner reports an item's progress through it, so that nothing is reported done that a
+        power loss could take back."""
+        writer = itemlog.existing_writer(self.layout.root, run_id)
+        if writer is None:
+            call()
+        else:
+            writer.when_durable(call)
 
     def close_items(self, run_id: str) -> None:
         """`sync_items`, then let go of this process's segment of the run."""
