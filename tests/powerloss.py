@@ -28,7 +28,9 @@ any prefix P (operations 0..P-1 completed) is rebuilt by replaying the events up
   (its last fsynced bytes, or empty if it never was, and its mode as of that fsync, or as
   created), ``torn`` (the first half of its current bytes), ``garbage`` (random bytes of its
   current length), and ``mix`` (one of those or its current bytes, at random per file).  A file
-  not changed since its fsync always holds its fsynced bytes and mode.
+  not changed since its fsync always holds its fsynced bytes and mode.  A file only appended
+  to since its fsync (`durable.append`: an item log segment) keeps its fsynced bytes: ``torn``
+  and ``garbage`` apply to the appended tail only.
 
 Assumptions of the model (see also `Recording` and `State.image`):
 
@@ -291,7 +293,9 @@ class Recording:
             self._set(folder, name, node)
             if op == "create":
                 self._watch.add(node)
-        elif op in ("write", "chmod"):
+        elif op == "open_append":
+            return  # opening a file for appending changes nothing
+        elif op in ("write", "chmod", "append", "truncate"):
             node = self._resolve(rel)
             if node is None:
                 raise ModelError(f"{op} of unknown {rel}")
@@ -606,12 +610,16 @@ class State:
         lost_mode = f.durable_mode if f.durable_mode is not None else (
             f.base_mode if f.base_mode is not None else current_mode)
         kind = data if data != "mix" else rng.choice(("dropped", "torn", "garbage", "current"))
+        # A file only appended to since its last fsync (an item log segment) keeps the bytes
+        # that fsync made durable: only the appended tail is dropped, torn or garbage.
+        kept = f.durable if f.durable and f.current.startswith(f.durable) else b""
+        tail = f.current[len(kept):]
         if kind == "dropped":
             return (f.durable if f.durable is not None else b""), lost_mode
         if kind == "torn":
-            return f.current[:len(f.current) // 2], current_mode
+            return kept + tail[:len(tail) // 2], current_mode
         if kind == "garbage":
-            return rng.randbytes(len(f.current)), current_mode
+            return kept + rng.randbytes(len(tail)), current_mode
         return f.current, current_mode
 
 

@@ -197,10 +197,10 @@ def test_a_format_1_store_is_upgraded_by_the_first_store_lock(tmp_path):
     with store_lock(store.layout, exclusive=False):
         pass
     assert msgspec.json.decode((tmp_path / "store" / "stagestore.json").read_bytes()) == {
-        "format": "stagestore", "version": 2}
-    assert store.layout.format_version == 2
+        "format": "stagestore", "version": 3}  # and on to format 3 (the item log)
+    assert store.layout.format_version == 3
     assert sorted(os.listdir(tmp_path / "store" / "tmp")) == []
-    assert Store.open(tmp_path / "store").layout.format_version == 2
+    assert Store.open(tmp_path / "store").layout.format_version == 3
 
 
 def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path, monkeypatch):
@@ -222,4 +222,4 @@ def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path
     assert b'"version":1' in (tmp_path / "store" / "stagestore.json").read_bytes()
     with locking.store_lock(store.layout, exclusive=False):  # it has finished
         pass
-    assert store.layout.format_version == 2
+    assert store.layout.format_version == 3

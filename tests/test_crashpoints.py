@@ -69,7 +69,7 @@ from stagestore.store.store import Store
 
 SEED = 0  # printed with every point; nothing here is random, the op order is deterministic
 CRASH_EXIT = 99
-WORKLOADS = ("linear", "fanout", "tree50", "kinds", "bigin")
+WORKLOADS = ("linear", "fanout", "tree50", "kinds", "bigin", "items")
 JOBS = max(1, int(os.environ.get("STAGESTORE_FAULT_JOBS", min(2, os.cpu_count() or 1))))
 
 T = TypeVar("T")
@@ -219,13 +219,15 @@ class Workload:
         self.stores = base / "stores"
         self.stores.mkdir()
         ref_store = Store.create(base / "reference")
-        report = run(self.pipeline, ref_store, run_id="a")
+        self.kwargs = workloads.run_kwargs(name)
+        report = run(self.pipeline, ref_store, run_id="a", **self.kwargs)
         assert report.ok, f"workload {name}: the reference run failed"
         self.reference = invariants.outputs_of(ref_store, "a")
-        assert len(self.reference) == len(workloads.STAGES[name])
+        assert set(self.reference) == workloads.outputs_expected(name)
         shutil.rmtree(base / "reference")
         probe = Store.create(self.stores / "probe")
-        self.k = count_ops(lambda: run(self.pipeline, probe, run_id="a"), f"run of {name}")
+        self.k = count_ops(lambda: run(self.pipeline, probe, run_id="a", **self.kwargs),
+                           f"run of {name}")
         shutil.rmtree(self.stores / "probe")
         assert self.k > 30, f"workload {name}: only {self.k} durable operations"
         self.before = self.snapshot()
@@ -248,7 +250,7 @@ class Workload:
     def crashed_run(self, n: int, label: str) -> Store:
         """A fresh store whose run `a` was ended right before operation n."""
         store = self.fresh_store(label)
-        code, _ = in_child(lambda: run(self.pipeline, store, run_id="a"), n)
+        code, _ = in_child(lambda: run(self.pipeline, store, run_id="a", **self.kwargs), n)
         assert code == CRASH_EXIT, (f"workload={self.name} N={n} K={self.k}: the crash point "
                                     f"was not reached (exit {code})")
         return store
@@ -278,7 +280,7 @@ def crash_loop(w: Workload, chosen: Sequence[int]) -> int:
         invariants.check_store(store, after_recover=False)  # 1, 2: nothing visible is partial
         recover_ok(store)
         invariants.check_store(store)  # 1, 2, 3, 4, 8
-        invariants.check_rerun(w.pipeline, store, w.reference)  # 5
+        invariants.check_rerun(w.pipeline, store, w.reference, **w.kwargs)  # 5
         w.check_untouched()  # 10
         shutil.rmtree(store.root)
 
@@ -295,7 +297,7 @@ def check_sweep_complete(w: Workload, chosen: Sequence[int]) -> None:
     assert sorted(chosen) == list(range(1, last + 1)), (
         f"workload={w.name}: the sweep skipped points of 1..{last}")
     store = w.fresh_store("past-the-end")
-    code, seen = in_child(lambda: run(w.pipeline, store, run_id="a"), last + 1)
+    code, seen = in_child(lambda: run(w.pipeline, store, run_id="a", **w.kwargs), last + 1)
     assert (code, seen) == (0, last), (
         f"workload={w.name} K={w.k}: the sweep ended at N={last}, but a run told to crash right "
         f"before operation {last + 1} " + ("crashed there: the sweep missed crash points"

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,17 +129,21 @@ def test_a_worker_killed_midway_loses_no_item(fan, cluster):
     ws, local = fan
     local_cluster, client = cluster
     store = ws.root / "killed"
-    items = store / "runs" / "k" / "items"
     killed: list[int] = []
     done = threading.Event()
 
     def ended() -> int:
+        from stagestore.errors import StagestoreError
+        from stagestore.store.store import Store
+
         count = 0
-        for record in items.glob("*/_item.json") if items.is_dir() else []:
-            try:
-                count += json.loads(record.read_text())["status"] != "running"
-            except (OSError, ValueError):
-                pass
+        try:
+            manifests = Store.open(store, readonly=True).manifests
+            for item in manifests.items("k"):
+                record = manifests.read_item_optional("k", item)
+                count += record is not None and record.status != "running"
+        except (OSError, StagestoreError):
+            pass
         return count
 
     def kill_one_busy_worker() -> None:
@@ -197,16 +202,21 @@ def test_an_item_whose_workers_keep_dying_fails_as_infrastructure(ws):
     # items to end first (Dask also counts a death against the tasks waiting on that worker),
     # and a little after its worker started (one killed while its nanny starts it is not
     # restarted).
-    records = ws.store / "runs" / "w" / "items"
+    waiter = ws.root / "others_ended.py"  # format 3: item records are in the run's item log
+    waiter.write_text(
+        "import sys\nfrom stagestore.store.store import Store\n"
+        f"m = Store.open({str(ws.store)!r}, readonly=True).manifests\n"
+        "ok = [m.read_item_optional('w', i) for i in ('ok1', 'ok2')]\n"
+        "sys.exit(0 if all(r is not None and r.status == 'succeeded' for r in ok) else 1)\n")
     ws.pipeline("""
         [pipeline]
         name = "dying"
 
         [stages.build]
-        cmd = ["sh", "-c", "case {item} in boom) while ! grep -qs succeeded RECORDS/ok1/_item.json || ! grep -qs succeeded RECORDS/ok2/_item.json; do sleep 0.05; done; sleep 0.5; kill -9 $PPID;; esac; echo {item} > {outputs.o}"]
+        cmd = ["sh", "-c", "case {item} in boom) while ! PYTHON WAITER 2>/dev/null; do sleep 0.05; done; sleep 0.5; kill -9 $PPID;; esac; echo {item} > {outputs.o}"]
         outputs = ["o"]
         per_item = true
-    """.replace("RECORDS", str(records)))
+    """.replace("PYTHON", sys.executable).replace("WAITER", str(waiter)))
     ws.write("items.txt", "ok1\nok2\nboom\n")
     proc = ws.cli("run", "--items", "items.txt", "--run-id", "w", "--executor", "dask",
                   "--jobs", "2")

@@ -93,7 +93,7 @@ def test_doctor_on_a_healthy_store_is_all_ok_and_exits_0(ran):
     _clean_cli(res)
     lines = _doctor_lines(res.stdout)
     assert list(lines) == CHECKS
-    assert lines["format"] == ("ok", "store format version 2")
+    assert lines["format"] == ("ok", "store format version 3")
     for name in ("locks", "temps", "runs"):
         assert lines[name][0] == "ok", lines[name]
     assert lines["free_disk"][0] != "problem"  # depends on this machine's disk
@@ -235,13 +235,14 @@ def test_doctor_decodes_item_manifests_and_item_records(ws):
     """)
     assert run(ws.load(), ws.open_store(), run_id="a", items=["x", "y"]).ok
     assert _records_line(ws)[:2] == (0, "ok")
-    manifest = ws.store / "runs" / "a" / "items" / "x" / "gen.json"
-    record = ws.store / "runs" / "a" / "items" / "y" / "_item.json"
-    manifest.write_text("{")
-    record.write_text("[]")
+    store = ws.open_store()  # format 3: item records are in the run's item log
+    store.manifests.install("a", "x", "gen.json", b"{", "run-a")
+    store.manifests.install("a", "y", "_item.json", b"[]", "run-a")
+    store.manifests.close_items("a")
+    manifest, record = store.manifests.location("a", "gen", "x"), store.manifests.item_location("a", "y")
     code, status, message = _records_line(ws)
     assert code == 1 and status == "problem"
-    assert str(manifest) in message and str(record) in message
+    assert manifest in message and record in message
 
 
 def test_doctor_does_not_vouch_for_object_contents(ran):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -34,11 +35,29 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def _pipeline(ws, text: str, **paths: Path) -> None:
+def _pipeline(ws, text: str, **paths: Path | str) -> None:
     """Write the pipeline, replacing each KEY in `text` by the absolute path `paths[KEY]`."""
     for key, path in paths.items():
         text = text.replace(key, str(path))
     ws.pipeline(text)
+
+
+def _damage(ws, run_id: str, stage: str, item: str) -> str:
+    """Append a record to the run's item log that is not a valid manifest (format 3 keeps item
+    manifests there); returns where readers say it is."""
+    store = ws.open_store()
+    store.manifests.install(run_id, item, f"{stage}.json", b"{}", f"run-{run_id}")
+    store.manifests.close_items(run_id)
+    return store.manifests.location(run_id, stage, item)
+
+
+def _record_reader(ws, run_id: str, item: str) -> str:  # noqa: ANN001
+    """A command printing an item's record as the store holds it at that moment."""
+    script = ws.root / f"read_record_{item}.py"
+    script.write_text("import sys\nfrom stagestore.store.store import Store\n"
+                      f"sys.stdout.buffer.write(Store.open({str(ws.store)!r}).manifests"
+                      f".read_item_bytes({run_id!r}, {item!r}))\n")
+    return f"{sys.executable} {script}"
 
 
 def _errors(proc) -> list[str]:
@@ -108,7 +127,7 @@ def test_an_item_stops_at_its_first_failure_and_the_others_go_on(ws):
     assert (first.stage, first.failure.class_, first.failure.signal,
             first.failure.taxonomy_eligible) == (
         "build", "BuildFailure", "build: missing header foo.h", True)
-    raw = json.loads((ws.store / "runs" / "r" / "items" / "b2" / "_item.json").read_text())
+    raw = json.loads(store.manifests.read_item_bytes("r", "b2"))
     assert raw["status"] == "failed" and raw["first_failure"]["stage"] == "build"
     assert (raw["first_failure"]["failure"]["class"],
             raw["first_failure"]["failure"]["taxonomy_eligible"]) == ("BuildFailure", True)
@@ -131,13 +150,13 @@ def test_items_start_in_file_order_with_several_jobs(ws):
 
 
 def test_a_failed_item_is_recorded_before_the_next_item_starts(ws):
-    record = ws.store / "runs" / "r" / "items" / "i02" / "_item.json"
+    record = _record_reader(ws, "r", "i02")
     _pipeline(ws, """
         [pipeline]
         name = "p"
 
         [stages.build]
-        cmd = ["sh", "-c", "case {item} in i02) echo 'build: boom' >&2; exit 1;; i03) cat RECORD > {outputs.o};; *) echo ok > {outputs.o};; esac"]
+        cmd = ["sh", "-c", "case {item} in i02) echo 'build: boom' >&2; exit 1;; i03) RECORD > {outputs.o};; *) echo ok > {outputs.o};; esac"]
         outputs = ["o"]
     """, RECORD=record)
     report = _run(ws, run_id="r", items=["i01", "i02", "i03"], jobs=1)
@@ -151,7 +170,7 @@ def test_a_failed_item_is_recorded_before_the_next_item_starts(ws):
 
 
 def test_a_covered_first_failure_is_recorded_while_the_item_goes_on(ws):
-    record = ws.store / "runs" / "r" / "items" / "i01" / "_item.json"
+    record = _record_reader(ws, "r", "i01")
     _pipeline(ws, """
         [pipeline]
         name = "p"
@@ -167,7 +186,7 @@ def test_a_covered_first_failure_is_recorded_while_the_item_goes_on(ws):
         outputs = ["o"]
 
         [stages.snapshot]
-        cmd = ["sh", "-c", "case {item} in i01) cat RECORD > {outputs.o};; *) echo ok > {outputs.o};; esac"]
+        cmd = ["sh", "-c", "case {item} in i01) RECORD > {outputs.o};; *) echo ok > {outputs.o};; esac"]
         outputs = ["o"]
     """, RECORD=record)
     result = _run(ws, run_id="r", items=["i01", "i02"], jobs=1)
@@ -218,9 +237,6 @@ def test_any_item_id_gets_a_reversible_folder_name(ws):
     _items(ws, ["gcc/12", ".hidden", "plain"])
     proc = ws.cli("run", "--items", "items.txt", "--run-id", "r")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(ws.store / "runs" / "r" / "items")) == [
-        "%2Ehidden", "gcc%2F12", "plain"]
-    assert (ws.store / "runs" / "r" / "items" / "gcc%2F12" / "_item.json").is_file()
     store = ws.open_store()
     assert store.manifests.items("r") == [".hidden", "gcc/12", "plain"]
     for item in ("gcc/12", ".hidden", "plain"):
@@ -322,16 +338,14 @@ def test_verify_names_a_damaged_item_manifest_and_recover_redoes_it(ws):
     _run(ws, run_id="r", items=items)
     store = ws.open_store()
     failed_before = store.manifests.read_item("r", "i03").first_failure
-    damaged = ws.store / "runs" / "r" / "items" / "i02" / "build.json"
-    _writable(damaged)
-    damaged.write_text("{}")
+    damaged = _damage(ws, "r", "build", "i02")
     proc = ws.cli("verify", "--json")
     assert proc.returncode == 1
     problems = json.loads(proc.stdout)["problems"]
     assert [(p["kind"], p["run_id"], p["item"], p["stage"]) for p in problems] == [
         ("manifest_invalid", "r", "i02", "build")], proc.stdout
-    assert problems[0]["path"] == str(damaged)
-    assert "items/i02/build.json" in ws.cli("verify").stdout
+    assert problems[0]["path"] == damaged
+    assert "(item 'i02' stage build)" in ws.cli("verify").stdout
     proc = ws.cli("recover")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ws.cli("verify").returncode == 0
@@ -356,10 +370,9 @@ def test_recover_completes_an_interrupted_item_run_and_keeps_ended_items(ws):
         record = store.manifests.read_item("r", item)
         store.manifests.write_item(msgspec.structs.replace(
             record, status="running", first_failure=None, finished_at=None), "run-r")
-        folder = ws.store / "runs" / "r" / "items" / item
-        _writable(folder)
         for stage in ("fetch", "build"):
-            (folder / f"{stage}.json").unlink()
+            store.manifests.remove("r", stage, item, "run-r")
+    store.manifests.close_items("r")
     record = store.manifests.read_run("r")
     store.manifests.write_run(msgspec.structs.replace(record, finished_at=None), "run-r")
     proc = ws.cli("verify")
@@ -388,9 +401,7 @@ def test_recover_completes_an_interrupted_item_run_and_keeps_ended_items(ws):
 def test_verify_text_names_the_item_id_of_a_damaged_manifest(ws):
     _recoverable(ws, "none")
     _run(ws, run_id="r", items=["gcc/12"])
-    damaged = ws.store / "runs" / "r" / "items" / "gcc%2F12" / "build.json"
-    _writable(damaged)
-    damaged.write_text("{}")
+    _damage(ws, "r", "build", "gcc/12")
     proc = ws.cli("verify")
     assert proc.returncode == 1
     problems = [line for line in proc.stdout.splitlines() if line.startswith("problem:")]
@@ -414,9 +425,7 @@ def test_recover_does_not_resume_a_systemically_aborted_run(ws):
     report = _run(ws, run_id="a", items=items, jobs=1,
                   execution=ExecutionOptions(mode="sampling", systemic_min_items=20))
     assert report.status == "aborted" and _lines(count) == items[:20]
-    damaged = ws.store / "runs" / "a" / "items" / "i05" / "gate.json"
-    _writable(damaged)
-    damaged.write_text("{}")
+    _damage(ws, "a", "gate", "i05")
     ws.cli("recover")
     store = ws.open_store()
     assert store.manifests.items("a") == items[:20]

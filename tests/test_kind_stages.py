@@ -540,7 +540,7 @@ def test_kind_stages_run_per_item_each_on_its_own_input(ws):
     result = _run(ws, "--run-id", "r1", "--items", "items.txt", "--json")
     assert result.returncode == 0, result.stderr
     for item in ("a", "b", "c"):
-        opened = json.loads((ws.store / "runs" / "r1" / "items" / item / "open.json").read_text())
+        opened = json.loads(Store.open(ws.store).manifests.read_bytes("r1", "open", item))
         digest = opened["outputs"]["plain"]["hash"].split(":")[1]
         stored = (ws.store / "objects" / digest[:2] / digest[2:]).read_bytes()
         assert stored == (ws.root / "data" / f"{item}.txt").read_bytes()

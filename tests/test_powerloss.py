@@ -88,16 +88,17 @@ class Recorded:
         self.crash = crash
         self.then = then
         self.pipeline = workloads.make(name, folder / "ws")
+        kwargs = workloads.run_kwargs(name)
         store = Store.create(folder / "ws" / ".stagestore")
         with recording(store.root) as rec:
             if crash is None:
-                report = run(self.pipeline, store, run_id="a", progress=rec.progress)
+                report = run(self.pipeline, store, run_id="a", progress=rec.progress, **kwargs)
                 assert report.ok, report
             else:
                 previous = durable.set_fault_hook(crash_at(crash))
                 try:
                     with pytest.raises(Crash):
-                        run(self.pipeline, store, run_id="a", progress=rec.progress)
+                        run(self.pipeline, store, run_id="a", progress=rec.progress, **kwargs)
                 finally:
                     durable.set_fault_hook(previous)
                 assert rec.k == crash
@@ -105,16 +106,18 @@ class Recorded:
                     result = recover(store, progress=rec.progress)
                     assert result.ok, result.unresolved
                 else:
-                    assert run(self.pipeline, store, run_id="a", progress=rec.progress).ok
+                    assert run(self.pipeline, store, run_id="a", progress=rec.progress,
+                               **kwargs).ok
         self.rec: Recording = rec
         outputs = outputs_of(store, "a")
         if reference is None:
-            assert set(outputs) == {(None, s) for s in workloads.STAGES[name]}
+            assert set(outputs) == workloads.outputs_expected(name)
             reference = outputs
         elif not (then == "recover" and not outputs and not store.manifests.has_run("a")):
             # (recover has nothing to complete when the run record was never written)
             assert outputs == reference, f"invariant 5: {outputs} != {reference}"
         self.reference = reference
+        self.kwargs = kwargs
         self.label = name if crash is None else f"{name} (crash at {crash}, then {then})"
 
 
@@ -122,7 +125,7 @@ _CONTEXT: dict = {}
 
 
 def verify_image(image: powerloss.Image, dest: Path, reported: list, pipeline,  # noqa: ANN001
-                 reference: dict) -> None:
+                 reference: dict, kwargs: dict | None = None) -> None:
     """Materialise a crash image as a store, then check invariant 6, recover, 1-4, 8, 6, 5."""
     image.materialize(dest)
     store = Store.open(dest)
@@ -132,13 +135,14 @@ def verify_image(image: powerloss.Image, dest: Path, reported: list, pipeline,  
         raise AssertionError(f"recover left {report.unresolved}")
     check_store(store)  # 1-4, 8
     check_reported_kept(store, reported)  # 6
-    check_rerun(pipeline, store, reference)  # 5
+    check_rerun(pipeline, store, reference, **(kwargs or {}))  # 5
 
 
 def _verify_job(job: tuple) -> str | None:
     where, image, reported, dest = job
     try:
-        verify_image(image, Path(dest), reported, _CONTEXT["pipeline"], _CONTEXT["reference"])
+        verify_image(image, Path(dest), reported, _CONTEXT["pipeline"], _CONTEXT["reference"],
+                     _CONTEXT.get("kwargs"))
     except Exception as exc:  # noqa: BLE001 - collected and reported together
         return f"{where}: {type(exc).__name__}: {exc}"
     finally:
@@ -193,7 +197,8 @@ class Checker:
     def flush(self, workers: int | None = None) -> None:
         jobs, self.pending = self.pending, []
         workers = WORKERS if workers is None else workers
-        _CONTEXT.update(pipeline=self.r.pipeline, reference=self.r.reference)
+        _CONTEXT.update(pipeline=self.r.pipeline, reference=self.r.reference,
+                        kwargs=self.r.kwargs)
         if workers <= 1 or len(jobs) < 2:
             results = [_verify_job(job) for job in jobs]
         else:
@@ -437,6 +442,13 @@ def test_powerloss_linear_every_prefix(recorded, scratch):
     checker.assert_ok()
 
 
+def test_powerloss_items_every_prefix(recorded, scratch):
+    """The item log: every prefix, its unsynced tail dropped, torn or garbage."""
+    checker = Checker(recorded("items"), scratch)
+    checker.sweep(("synced", "all"), ("dropped", "torn", "garbage"))
+    checker.assert_ok()
+
+
 @pytest.mark.parametrize("name", ["fanout", "tree50", "bigin"])
 def test_powerloss_every_prefix_dropped(recorded, scratch, name):
     checker = Checker(recorded(name), scratch)
@@ -655,7 +667,7 @@ def test_regression_cache_shard_left_by_a_crash_is_never_made_durable(recorded, 
     store = Store.open(store_dir)
     assert recover(store).ok
     check_store(store)
-    check_rerun(r.pipeline, store, r.reference)
+    check_rerun(r.pipeline, store, r.reference, **r.kwargs)
 
 
 @pytest.mark.slow

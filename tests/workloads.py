@@ -7,10 +7,16 @@
 * `kinds`: a folder through checksum, compress, decompress, passthrough and a disabled stage.
 * `bigin`: one stage reading a folder input of `SYNCFS_MIN_FILES` files, whose snapshot is
   synced once (`ingest_files`).
+* `items`: an item run (`ITEMS`, one id with a `/`): a once-per-run stage, then two stages per
+  item, the first reading the item's own input; its item records go to the run's item log,
+  synced every `itemlog.SYNC_RECORDS` = 5 records (so that group syncs happen mid-run) and by
+  no timer (`SYNC_AFTER_S` = None, so that the operations come in a fixed order).
 
 `make(name, folder)` writes the workspace (data and `stagestore.toml`) into `folder` and returns
-the loaded pipeline.  `STAGES[name]` lists the stages, and `sentinel(folder)` creates the
-folder outside the store that nothing may touch (invariant 10).
+the loaded pipeline; `run_kwargs(name)` is what `run` needs besides (the items of `items`).
+`STAGES[name]` lists the stages, `outputs_expected(name)` the (item, stage) pairs a complete run
+has manifests for, and `sentinel(folder)` creates the folder outside the store that nothing may
+touch (invariant 10).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import textwrap
 from pathlib import Path
 
 from stagestore.pipeline.model import Pipeline, load_pipeline
+from stagestore.store import itemlog
+
+# Deterministic group commit for the fault suites: no flusher thread, a sync every 5 records.
+itemlog.SYNC_AFTER_S = None
+itemlog.SYNC_RECORDS = 5
 
 LINEAR = """
 [pipeline]
@@ -141,14 +152,52 @@ inputs = { src = "data" }
 outputs = ["names"]
 """
 
-TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS, "bigin": BIGIN}
+ITEMS_TOML = """
+[pipeline]
+name = "items"
+
+[stages.prep]
+cmd = "cat {inputs.src} > {outputs.text}"
+shell = true
+inputs = { src = "data/common.txt" }
+outputs = ["text"]
+
+[stages.fetch]
+upstream = ["prep"]
+cmd = "cat {inputs.src} {upstream.prep.text} > {outputs.raw}"
+shell = true
+inputs = { src = "data/{item}.txt" }
+outputs = ["raw"]
+
+[stages.build]
+upstream = ["fetch"]
+cmd = "tr a-z A-Z < {upstream.fetch.raw} > {outputs.out}"
+shell = true
+outputs = ["out"]
+"""
+
+ITEMS = ["a", "b/c", "d"]
+
+TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS, "bigin": BIGIN,
+        "items": ITEMS_TOML}
 STAGES = {
     "linear": ("make", "count", "report"),
     "fanout": ("source", "left", "right", "join"),
     "tree50": ("tree",),
     "kinds": ("make", "sums", "pack", "unpack", "look", "off"),
     "bigin": ("list",),
+    "items": ("prep", "fetch", "build"),
 }
+
+
+def run_kwargs(name: str) -> dict:
+    return {"items": list(ITEMS)} if name == "items" else {}
+
+
+def outputs_expected(name: str) -> set[tuple[str | None, str]]:
+    if name == "items":
+        return {(None, "prep")} | {(item, stage) for item in ITEMS for stage in ("fetch", "build")}
+    return {(None, stage) for stage in STAGES[name]}
 
 
 def make(name: str, folder: Path) -> Pipeline:
@@ -158,6 +207,10 @@ def make(name: str, folder: Path) -> Pipeline:
             _write(folder / "data" / f"f{i}.txt", f"file {i}\n")
     elif name == "fanout":
         _write(folder / "data" / "source.txt", "hello fan-out\n")
+    elif name == "items":
+        _write(folder / "data" / "common.txt", "common\n")
+        for item in ITEMS:
+            _write(folder / "data" / f"{item}.txt", f"item {item}\n")
     elif name == "bigin":
         from stagestore.store.objects import SYNCFS_MIN_FILES
 

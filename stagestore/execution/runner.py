@@ -35,7 +35,6 @@ from ..model.records import (ArtifactRef, ExecutionOptions, FirstFailure, ItemRe
 from ..model.reports import ItemReport, PushReport, RunEvent, RunReport, StageReport
 from ..pipeline.model import Pipeline, item_stages, stage_input_paths
 from ..pipeline.syntax import placeholders, render_item_path
-from ..store import durable
 from ..store.layout import run_owner, validate_name
 from ..store.locking import owner_locked, store_lock
 from ..store.objects import SyncBatch
@@ -273,22 +272,35 @@ class Execution:
     def emit(self, event: str, stage: str | None = None, detail: str = "",
              item: str | None = None) -> None:
         if self.progress is not None:
-            self.progress(RunEvent(ts=now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                                   run_id=self.record.run_id, item=item, stage=stage,
-                                   event=event, detail=detail))
+            record = RunEvent(ts=now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                              run_id=self.record.run_id, item=item, stage=stage, event=event,
+                              detail=detail)
+            if item is None:
+                self.progress(record)
+            else:  # an item's records are synced in groups: reported once durable
+                progress = self.progress
+                self.store.manifests.when_durable(self.record.run_id, lambda: progress(record))
 
     def run(self) -> RunReport:
         """The run to its end.  Raises `RunInterrupted` when a signal stopped it through
         `processes.stop_all`; a run in the main thread sees the signal's own exception first
         (KeyboardInterrupt, or the CLI's `processes.Terminated`), which propagates as it is."""
-        with processes.live(self.stop):
-            try:
-                reports = self._run_shared()
-                items = self._run_items(reports) if self.item_order and self.record.items else []
-            except processes.Interrupted:
-                raise self._interrupted() from None
-            if self.stop.stopped and self.systemic is None:  # stopped between two stages
-                raise self._interrupted()
+        try:
+            with processes.live(self.stop):
+                try:
+                    reports = self._run_shared()
+                    items = self._run_items(reports) if self.item_order and self.record.items else []
+                except processes.Interrupted:
+                    raise self._interrupted() from None
+                if self.stop.stopped and self.systemic is None:  # stopped between two stages
+                    raise self._interrupted()
+            return self._end(reports, items)
+        finally:
+            # This process's segment of the run's item log: synced and let go of, also when
+            # the run stops early (what it appended is kept; recover takes it from there).
+            self.store.manifests.close_items(self.record.run_id)
+
+    def _end(self, reports: dict[str, StageReport], items: list[ItemReport]) -> RunReport:
         ordered = [reports[s] for s in self.shared]
         if self.systemic is None and self.resuming:
             self.systemic = self.record.systemic  # repairing an aborted run does not unabort it
@@ -359,9 +371,10 @@ class Execution:
         return report
 
     def _committed(self, stage: str, item: str | None) -> tuple[StageManifest, bytes]:
-        path = self.store.layout.manifest_path(self.record.run_id, stage, item)
-        data = path.read_bytes()
-        return decode_record(data, StageManifest, str(path)), data
+        manifests = self.store.manifests
+        data = manifests.read_bytes(self.record.run_id, stage, item)
+        return decode_record(data, StageManifest,
+                             manifests.location(self.record.run_id, stage, item)), data
 
     def _push(self, step) -> None:  # noqa: ANN001
         """Run one push step into the run's push report; a push that fails leaves the run's
@@ -401,10 +414,7 @@ class Execution:
         """A stage whose upstream did not succeed: not run, and a manifest it has in this run
         from an earlier invocation is removed, since this run no longer records the upstream
         outputs it was made from."""
-        path = self.store.layout.manifest_path(self.record.run_id, stage, item)
-        if path.exists():
-            durable.unlink(path)
-            durable.fsync_dir(path.parent)
+        self.store.manifests.remove(self.record.run_id, stage, item, self.owner)
         reason = (f"upstream stage {blocker!r} is disabled (enabled = false)"
                   if blocked_by.outcome == "disabled" else
                   f"upstream stage {blocker!r} did not succeed")
@@ -416,6 +426,8 @@ class Execution:
         outcomes.update({r.stage: r.outcome for r in reports})
         self.record = _replace(self.record, outcomes=outcomes, finished_at=now(),
                                systemic=self.systemic, status=status)
+        # Every item record this run appended is durable before its run record says it ended.
+        self.store.manifests.sync_items(self.record.run_id)
         self.store.manifests.write_run(self.record, self.owner)
 
     # --- items ---

@@ -130,13 +130,13 @@ class StageWork:
         started = time.monotonic()
         spec = self.stages[stage]
         run_id = self.record.run_id
-        path = str(self.store.layout.manifest_path(run_id, stage, item))
 
         def report(outcome: str, manifest: StageManifest | None, **extra) -> StageReport:  # noqa: ANN003
             fields = {} if manifest is None else {
                 "cached_from": manifest.cached_from, "degraded_from": manifest.degraded_from,
                 "attempts": manifest.attempts, "failure": manifest.failure,
-                "warnings": list(manifest.warnings), "manifest": path}
+                "warnings": list(manifest.warnings),
+                "manifest": self.store.manifests.location(run_id, stage, item)}
             fields.update(extra)
             rep = StageReport(stage=stage, item=item, outcome=outcome,  # type: ignore[arg-type]
                               duration_s=round(time.monotonic() - started, 3), **fields)

@@ -212,6 +212,9 @@ def _run_item(task: ItemTask, events: list[RunEvent], breaker: TaskBreaker,
     if transfer is not None:  # the once-per-run snapshots its stages read
         transfer.fetch_inputs(execution.item_run_inputs(), execution.owner)
     ended, stages = execution.item_body(task.item, item, task.shared)
+    # The item's records, appended to this process's segment of the run's item log, durable
+    # before the driver hears that the item ended (the driver's own sync covers only its own).
+    store.manifests.sync_items(task.run_id)
     _push_item(transfer, task)
     return ItemOutcome(status="ended", record=ended, stages=stages, events=events,
                        breaker=breaker.calls)

@@ -26,13 +26,13 @@ def _manifests(store: Store, run_id: str, item: str | None) -> dict[Key, StageMa
 
 
 def _items_order(store: Store, run_ids: tuple[str, str]) -> list[str]:
-    order: list[str] = []
+    order: dict[str, None] = {}  # a set that keeps order: a run may have 10,000 items
     for run_id in run_ids:
         try:
-            order += [i for i in store.manifests.read_run(run_id).items if i not in order]
+            order.update(dict.fromkeys(store.manifests.read_run(run_id).items))
         except _NO_ORDER:  # the order is cosmetic
             pass
-    return order
+    return list(order)
 
 
 def _stage_order(store: Store, run_ids: tuple[str, str], names: set[str]) -> list[str]:
@@ -60,8 +60,9 @@ def diff_runs(store: Store, run_a: str, run_b: str, *, stage: str | None = None,
         names = {stage}
     stage_order = _stage_order(store, (run_a, run_b), names)
     item_order = _items_order(store, (run_a, run_b))
-    scopes = [None] + [i for i in item_order if any(k[0] == i for k in keys)] + sorted(
-        {k[0] for k in keys if k[0] is not None} - set(item_order))
+    with_manifests = {k[0] for k in keys if k[0] is not None}
+    scopes = [None] + [i for i in item_order if i in with_manifests] + sorted(
+        with_manifests - set(item_order))
     stages = []
     for scope in scopes:
         for name in stage_order:

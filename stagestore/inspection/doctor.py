@@ -381,13 +381,13 @@ def _run_records(store: Store, run_id: str, counts: dict[str, int], problems: li
             except FileNotFoundError:
                 continue  # removed since it was listed: a stage skipped, a run forgotten
             except (StagestoreError, OSError) as exc:  # corrupt, newer format, unreadable
-                unreadable(exc, layout.manifest_path(run_id, stage, item), "manifest")
+                unreadable(exc, manifests.location(run_id, stage, item), "manifest")
         if item is not None:
             try:
                 if manifests.read_item_optional(run_id, item) is not None:
                     counts["item record"] += 1
             except (StagestoreError, OSError) as exc:
-                unreadable(exc, layout.item_record_path(run_id, item), "item record")
+                unreadable(exc, manifests.item_location(run_id, item), "item record")
     try:
         record = manifests.read_run(run_id)
     except (StagestoreError, OSError):

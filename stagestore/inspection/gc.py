@@ -66,6 +66,12 @@ def referenced_objects(store: Store) -> set[str]:
             for refs in record.inputs.values():
                 for ref in refs.values():
                     _refs_of(store, ref, live)
+        for path, exc in store.manifests.item_log_invalid(run_id):
+            raise StoreError(
+                f"gc cannot read the item log {path} of run {run_id}: {exc.message}; it would "
+                "not know which objects the records there reference",
+                hint="run `stagestore verify`, then restore the file or `stagestore forget "
+                     f"{run_id}`")
         for item in store.manifests.items(run_id):
             try:
                 item_record = store.manifests.read_item_optional(run_id, item)

@@ -204,7 +204,10 @@ class _Recovery:
     def recover_run(self, run_id: str) -> None:
         try:
             with owner_locked(self.layout, run_owner(run_id), f"run {run_id!r}"):
-                self._recover_run(run_id)
+                try:
+                    self._recover_run(run_id)
+                finally:  # what it appended to the run's item log, durable
+                    self.store.manifests.close_items(run_id)
         except RunBusyError:
             self.act("skip_live_run", f"skipped run {run_id}: a live process is running it",
                      f"would skip run {run_id}: a live process is running it", run_id=run_id)
@@ -228,6 +231,12 @@ class _Recovery:
         except StagestoreError as exc:
             self.unresolved.append(f"run {run_id}: {exc.message}")
             return
+        self._cut_torn_tails(run_id)
+        for path, offset, length in manifests.item_log_damage(run_id):
+            self.unresolved.append(
+                f"run {run_id}: {length} bytes at offset {offset} of {path} are damaged and the "
+                "item records written there are lost; items whose records remain are checked "
+                f"and completed as usual (`stagestore forget {run_id}` removes the run)")
         if not self._restore_snapshots(record):
             return
         todo = self._stages_to_redo(record)
@@ -258,6 +267,17 @@ class _Recovery:
                 why = item.failure.signal.splitlines()[-1] if item.failure else ""
                 self.unresolved.append(f"run {run_id} item {item.item!r} stage "
                                        f"{item.first_failure_stage}: failed: {why}")
+
+    def _cut_torn_tails(self, run_id: str) -> None:
+        """Cut the torn tails of the run's item log (appends a crash cut short): readers
+        ignore them already; cut, they cannot hide records appended after them."""
+        tails = self.store.manifests.item_log_tails(run_id)
+        for path, offset, length in tails:
+            self.act("cut_item_log", f"cut the torn tail of {path.name} ({length} bytes from "
+                     f"offset {offset})", f"would cut the torn tail of {path.name} ({length} "
+                     f"bytes from offset {offset})", run_id=run_id, path=str(path))
+        if tails and not self.dry_run:
+            self.store.manifests.cut_torn_tails(run_id, run_owner(run_id))
 
     def _restore_snapshots(self, record: RunRecord, inputs: dict | None = None,
                            item: str | None = None) -> bool:
@@ -327,15 +347,14 @@ class _Recovery:
                 damage = self._damage(manifest, loaded)
             if damage:
                 todo.append(stage)
-                path = manifests.layout.manifest_path(record.run_id, stage, item)
+                path = manifests.location(record.run_id, stage, item)
                 self.act("remove_manifest", f"removed manifest of {where} stage "
                          f"{stage} ({damage}); the stage runs again",
                          f"would remove manifest of {where} stage {stage} ({damage}) "
                          "and run the stage again", run_id=record.run_id, stage=stage,
                          path=str(path))
                 if not self.dry_run:
-                    durable.unlink(path)
-                    durable.fsync_dir(path.parent)
+                    manifests.remove(record.run_id, stage, item, run_owner(record.run_id))
             elif manifest is not None:
                 loaded[stage] = manifest
         if item is None:

@@ -106,6 +106,7 @@ class Verifier:
                           run_id=run_id, path=record_path)
         except StagestoreError as exc:
             self.find("run_record_invalid", "problem", exc.message, run_id=run_id, path=record_path)
+        self.check_item_log(run_id)
         for stray in manifests.item_strays(run_id):
             self.find("stray_file", "warning",
                       f"run {run_id}: items/{stray} is not an item folder", run_id=run_id,
@@ -131,7 +132,7 @@ class Verifier:
                       path=str(self.layout.scope_dir(run_id, item) / stray))
         loaded: dict[str, StageManifest] = {}
         for stage in manifests.stages(run_id, item):
-            path = str(self.layout.manifest_path(run_id, stage, item))
+            path = manifests.location(run_id, stage, item)
             self.manifests_checked += 1
             try:
                 loaded[stage] = manifests.read(run_id, stage, item)
@@ -146,8 +147,29 @@ class Verifier:
             self.check_upstream(run_id, stage, manifest, loaded, shared, item)
         return loaded
 
+    def check_item_log(self, run_id: str) -> None:
+        """The run's item log: segments that are not one, damage, torn tails."""
+        manifests = self.store.manifests
+        for path, exc in manifests.item_log_invalid(run_id):
+            self.find("item_log_invalid", "problem", f"run {run_id}: {exc.message}; its records "
+                      "cannot be read", run_id=run_id, path=str(path))
+        for path, offset, length in manifests.item_log_damage(run_id):
+            self.find("item_log_damaged", "problem",
+                      f"run {run_id}: {length} bytes at offset {offset} of {path.name} are not "
+                      "a record that passes its check, and good records follow them: the item "
+                      "records written there are lost (readers skip them)",
+                      run_id=run_id, path=str(path))
+        if owner_is_live(self.layout, run_owner(run_id)):
+            return  # a live run may be in the middle of an append
+        for path, offset, length in manifests.item_log_tails(run_id):
+            self.find("item_log_torn", "warning",
+                      f"run {run_id}: {path.name} ends with {length} bytes that are not a "
+                      f"complete record (an append cut short by a crash, from offset {offset}); "
+                      "readers ignore them; `stagestore recover` removes them and completes "
+                      "the run", run_id=run_id, path=str(path))
+
     def check_item(self, run_id: str, item: str, shared: dict[str, StageManifest]) -> None:
-        path = str(self.layout.item_record_path(run_id, item))
+        path = self.store.manifests.item_location(run_id, item)
         try:
             record = self.store.manifests.read_item_optional(run_id, item)
         except StagestoreError as exc:
@@ -207,9 +229,8 @@ class Verifier:
         for up, expected in manifest.upstream.items():
             upstream = loaded.get(up) or shared.get(up)
             if upstream is None:
-                paths = [self.layout.manifest_path(run_id, up, item),
-                         self.layout.manifest_path(run_id, up)]
-                if not any(p.exists() for p in paths):
+                if not (self.store.manifests.exists(run_id, up, item)
+                        or self.store.manifests.exists(run_id, up)):
                     self.find("manifest_missing", "problem",
                               f"{where} used upstream {up}, whose manifest is missing",
                               run_id=run_id, stage=up, item=item)

@@ -284,8 +284,7 @@ class Transfer:
                 tally.problems.append(f"{where}: unreadable manifest, not pushed: "
                                       f"{getattr(manifest, 'message', manifest)}")
                 continue
-            path = manifests.layout.manifest_path(run_id, stage, item)
-            chosen.append((manifest, path.read_bytes()))
+            chosen.append((manifest, manifests.read_bytes(run_id, stage, item)))
         records: list[tuple[str | None, bytes, dict]] = []
         if manifests.layout.run_record_path(run_id).exists():
             record = manifests.read_run(run_id)
@@ -295,8 +294,8 @@ class Transfer:
         for item in manifests.items(run_id):
             item_record = manifests.read_item_optional(run_id, item)
             if item_record is not None and item_record.status != "running":
-                path = manifests.layout.item_record_path(run_id, item)
-                records.append((item, path.read_bytes(), item_record.inputs))
+                records.append((item, manifests.read_item_bytes(run_id, item),
+                                item_record.inputs))
         trouble = len(tally.problems) + len(report.conflicts)
         self.push_manifests(chosen, tally, report)
         if len(tally.problems) + len(report.conflicts) > trouble:
@@ -354,8 +353,8 @@ class Transfer:
                     remote = None
                 report.conflicts.append(Conflict(
                     run_id=manifest.run_id, stage=manifest.stage, item=manifest.item,
-                    local=str(self.store.layout.manifest_path(manifest.run_id, manifest.stage,
-                                                              manifest.item)),
+                    local=self.store.manifests.location(manifest.run_id, manifest.stage,
+                                                        manifest.item),
                     remote=self.storage.where(key), local_version=_version(manifest),
                     remote_version=_version(remote)))
                 return
@@ -388,7 +387,10 @@ class Transfer:
         for run_id, keys in listings.items():
             owner = run_owner(run_id)
             with owner_locked(self.store.layout, owner, f"run {run_id!r}"):
-                self._pull_run(run_id, keys, owner, tally, report)
+                try:
+                    self._pull_run(run_id, keys, owner, tally, report)
+                finally:  # what it appended to the run's item log: durable, let go of
+                    self.store.manifests.close_items(run_id)
         report.objects_downloaded, report.bytes_downloaded = tally.objects, tally.bytes
         report.objects_present = tally.present
         report.problems = tally.problems
@@ -478,18 +480,18 @@ class Transfer:
         layout = self.store.layout
         manifests = self.store.manifests
         for manifest, data, _ in chosen.values():
-            path = layout.manifest_path(run_id, manifest.stage, manifest.item)
-            if path.exists():
-                ours = path.read_bytes()
+            path = manifests.location(run_id, manifest.stage, manifest.item)
+            if manifests.exists(run_id, manifest.stage, manifest.item):
+                ours = manifests.read_bytes(run_id, manifest.stage, manifest.item)
                 if ours == data:
                     report.manifests_present += 1
                     continue
                 try:
-                    local = decode_manifest(ours, run_id, manifest.stage, manifest.item, str(path))
+                    local = decode_manifest(ours, run_id, manifest.stage, manifest.item, path)
                 except StagestoreError:
                     local = None
                 report.conflicts.append(Conflict(
-                    run_id=run_id, stage=manifest.stage, item=manifest.item, local=str(path),
+                    run_id=run_id, stage=manifest.stage, item=manifest.item, local=path,
                     remote=self.storage.where(remote_manifest_key(
                         run_id, manifest.stage, manifest.item, manifest.status, data)),
                     local_version=_version(local), remote_version=_version(manifest)))
@@ -503,8 +505,9 @@ class Transfer:
             manifests.install(run_id, manifest.item, f"{manifest.stage}.json", data, owner)
             report.manifests_pulled += 1
         for item, (record, data) in items.items():
-            if not layout.item_record_path(run_id, item).exists():
+            if manifests.read_item_optional(run_id, item) is None:
                 manifests.install(run_id, item, "_item.json", data, owner)
+        manifests.sync_items(run_id)  # the run's item records durable before its run record
         if run_record is not None and not layout.run_record_path(run_id).exists():
             manifests.install(run_id, None, "_run.json", run_record[1], owner)
 
@@ -515,7 +518,7 @@ class Transfer:
         object it names; True when the local store has it (now or before), False when the
         remote has no such manifest.  A local manifest with other bytes is left as it is."""
         key = manifest_key(run_id, stage, item)
-        path = self.store.layout.manifest_path(run_id, stage, item)
+        manifests = self.store.manifests
         try:
             data = self.storage.read(key)
         except RemoteNotFound:
@@ -523,7 +526,8 @@ class Transfer:
             if found is None:
                 return False
             key, data = found
-        if path.exists() and path.read_bytes() == data:
+        if manifests.exists(run_id, stage, item) and \
+                manifests.read_bytes(run_id, stage, item) == data:
             return True
         manifest = decode_manifest(data, run_id, stage, item, self.storage.where(key))
         tally = Tally()
@@ -535,8 +539,8 @@ class Transfer:
         if failed:
             raise RemoteError(f"cannot pull {self.storage.where(key)}: " + "; ".join(
                 tally.problems[:3]))
-        if not path.exists():
-            self.store.manifests.install(run_id, item, f"{stage}.json", data, owner)
+        if not manifests.exists(run_id, stage, item):
+            manifests.install(run_id, item, f"{stage}.json", data, owner)
         return True
 
     def _latest_failed(self, run_id: str, stage: str, item: str | None
@@ -581,14 +585,14 @@ class Transfer:
         report = new_push_report(self.name, [run_id])
         chosen = []
         for stage in manifests.stages(run_id, item):
-            path = manifests.layout.manifest_path(run_id, stage, item)
-            data = path.read_bytes()
-            chosen.append((decode_manifest(data, run_id, stage, item, str(path)), data))
+            data = manifests.read_bytes(run_id, stage, item)
+            chosen.append((decode_manifest(data, run_id, stage, item,
+                                           manifests.location(run_id, stage, item)), data))
         self.push_manifests(chosen, tally, report)
         record = manifests.read_item_optional(run_id, item)
         if record is not None and record.status != "running" and not tally.problems \
                 and not report.conflicts:
-            data = manifests.layout.item_record_path(run_id, item).read_bytes()
+            data = manifests.read_item_bytes(run_id, item)
             self.storage.create(record_key(run_id, item, data), data)
         report.problems = tally.problems
         report.ok = not report.conflicts and not report.problems

@@ -378,3 +378,28 @@ def write_file_create_only(path: str | os.PathLike[str], data: bytes,
     unlink(tmp_path)
     fsync_dir(os.path.dirname(os.fspath(path)))
     return created
+
+
+# --- append-only logs (the item log of a run, `store/itemlog.py`) ---
+
+
+def open_append(path: str | os.PathLike[str]) -> int:
+    """Open an existing log file for appending (`O_APPEND`); nothing changes until `append`."""
+    _op("open_append", path)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
+def append(fd: int, data: bytes, path: str | os.PathLike[str]) -> None:
+    """Append `data` to the log open as `fd` (one `write` call unless the kernel cuts it
+    short); durable only once the file is fsynced (`fsync_fd`)."""
+    _op("append", path)
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def truncate(path: str | os.PathLike[str], length: int) -> None:
+    """Cut a log back to `length` bytes (its torn tail); durable once the file is fsynced."""
+    _op("truncate", path)
+    os.truncate(path, length)

@@ -16,8 +16,9 @@ from ..errors import InvalidNameError
 from .hashing import digest_hex
 
 FORMAT_NAME = "stagestore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version 2 replaced version 1's SQLite store lock (`locks/store.db`) with `flock` files;
+version 3 records the items of a run in its item log (`runs/<run_id>/_items.<hex>.log`);
 docs/format.md, "Versions and changes"."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -25,7 +26,8 @@ _MAX_COMPONENT_BYTES = 255
 _MAX_PATH_BYTES = 4096
 # Separates the owner of a temp entry from the rest of its name; never valid in a name.
 TMP_SEP = "~"
-# The folder of a run holding one folder per item (`runs/<run_id>/items/<item>/`).  A stage named
+# The folder of a format-2 run holding one folder per item (`runs/<run_id>/items/<item>/`), still
+# read; format 3 appends item records to the run's item log (`item_log_glob`).  A stage named
 # `items` has its manifest at `items.json`, so the two never collide.
 ITEMS_DIR = "items"
 
@@ -183,6 +185,11 @@ class StoreLayout:
     def run_record_path(self, run_id: str) -> Path:
         # Stage names start with a letter or digit, so `_run.json` never collides with one.
         return self.run_dir(run_id) / "_run.json"
+
+    def item_log_glob(self, run_id: str) -> str:
+        """The segments of a run's item log (`store/itemlog.py`): `_items.<16 hex>.log` in the
+        run folder; a stage name cannot start with `_`, so none collides with a manifest."""
+        return str(self.run_dir(run_id) / "_items.*.log")
 
     def cache_entry_path(self, key: str) -> Path:
         hexdigest = digest_hex(key)

@@ -110,10 +110,13 @@ def store_lock(layout: StoreLayout, *, exclusive: bool, timeout: float = -1) -> 
     `gc` holds off runs started after it, and a stream of runs cannot starve it.
 
     `timeout` is in seconds; -1 waits without limit.  Raises `RunBusyError` when it runs out.
-    A format-1 store is upgraded to format 2 first (`upgrade_store_lock`).
+    A format-1 store is upgraded to format 2 first (`upgrade_store_lock`), and a format-2
+    store to format 3 (`upgrade_format_3`).
     """
     if layout.format_version < 2:
         upgrade_store_lock(layout)
+    if layout.format_version < 3:
+        upgrade_format_3(layout)
     gate = _open_lock_file(layout.store_gate)
     hold: int | None = None
     try:
@@ -194,3 +197,50 @@ def upgrade_store_lock(layout: StoreLayout) -> None:
             "lock is upgraded to format 2 once no such process is running",
             hint="wait for that process to finish, then try again") from None
     layout.format_version = 2
+
+
+def upgrade_format_3(layout: StoreLayout) -> None:
+    """Move a format-2 store to format 3 (runs record their items in an item log,
+    docs/format.md, "Versions and changes"): nothing is rewritten, the format file says 3.
+
+    Under the store lock held exclusive (both formats take the same `flock`), no format-2
+    process is running, recovering, verifying, forgetting or collecting in the store; once
+    `stagestore.json` says 3, every format-2 stagestore refuses the store, so none can
+    misread a run's item log (a format-2 `gc` would take its objects for garbage).  Raises
+    `RunBusyError` when a format-2 process holds the store lock past `LEGACY_LOCK_WAIT`.
+    """
+    from . import durable
+    from ..model.records import STORE_FORMAT_DECODER, StoreFormat
+
+    def on_disk() -> int:
+        return STORE_FORMAT_DECODER.decode(layout.format_file.read_bytes()).version
+
+    if (version := on_disk()) >= 3:  # another process upgraded it meanwhile
+        layout.format_version = version
+        return
+    gate = _open_lock_file(layout.store_gate)
+    hold: int | None = None
+    try:
+        deadline = time.monotonic() + LEGACY_LOCK_WAIT
+        try:
+            _flock(gate, fcntl.LOCK_EX, deadline, True)
+            hold = _open_lock_file(layout.store_lock)
+            _flock(hold, fcntl.LOCK_EX, deadline, True)
+        except RunBusyError:
+            if (version := on_disk()) >= 3:
+                layout.format_version = version
+                return
+            raise RunBusyError(
+                f"store {layout.root} is in use by an older stagestore (store format 2); it is "
+                "upgraded to format 3 once no such process is running",
+                hint="wait for that process to finish, then try again") from None
+        with owner_locked(layout, "init", "the store's format file"):
+            if on_disk() < 3:
+                durable.write_file_atomic(
+                    layout.format_file, msgspec.json.encode(StoreFormat(version=3)) + b"\n",
+                    layout.new_tmp_path("init", "format"))
+    finally:
+        for fd in (hold, gate):
+            if fd is not None:
+                os.close(fd)
+    layout.format_version = 3

@@ -10,9 +10,11 @@ the manifests is the job of `gc`, `recover` and `forget` (`CacheIndex.rebuild`).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,18 +22,105 @@ from ..errors import (CorruptRecordError, FormatVersionError, InvalidNameError, 
                       StagestoreError)
 from ..model.records import (CacheEntry, ItemRecord, RunRecord, StageManifest, decode_record,
                              encode_record)
-from . import durable
+from . import durable, itemlog
 from .hashing import PREFIX, digest_canonical, digest_hex, is_digest
-from .layout import ITEMS_DIR, StoreLayout, item_id, run_owner, validate_name
+from .layout import ITEMS_DIR, StoreLayout, item_dirname, item_id, run_owner, validate_name
 from .locking import OwnerLock, owner_is_live
 
 
 class ManifestStore:
-    """Reads and writes `runs/<run_id>/<stage>.json`, `runs/<run_id>/_run.json` and, for item
-    runs, `runs/<run_id>/items/<item>/<stage>.json` and `.../_item.json`."""
+    """Reads and writes `runs/<run_id>/<stage>.json` and `runs/<run_id>/_run.json`, and, for
+    item runs, the item manifests and item records: appended to the run's item log
+    (`runs/<run_id>/_items.<hex>.log`, format 3, `itemlog.py`), and read from it or from
+    format 2's files `runs/<run_id>/items/<item>/<stage>.json` and `.../_item.json`.  In a run
+    that has both (made before the upgrade, then taken again), a record in the log wins over
+    the file of the same item and stage."""
 
     def __init__(self, layout: StoreLayout) -> None:
         self.layout = layout
+        self._logs: dict[str, itemlog.RunLog] = {}
+        self._logs_lock = threading.Lock()
+        self._found_synced: set[tuple[str, str]] = set()
+
+    # --- the item log ---
+
+    def _log(self, run_id: str) -> itemlog.RunLog:
+        """The run's item log, brought up to date."""
+        with self._logs_lock:
+            log = self._logs.get(run_id)
+            if log is None:
+                log = self._logs[run_id] = itemlog.RunLog(self.layout.run_dir(run_id))
+        log.refresh()
+        return log
+
+    def _append(self, run_id: str, kind: bytes, item: str, stage: str, data: bytes,
+                owner: str) -> Path:
+        item_dirname(item)  # refuses an id no folder could name, as format 2 did
+        if stage:
+            validate_name(stage, "stage name")
+        writer = itemlog.existing_writer(self.layout.root, run_id)
+        if writer is None:
+            self._ensure_run_dir(run_id)
+            with self._logs_lock:
+                log = self._logs.get(run_id)
+                if log is None:
+                    log = self._logs[run_id] = itemlog.RunLog(self.layout.run_dir(run_id))
+            writer = itemlog.writer(self.layout.root, run_id, self.layout.run_dir(run_id), log,
+                                    self.layout.new_tmp_path(owner, "itemlog"))
+        writer.append(kind, item, stage, data)
+        return writer.path
+
+    def sync_items(self, run_id: str) -> None:
+        """Make every item record this process has appended to the run durable (one fsync)."""
+        writer = itemlog.existing_writer(self.layout.root, run_id)
+        if writer is not None:
+            writer.sync()
+
+    def when_durable(self, run_id: str, call: Callable[[], None]) -> None:
+        """Call `call` once every item record this process has appended to the run so far is
+        durable: at once when they are, else after the group sync that covers them.  The
+        runner reports an item's progress through it, so that nothing is reported done that a
+        power loss could take back."""
+        writer = itemlog.existing_writer(self.layout.root, run_id)
+        if writer is None:
+            call()
+        else:
+            writer.when_durable(call)
+
+    def close_items(self, run_id: str) -> None:
+        """`sync_items`, then let go of this process's segment of the run."""
+        itemlog.close_writer(self.layout.root, run_id)
+
+    def item_log_tails(self, run_id: str) -> list[tuple[Path, int, int]]:
+        """(segment, where its torn tail starts, its length in bytes) per segment with one."""
+        return self._log(run_id).torn_tails()
+
+    def item_log_damage(self, run_id: str) -> list[tuple[Path, int, int]]:
+        """(segment, offset, length) of bad bytes inside a segment, good records after them:
+        damage to data that was synced (the records there are lost)."""
+        return self._log(run_id).damaged()
+
+    def item_log_invalid(self, run_id: str) -> list[tuple[Path, StagestoreError]]:
+        """Segments whose header is not an item log's (or is a later version's)."""
+        return list(self._log(run_id).invalid())
+
+    def cut_torn_tails(self, run_id: str, owner: str) -> list[tuple[Path, int, int]]:
+        """Cut every segment of the run back to its last good record (a segment with no
+        complete header is removed); the caller holds the run's owner lock.  Returns what
+        was cut."""
+        ours = itemlog.existing_writer(self.layout.root, run_id)
+        cut = []
+        for path, end, torn in self.item_log_tails(run_id):
+            if ours is not None and path == ours.path:
+                continue
+            if end == 0:
+                durable.unlink(path)
+                durable.fsync_dir(path.parent)
+            else:
+                durable.truncate(path, end)
+                durable.fsync_file(path)
+            cut.append((path, end, torn))
+        return cut
 
     # --- writing ---
 
@@ -40,41 +129,56 @@ class ManifestStore:
         durable.mkdir(run_dir)
         return run_dir
 
-    def _ensure_scope_dir(self, run_id: str, item: str | None) -> Path:
-        self._ensure_run_dir(run_id)
-        if item is None:
-            return self.layout.run_dir(run_id)
-        scope = self.layout.scope_dir(run_id, item)
-        durable.mkdir(scope.parent)
-        durable.mkdir(scope)
-        return scope
-
     def sync_scope(self, run_id: str, item: str | None) -> None:
-        """Make the entries of a run's (or an item's) folder durable, and the folder's own."""
-        durable.fsync_dir(self._ensure_scope_dir(run_id, item))
+        """Make the records of a run (or of its items) that a killed process may have left
+        unsynced durable: the run folder's entries and the folder itself, and for an item,
+        every segment of the run's item log, once per process (this process's own segment
+        is synced with its next group)."""
+        if item is None:
+            durable.fsync_dir(self._ensure_run_dir(run_id))
+            return
+        if self.layout.scope_dir(run_id, item).is_dir():  # a format-2 item folder
+            durable.fsync_dir(self.layout.scope_dir(run_id, item))
+        ours = itemlog.existing_writer(self.layout.root, run_id)
+        log = self._log(run_id)
+        fresh = [seg.path for seg in log.segments.values()
+                 if (ours is None or seg.path != ours.path)
+                 and (run_id, seg.path.name) not in self._found_synced]
+        if fresh and (run_id, "") not in self._found_synced:
+            durable.fsync_dir(self.layout.run_dir(run_id))
+            self._found_synced.add((run_id, ""))
+        for path in sorted(fresh):
+            durable.fsync_file(path)
+            self._found_synced.add((run_id, path.name))
 
     def write(self, manifest: StageManifest, owner: str) -> Path:
-        self._ensure_scope_dir(manifest.run_id, manifest.item)
+        if manifest.item is not None:
+            return self._append(manifest.run_id, itemlog.KIND_MANIFEST, manifest.item,
+                                manifest.stage, encode_record(manifest), owner)
+        self._ensure_run_dir(manifest.run_id)
         path = self.layout.manifest_path(manifest.run_id, manifest.stage, manifest.item)
         durable.write_file_atomic(path, encode_record(manifest),
                                   self.layout.new_tmp_path(owner, "manifest"))
         return path
 
     def install(self, run_id: str, item: str | None, name: str, data: bytes, owner: str) -> Path:
-        """Write a record pulled from a remote byte for byte: `<stage>.json`, `_item.json` or
-        `_run.json` of the run's (or the item's) folder.  The caller has decoded and checked
-        it, and made every object it names durable."""
-        scope = self._ensure_scope_dir(run_id, item)
-        path = scope / name
+        """Write a record pulled from a remote byte for byte: `<stage>.json` or `_run.json` of
+        the run's folder, or an item's `<stage>.json` or `_item.json`, appended to the run's
+        item log.  The caller has decoded and checked it, and made every object it names
+        durable."""
+        if item is not None:
+            if name == "_item.json":
+                return self._append(run_id, itemlog.KIND_ITEM, item, itemlog.ITEM_KEY, data,
+                                    owner)
+            return self._append(run_id, itemlog.KIND_MANIFEST, item, name.removesuffix(".json"),
+                                data, owner)
+        path = self._ensure_run_dir(run_id) / name
         durable.write_file_atomic(path, data, self.layout.new_tmp_path(owner, "pulled"))
         return path
 
     def write_item(self, record: ItemRecord, owner: str) -> Path:
-        self._ensure_scope_dir(record.run_id, record.item)
-        path = self.layout.item_record_path(record.run_id, record.item)
-        durable.write_file_atomic(path, encode_record(record),
-                                  self.layout.new_tmp_path(owner, "item"))
-        return path
+        return self._append(record.run_id, itemlog.KIND_ITEM, record.item, itemlog.ITEM_KEY,
+                            encode_record(record), owner)
 
     def write_run(self, record: RunRecord, owner: str) -> Path:
         self._ensure_run_dir(record.run_id)
@@ -83,19 +187,101 @@ class ManifestStore:
                                   self.layout.new_tmp_path(owner, "run"))
         return path
 
+    def remove(self, run_id: str, stage: str, item: str | None, owner: str) -> bool:
+        """Remove a stage's manifest from the run (or from one item); returns whether there
+        was one.  An item's is removed by a removal record in the item log, which hides a
+        format-2 file of that item and stage too."""
+        if item is None:
+            path = self.layout.manifest_path(run_id, stage)
+            if not path.exists():
+                return False
+            durable.unlink(path)
+            durable.fsync_dir(path.parent)
+            return True
+        if not self.exists(run_id, stage, item):
+            return False
+        self._append(run_id, itemlog.KIND_REMOVED, item, stage, b"", owner)
+        return True
+
     def delete_run(self, run_id: str, owner: str) -> None:
         """Remove a run at once: its folder is renamed into `tmp/` (one atomic step), then
         deleted.  A crash in between leaves an orphaned temp, never a half-forgotten run."""
+        itemlog.close_writer(self.layout.root, run_id)
         grave = self.layout.new_tmp_path(owner, "forgotten")
         durable.rename(self.layout.run_dir(run_id), grave)
         durable.fsync_dir(self.layout.runs)
         durable.rmtree(grave)
+        with self._logs_lock:
+            self._logs.pop(run_id, None)
 
     # --- reading ---
 
+    def _logged(self, run_id: str, item: str, stage: str) -> tuple[bytes, str] | None:
+        """The item log's latest record of (item, stage): (its bytes, where it is), or None
+        when the log has none; `FileNotFoundError` when it is a removal."""
+        log = self._log(run_id)
+        entry = log.get(item, stage)
+        if entry is None:
+            return None
+        where = self._where(run_id, entry.segment, item, stage)
+        if entry.kind == itemlog.KIND_REMOVED:
+            raise FileNotFoundError(errno.ENOENT, "removed", where)
+        return log.payload(entry, item, stage), where
+
+    def _where(self, run_id: str, segment: str, item: str, stage: str) -> str:
+        what = f"stage {stage}" if stage else "item record"
+        return f"{self.layout.run_dir(run_id) / segment} (item {item!r} {what})"
+
+    def location(self, run_id: str, stage: str, item: str | None = None) -> str:
+        """Where a manifest is (or would be), to name it in messages and reports."""
+        if item is not None:
+            entry = self._log(run_id).latest.get(item, {}).get(stage)
+            if entry is not None or not self.layout.manifest_path(run_id, stage, item).exists():
+                segment = entry.segment if entry is not None else "_items.*.log"
+                return self._where(run_id, segment, item, stage)
+        return str(self.layout.manifest_path(run_id, stage, item))
+
+    def item_location(self, run_id: str, item: str) -> str:
+        entry = self._log(run_id).latest.get(item, {}).get(itemlog.ITEM_KEY)
+        if entry is not None or not self.layout.item_record_path(run_id, item).exists():
+            return self._where(run_id, entry.segment if entry else "_items.*.log", item, "")
+        return str(self.layout.item_record_path(run_id, item))
+
+    def read_bytes(self, run_id: str, stage: str, item: str | None = None) -> bytes:
+        """A manifest's bytes as written; `FileNotFoundError` when there is none."""
+        if item is not None:
+            found = self._logged(run_id, item, validate_name(stage, "stage name"))
+            if found is not None:
+                return found[0]
+        return self.layout.manifest_path(run_id, stage, item).read_bytes()
+
+    def read_item_bytes(self, run_id: str, item: str) -> bytes:
+        item_dirname(item)
+        found = self._logged(run_id, item, itemlog.ITEM_KEY)
+        if found is not None:
+            return found[0]
+        return self.layout.item_record_path(run_id, item).read_bytes()
+
+    def exists(self, run_id: str, stage: str, item: str | None = None) -> bool:
+        """Whether the run (or item) has a manifest of the stage, valid or not."""
+        try:
+            if item is not None:
+                entry = self._log(run_id).get(item, validate_name(stage, "stage name"))
+                if entry is not None:
+                    return entry.kind != itemlog.KIND_REMOVED
+            return self.layout.manifest_path(run_id, stage, item).is_file()
+        except InvalidNameError:
+            return False
+
     def read(self, run_id: str, stage: str, item: str | None = None) -> StageManifest:
+        if item is not None:
+            found = self._logged(run_id, item, validate_name(stage, "stage name"))
+            if found is not None:
+                manifest: StageManifest = decode_record(found[0], StageManifest, found[1])
+                check_manifest(manifest, run_id, stage, found[1], item)
+                return manifest
         path = self.layout.manifest_path(run_id, stage, item)
-        manifest: StageManifest = decode_record(path.read_bytes(), StageManifest, str(path))
+        manifest = decode_record(path.read_bytes(), StageManifest, str(path))
         check_manifest(manifest, run_id, stage, str(path), item)
         return manifest
 
@@ -106,11 +292,17 @@ class ManifestStore:
             return None
 
     def read_item(self, run_id: str, item: str) -> ItemRecord:
-        path = self.layout.item_record_path(run_id, item)
-        record: ItemRecord = decode_record(path.read_bytes(), ItemRecord, str(path))
+        item_dirname(item)
+        found = self._logged(run_id, item, itemlog.ITEM_KEY)
+        if found is not None:
+            data, where = found
+        else:
+            path = self.layout.item_record_path(run_id, item)
+            data, where = path.read_bytes(), str(path)
+        record: ItemRecord = decode_record(data, ItemRecord, where)
         if record.run_id != run_id or record.item != item:
-            raise CorruptRecordError(f"{path}: records run {record.run_id!r} item {record.item!r}",
-                                     path=str(path))
+            raise CorruptRecordError(f"{where}: records run {record.run_id!r} item {record.item!r}",
+                                     path=where)
         return record
 
     def read_item_optional(self, run_id: str, item: str) -> ItemRecord | None:
@@ -120,8 +312,11 @@ class ManifestStore:
             return None
 
     def items(self, run_id: str) -> list[str]:
-        """Item ids that have a folder in the run, sorted by folder name; others are strays."""
-        return sorted(item for item, ok in self._item_entries(run_id) if ok)
+        """Item ids that have a record or manifest in the run's item log, or a format-2 item
+        folder, sorted; other entries of `items/` are strays."""
+        found = {item for item, ok in self._item_entries(run_id) if ok}
+        found.update(self._log(run_id).items())
+        return sorted(found)
 
     def item_strays(self, run_id: str) -> list[str]:
         return sorted(name for name, ok in self._item_entries(run_id) if not ok)
@@ -170,22 +365,37 @@ class ManifestStore:
         return [name for name, _ in sorted(found, key=lambda item: (item[1], item[0]))]
 
     def stages(self, run_id: str, item: str | None = None) -> list[str]:
-        """Stage names that have a manifest file in the run or item (decodable or not), sorted."""
-        return sorted(name for name, ok in self._entries(run_id, item) if ok)
+        """Stage names that have a manifest in the run or item (decodable or not), sorted."""
+        found = {name for name, ok in self._entries(run_id, item) if ok}
+        if item is not None:
+            for stage, entry in self._log(run_id).of_item(item).items():
+                if stage == itemlog.ITEM_KEY:
+                    continue
+                if entry.kind == itemlog.KIND_REMOVED:
+                    found.discard(stage)
+                else:
+                    found.add(stage)
+        return sorted(found)
 
     def strays(self, run_id: str, item: str | None = None) -> list[str]:
-        """Entries of a run or item folder that are neither its record nor a stage manifest."""
+        """Entries of a run or item folder that are neither its record, a stage manifest nor
+        (in the run's folder) an item log segment."""
         return sorted(name for name, ok in self._entries(run_id, item) if not ok)
 
     def _entries(self, run_id: str, item: str | None = None) -> list[tuple[str, bool]]:
         folder = self.layout.scope_dir(run_id, item)
-        if not folder.is_dir():
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
             return []
         found = []
-        for entry in os.scandir(folder):
+        for entry in entries:
             if entry.name == ("_run.json" if item is None else "_item.json"):
                 continue
             if item is None and entry.name == ITEMS_DIR and entry.is_dir(follow_symlinks=False):
+                continue
+            if item is None and itemlog.SEGMENT_RE.fullmatch(entry.name) and \
+                    entry.is_file(follow_symlinks=False):
                 continue
             stage = entry.name[:-5] if entry.name.endswith(".json") else None
             try:
