@@ -15,7 +15,10 @@ from pathlib import Path
 from .harness import (ScenarioResult, loadavg, machine_info, render_table, source_fingerprint,
                       write_json)
 from .peers import discover
+from .scale import NEEDS_SNAKEMAKE, OPT_IN, SCALE_SCENARIOS
 from .scenarios import SCENARIOS, Bench, Config
+
+ALL_SCENARIOS = SCENARIOS + SCALE_SCENARIOS
 
 METHOD = (
     "Every number is the median of repetitions measured in this one run, on a warm page cache "
@@ -30,12 +33,15 @@ METHOD = (
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks",
-                                description="Benchmark stagestore against b3sum, DVC, zstd, "
-                                            "cryptography and floors.")
+                                description="Benchmark stagestore against b3sum, DVC, Snakemake, "
+                                            "zstd, cryptography and floors.",
+                                epilog="Opt-in scenarios (run only when named in --only): "
+                                       + ", ".join(sorted(OPT_IN)) + ".")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and one repetition; dvc only if already installed")
     p.add_argument("--only", metavar="S,...",
-                   help="scenarios to run, by number or name (e.g. 1,4 or hash,noop_rerun)")
+                   help="scenarios to run, by number or name (e.g. 1,4 or hash,noop_rerun); "
+                        "without it, every scenario but the opt-in ones")
     p.add_argument("--reps", type=int, help="repetitions (default 5; 3 for the big scenarios; "
                                             "1 with --quick)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -43,6 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="make the scratch folder inside DIR (default: the system temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--no-dvc", action="store_true", help="skip the DVC rows")
+    p.add_argument("--no-snakemake", action="store_true", help="skip the Snakemake rows")
     p.add_argument("--no-b3sum", action="store_true", help="skip the b3sum rows")
     p.add_argument("--no-zstd", action="store_true",
                    help="do not use the zstd command (scenario 10 then compares with "
@@ -55,12 +62,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _select(only: str | None) -> list[tuple[str, str, object]]:
     if not only:
-        return list(SCENARIOS)
+        # The opt-in scenarios take tens of minutes each: only when named.
+        return [s for s in ALL_SCENARIOS if s[1] not in OPT_IN]
     wanted = {w.strip() for w in only.split(",") if w.strip()}
-    chosen = [s for s in SCENARIOS if s[0] in wanted or s[1] in wanted]
+    chosen = [s for s in ALL_SCENARIOS if s[0] in wanted or s[1] in wanted]
     unknown = wanted - {s[0] for s in chosen} - {s[1] for s in chosen}
     if unknown:
-        names = ", ".join(f"{i} {n}" for i, n, _ in SCENARIOS)
+        names = ", ".join(f"{i} {n}" for i, n, _ in ALL_SCENARIOS)
         raise SystemExit(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {names}")
     return chosen
 
@@ -98,8 +106,10 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
     load_start = loadavg()
     log(f"workdir {workdir}; load average {load_start}")
     peers = discover(install_dvc=not cfg.quick, use_dvc=not args.no_dvc,
-                     use_b3sum=not args.no_b3sum, log=log, use_zstd=not args.no_zstd)
-    for name in ("b3sum", "dvc", "zstd"):
+                     use_b3sum=not args.no_b3sum, log=log, use_zstd=not args.no_zstd,
+                     use_snakemake=not args.no_snakemake
+                     and any(name in NEEDS_SNAKEMAKE for _, name, _ in selected))
+    for name in ("b3sum", "dvc", "zstd", "snakemake"):
         path = getattr(peers, name)
         log(f"{name}: {path} ({getattr(peers, name + '_version')})" if path
             else f"{name}: skipped: {getattr(peers, name + '_missing')}")
@@ -147,7 +157,9 @@ def _bench(args: argparse.Namespace, selected: list, cfg: Config, workdir: Path,
                    "mem_size": cfg.mem_size, "nfiles": cfg.nfiles, "file_size": cfg.file_size,
                    "kind_size": cfg.kind_size,
                    "scale_steps": cfg.scale_steps, "remote_rows": cfg.remote_rows,
-                   "noop_objects": cfg.noop_objects},
+                   "noop_objects": cfg.noop_objects, "folder": cfg.folder,
+                   "folder_big": cfg.folder_big, "items": cfg.items, "items_big": cfg.items_big,
+                   "store_runs": cfg.store_runs, "store_runs_big": cfg.store_runs_big},
         "peers": peers.to_json(),
         "floors": {k: m.to_json() for k, m in bench.floors.items()},
         "scenarios": [r.to_json() for r in results],

@@ -323,6 +323,7 @@ def machine_info(workdir: Path, peers: dict[str, Any]) -> dict[str, Any]:
             "click": _pkg_version("click"),
             "filelock": _pkg_version("filelock"),
             "dvc": peers.get("dvc_version"),
+            "snakemake": peers.get("snakemake_version"),
             "b3sum": peers.get("b3sum_version"),
             "zstd": peers.get("zstd_version"),
             "zstandard": _pkg_version("zstandard"),
@@ -382,6 +383,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         return f"{value:.1f} MB"
     if unit == "us":
         return f"{value:.1f} us"
+    if unit == "ms":
+        return f"{value:.2f} ms"
     if unit == "n":
         return f"{value:g}"
     if unit == "GB/s":

@@ -1,8 +1,10 @@
-"""The peers stagestore is compared with: `b3sum` and `zstd` (on PATH) and `dvc` (in its own
-venv).
+"""The peers stagestore is compared with: `b3sum` and `zstd` (on PATH), `dvc` and `snakemake`
+(each in its own venv).
 
 DVC lives in `benchmarks/.venv-dvc`, created on first use of the full benchmark with
 `python3 -m venv` and `pip install dvc`, so it never touches the project's own environment.
+Snakemake lives in `benchmarks/.venv-snakemake`, made the same way (`pip install snakemake`)
+with the system `python3` (Snakemake 9 needs Python 3.11 or later).
 When the install fails, or b3sum is not on PATH, the rows that need them are skipped with the
 reason; without `zstd` on PATH, scenario 10 compares with python-zstandard's one-shot compressor.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DVC_VENV = HERE / ".venv-dvc"
+SNAKEMAKE_VENV = HERE / ".venv-snakemake"
 DVC_INSTALL_TIMEOUT = 1800
 
 
@@ -32,6 +35,9 @@ class Peers:
     zstd: str | None = None
     zstd_version: str | None = None
     zstd_missing: str = ""
+    snakemake: str | None = None
+    snakemake_version: str | None = None
+    snakemake_missing: str = ""
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, str | None]:
@@ -39,7 +45,9 @@ class Peers:
                 "b3sum_missing": self.b3sum_missing or None, "dvc": self.dvc,
                 "dvc_version": self.dvc_version, "dvc_missing": self.dvc_missing or None,
                 "zstd": self.zstd, "zstd_version": self.zstd_version,
-                "zstd_missing": self.zstd_missing or None}
+                "zstd_missing": self.zstd_missing or None, "snakemake": self.snakemake,
+                "snakemake_version": self.snakemake_version,
+                "snakemake_missing": self.snakemake_missing or None}
 
 
 def _version(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
@@ -91,33 +99,71 @@ def dvc_env(site_cache: Path | None = None) -> dict[str, str]:
     return env
 
 
+def _venv_install(venv: Path, package: str, log: callable) -> str | None:
+    """`python3 -m venv VENV; VENV/bin/pip install PACKAGE`; None, or why it failed."""
+    log(f"installing {package} into {venv} (python3 -m venv; pip install {package}) ...")
+    base = shutil.which("python3") or sys.executable
+    try:
+        subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+        out = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", package],
+                             capture_output=True, text=True, timeout=DVC_INSTALL_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"installing {package} failed: {exc}"
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        return f"pip install {package} failed (exit {out.returncode}): {tail}"
+    return None
+
+
 def find_dvc(install: bool, log: callable = print) -> tuple[str | None, str | None, str]:
     dvc = DVC_VENV / "bin" / "dvc"
     if not dvc.exists():
         if not install:
             return None, None, (f"dvc is not installed in {DVC_VENV} (the quick mode does not "
                                 "install it; the full mode does)")
-        log(f"installing dvc into {DVC_VENV} (python3 -m venv; pip install dvc) ...")
-        base = shutil.which("python3") or sys.executable
-        try:
-            subprocess.run([base, "-m", "venv", str(DVC_VENV)], check=True, capture_output=True,
-                           text=True, timeout=300, stdin=subprocess.DEVNULL)
-            out = subprocess.run([str(DVC_VENV / "bin" / "pip"), "install", "--quiet", "dvc"],
-                                 capture_output=True, text=True, timeout=DVC_INSTALL_TIMEOUT,
-                                 stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, None, f"installing dvc failed: {exc}"
-        if out.returncode != 0 or not dvc.exists():
-            tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
-            return None, None, f"pip install dvc failed (exit {out.returncode}): {tail}"
+        if (why := _venv_install(DVC_VENV, "dvc", log)) is not None:
+            return None, None, why
+        if not dvc.exists():
+            return None, None, f"pip install dvc did not make {dvc}"
     version = _version([str(dvc), "--version"], env=dvc_env())
     if version is None:
         return None, None, f"{dvc} --version failed"
     return str(dvc), version, ""
 
 
+def snakemake_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a snakemake command: its venv compiled its own bytecode at install, so the
+    benchmark's bytecode cache prefix is not passed on."""
+    env = dict(env)
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def find_snakemake(install: bool, log: callable = print) -> tuple[str | None, str | None, str]:
+    smk = SNAKEMAKE_VENV / "bin" / "snakemake"
+    if not smk.exists():
+        if not install:
+            return None, None, (f"snakemake is not installed in {SNAKEMAKE_VENV} (the quick "
+                                "mode does not install it; the full mode does)")
+        if (why := _venv_install(SNAKEMAKE_VENV, "snakemake", log)) is not None:
+            return None, None, why
+        if not smk.exists():
+            return None, None, f"pip install snakemake did not make {smk}"
+    version = _version([str(smk), "--version"], env=snakemake_env(dict(os.environ)))
+    if version is None:
+        return None, None, f"{smk} --version failed"
+    return str(smk), version, ""
+
+
 def discover(install_dvc: bool, use_dvc: bool = True, use_b3sum: bool = True,
-             log: callable = print, use_zstd: bool = True) -> Peers:
+             log: callable = print, use_zstd: bool = True,
+             use_snakemake: bool = False) -> Peers:
+    """The peers; DVC and Snakemake are installed into their venvs when `install_dvc` (the
+    full mode) and missing.  Snakemake is only looked for when a scenario that needs it was
+    selected (`use_snakemake`)."""
     peers = Peers()
     if use_zstd:
         peers.zstd, peers.zstd_version, peers.zstd_missing = find_zstd()
@@ -131,4 +177,9 @@ def discover(install_dvc: bool, use_dvc: bool = True, use_b3sum: bool = True,
         peers.dvc, peers.dvc_version, peers.dvc_missing = find_dvc(install_dvc, log)
     else:
         peers.dvc_missing = "dvc disabled (--no-dvc)"
+    if use_snakemake:
+        peers.snakemake, peers.snakemake_version, peers.snakemake_missing = find_snakemake(
+            install_dvc, log)
+    else:
+        peers.snakemake_missing = "snakemake disabled (--no-snakemake, or not needed)"
     return peers

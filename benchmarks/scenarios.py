@@ -41,6 +41,14 @@ class Config:
     # scenarios 13 and 14 (push, pull): rows of (files, bytes per file) in one folder output
     remote_rows: list[tuple[int, int]] = field(default_factory=list)
     noop_objects: int = 0  # scenario 15: files of 1 KiB in the run pushed again
+    # issue 15 (benchmarks/scale.py): folder inputs as (folders, files per folder), item
+    # counts, and item stores as (runs, items)
+    folder: tuple[int, int] = (100, 1000)
+    folder_big: tuple[int, int] = (1000, 1000)
+    items: int = 1000
+    items_big: int = 10_000
+    store_runs: tuple[int, int] = (10, 1000)
+    store_runs_big: tuple[int, int] = (10, 10_000)
 
     @classmethod
     def make(cls, quick: bool, reps: int | None, keep: bool = False) -> Config:
@@ -48,7 +56,9 @@ class Config:
             return cls(quick=True, reps=reps or 1, big_reps=reps or 1, big_size=8 * MiB,
                        mem_size=16 * MiB, nfiles=200, file_size=4096, kind_size=8 * MiB,
                        scale_steps=[(2, 50), (20, 50)], keep=keep,
-                       remote_rows=[(4, 1 * MiB), (50, 4096)], noop_objects=200)
+                       remote_rows=[(4, 1 * MiB), (50, 4096)], noop_objects=200,
+                       folder=(10, 20), folder_big=(20, 50), items=10, items_big=50,
+                       store_runs=(3, 10), store_runs_big=(3, 50))
         reps = reps or 5
         return cls(quick=False, reps=reps, big_reps=min(reps, 3), big_size=2 * GiB,
                    mem_size=4 * GiB, nfiles=10_000, file_size=4096, kind_size=1 * GiB,
@@ -119,6 +129,8 @@ class Bench:
         self._s3_env: dict[str, str] = {}
         self._buckets = iter(range(1_000_000))
         self._remote_stores: dict[tuple[int, int], tuple[Path, int, int]] = {}
+        # figures one scenario leaves for a later one (e.g. the per-file cost at 100k files)
+        self.shared: dict[str, dict] = {}
 
     def warm_up(self) -> None:
         """Untimed: compile every stagestore module into the bytecode cache, start each tool
@@ -660,8 +672,9 @@ def s4_noop(b: Bench) -> ScenarioResult:
     r.ratios["dvc status / stagestore"] = _ratio(dvcs.median, ss.median)
     r.ratios["stagestore / python -c pass"] = _ratio(ss.median, py.median)
     r.criteria.append(Criterion("stagestore - python -c pass", above, 0.100, "<=", unit="s"))
-    r.criteria.append(Criterion("dvc repro / stagestore", _ratio(dvc.median, ss.median), 10.0,
-                                ">=", note="" if b.peers.dvc else b.peers.dvc_missing))
+    r.criteria.append(Criterion("six-stage no-op rerun: dvc repro / stagestore",
+                                _ratio(dvc.median, ss.median), 10.0, ">=",
+                                note="" if b.peers.dvc else b.peers.dvc_missing))
     return r
 
 
@@ -1235,8 +1248,8 @@ def s12_checksum_folder(b: Bench) -> ScenarioResult:
     r = ScenarioResult(
         "12", "checksum_folder", f"checksum kind, blake3, a folder of {n:,} files of "
                                  f"{fsize // 1024} KiB",
-        target="at least 0.9x the throughput of b3sum over the same files (the stage's child "
-               "process, whole command)",
+        target="per-file cost at least 0.9x b3sum's over the same small files (the stage's "
+               "child process, whole command; same files, so b3sum time / child time)",
         method=_KIND_METHOD + (
             "Stage: kind = \"checksum\", algorithm = \"blake3\", its other settings the "
             "defaults (chunk_size 4 MiB, parallel = false); an extra row runs the child with "
@@ -1290,7 +1303,11 @@ def s12_checksum_folder(b: Bench) -> ScenarioResult:
     r.ratios["b3sum time / kind's own time (info)"] = _ratio(peer.median, own.median)
     r.ratios["b3sum time / child time, 2 workers (info)"] = _ratio(peer.median,
                                                                               child2.median)
-    r.criteria.append(Criterion("throughput vs b3sum", ratio, 0.9, ">=",
+    for m in (child, peer, own):
+        if m.times:
+            r.add(Measurement(f"{m.label}, per file", [m.median / n * 1e6], unit="us"))
+    r.criteria.append(Criterion(f"per file vs b3sum (b3sum time / child time, {n:,} files)",
+                                ratio, 0.9, ">=",
                                 note="" if b.peers.b3sum else b.peers.b3sum_missing))
     return r
 

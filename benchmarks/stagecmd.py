@@ -25,6 +25,9 @@ the built-in kinds, which import cryptography (`aesgcm-file`) or zstandard (`zst
                                                         (with `fsync`: each file fsynced)
     count-requests STAGESTORE-ARGS...                   run the stagestore CLI in-process, counting
                                                         the S3 requests of its remote (S3Storage)
+    write-tree OUTDIR FOLDERS PER_FOLDER                FOLDERS folders of PER_FOLDER small text
+                                                        files (each distinct, 20-40 bytes)
+    stat-walk DIR                                       os.scandir walk, one lstat per entry
 
 Every probe prints one JSON line on stdout: {"seconds": <time of the work alone>, ...}; the
 write commands print it only with --report (a stage's stdout is stored as a log object).
@@ -324,6 +327,38 @@ def count_requests(args: list[str]) -> dict:
             "total": sum(counts.values())}
 
 
+def write_tree(out: str, folders: int, per_folder: int) -> dict:
+    """The 100,000-file input of issue 15: `d0000/f000000.txt`, ..., small and distinct."""
+    t0 = time.perf_counter()
+    os.mkdir(out)
+    n = 0
+    for d in range(folders):
+        folder = os.path.join(out, f"d{d:04d}")
+        os.mkdir(folder)
+        for _ in range(per_folder):
+            with open(os.path.join(folder, f"f{n:07d}.txt"), "w") as f:
+                f.write(f"document {n} in folder {d}\n")
+            n += 1
+    return {"seconds": time.perf_counter() - t0, "files": n}
+
+
+def stat_walk(root: str) -> dict:
+    """What a snapshot cannot avoid: list every folder and lstat every entry (os.scandir's
+    DirEntry.stat without following links; the type comes from the listing)."""
+    t0 = time.perf_counter()
+    files = 0
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    files += 1
+    return {"seconds": time.perf_counter() - t0, "files": files}
+
+
 def main(argv: list[str]) -> int:
     report = "--report" in argv
     argv = [a for a in argv if a != "--report"]
@@ -372,6 +407,10 @@ def main(argv: list[str]) -> int:
         result, report = obstore_get(args[0], args[1], args[2], args[3], jobs, fsync), True
     elif cmd == "count-requests":
         result, report = count_requests(args), True
+    elif cmd == "write-tree":
+        result = write_tree(args[0], int(args[1]), int(args[2]))
+    elif cmd == "stat-walk":
+        result, report = stat_walk(args[0]), True
     else:
         print(f"stagecmd: unknown command {cmd!r}", file=sys.stderr)
         return 2

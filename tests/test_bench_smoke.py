@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ["hash", "commit_big", "commit_files", "noop_rerun", "noop_big_input", "verify",
              "cli_startup", "memory", "scale", "zstd", "encrypt", "checksum_folder", "push",
-             "pull", "noop_push"]
+             "pull", "noop_push",
+             # issue 15 (benchmarks/scale.py); folder_1m, items_10k and store_10k are opt-in
+             "folder_100k", "items_1k", "store_footprint"]
 
 
 def _number(value: object) -> bool:
@@ -25,10 +27,11 @@ def _number(value: object) -> bool:
 def test_quick_benchmark_writes_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
-    # --no-dvc: DVC is slow to start and only sometimes installed; `make bench` measures it.
+    # --no-dvc, --no-snakemake: slow to start and only sometimes installed; `make bench`
+    # measures them.
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--no-dvc", "--json", str(out),
-         "--workdir", str(work)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--no-dvc", "--no-snakemake", "--json",
+         str(out), "--workdir", str(work)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
