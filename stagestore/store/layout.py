@@ -16,7 +16,7 @@ from ..errors import InvalidNameError
 from .hashing import digest_hex
 
 FORMAT_NAME = "stagestore"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version 2 replaced version 1's SQLite store lock (`locks/store.db`) with `flock` files;
 docs/format.md, "Versions and changes"."""
 
@@ -150,7 +150,8 @@ class StoreLayout:
         self.format_file = self.root / "stagestore.json"
         self.config_file = self.root / "config.json"  # StoreConfig: the remotes
         self.readme = self.root / "README.md"
-        self.stat_cache = self.root / "stat-cache.json"
+        self.stat_cache = self.root / "stat-cache"  # StatCacheFolder records
+        self.legacy_stat_cache = self.root / "stat-cache.json"  # format 2's, removed by 2 -> 3
         self.store_lock = self.locks / "store.lock"
         self.store_gate = self.locks / "store.gate"
         self.legacy_store_lock = self.locks / "store.db"  # format 1's store lock
