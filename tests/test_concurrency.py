@@ -200,7 +200,7 @@ def test_a_format_1_store_is_upgraded_by_the_first_store_lock(tmp_path):
         "format": "stagestore", "version": 2}
     assert store.layout.format_version == 2
     assert sorted(os.listdir(tmp_path / "store" / "tmp")) == []
-    assert Store.open(tmp_path / "store").layout.format_version == 2
+    assert Store.open(tmp_path / "store").layout.format_version == 3  # and on to 3 when opened (format 3)
 
 
 def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path, monkeypatch):

@@ -106,6 +106,31 @@ class Store:
         for folder in (self.layout.tmp, self.layout.locks):
             if not folder.is_dir():
                 durable.mkdir(folder)
+        if fmt.version == 2:
+            self._upgrade_2_to_3()
+
+    def _upgrade_2_to_3(self) -> None:
+        """Move a format-2 store to format 3 in place (docs/format.md, Versions and changes),
+        under the `init` owner lock, idempotently: a crash part-way is finished by the next open.
+
+        Snapshots (this part): tree objects become trees of trees (version-2 listings) and the
+        stat cache moves from `stat-cache.json` to `stat-cache/`.  Version-1 trees stay as they
+        are and are still read; `stat-cache.json` is derived, so it is deleted, not converted.
+        """
+        layout = self.layout
+        lock = OwnerLock(layout, "init")
+        while not lock.try_acquire():  # another process is upgrading (or creating) right now
+            time.sleep(0.01)
+        try:
+            current = STORE_FORMAT_DECODER.decode(layout.format_file.read_bytes())
+            if current.version == 2:
+                durable.unlink(layout.legacy_stat_cache)
+                durable.write_file_atomic(
+                    layout.format_file, msgspec.json.encode(StoreFormat(version=3)) + b"\n",
+                    layout.new_tmp_path("init", "format"))
+        finally:
+            lock.release()
+        layout.format_version = 3
 
 
 def default_store_root(pipeline_file: str | os.PathLike[str] | None = None) -> Path:
