@@ -44,10 +44,13 @@ def read_source(path: str, size: int) -> bytes:
     return read_small(path, size)
 
 
-# Small files are read and hashed by this many threads, ahead of the thread that stores them:
-# `open` and `read` release the GIL (measured here: 100,000 files of 100 bytes read and hashed
-# in 1.0 s by one thread, 0.7 s by two; four gain nothing on two cores).
+# Files averaging this size or more are read and hashed by `READ_THREADS` threads, ahead of
+# the thread that stores them (`open`, `read` and blake3 on large buffers release the GIL).
+# Tiny files gain nothing: 100,000 files of 100 bytes hashed for `status` took 1.54-1.80 s on
+# one thread and 1.56-1.87 s with two reading ahead (the walk, on the main thread, competes
+# with them for the GIL), so they are read in order by the caller.
 READ_THREADS = 2
+READ_THREADS_MIN_MEAN = 64 << 10
 _READ_CHUNK = 256  # files per task: a task per file costs more than reading a small one
 _READ_AHEAD_BYTES = 32 << 20  # at most this much read ahead of the writer
 
@@ -77,8 +80,10 @@ def read_ahead(sources: list[tuple[str, int]]) -> Iterator[tuple[bytes, str] | N
             current, volume = [], 0
     if current:
         chunks.append(current)
-    if len(chunks) == 1:
-        yield from read_chunk(chunks[0])
+    mean = sum(min(size, SMALL_FILE) for _, size in sources) / max(1, len(sources))
+    if len(chunks) == 1 or mean < READ_THREADS_MIN_MEAN:
+        for chunk in chunks:
+            yield from read_chunk(chunk)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor

@@ -36,7 +36,7 @@ from pathlib import Path
 import blake3
 import msgspec
 
-from ..model.records import STAT_CACHE_SCHEMA_VERSION, StatCacheFolder, VersionProbe
+from ..model.records import STAT_CACHE_SCHEMA_VERSION, StatCacheFolder
 from . import durable
 from .layout import StoreLayout
 
@@ -49,7 +49,6 @@ _CHECK = 32  # bytes of BLAKE3 after the msgpack body
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(StatCacheFolder)
-_PROBE = msgspec.msgpack.Decoder(VersionProbe)
 
 FileStat = tuple[str, int, int, int, int, bool]  # name, ino, size, mtime_ns, ctime_ns, u+x
 
@@ -75,12 +74,10 @@ def decode_folder(data: bytes) -> StatCacheFolder | None:
     if len(data) <= _CHECK or blake3.blake3(body).digest() != check:
         return None
     try:
-        if _PROBE.decode(body).schema_version != STAT_CACHE_SCHEMA_VERSION:
-            return None
-        record = _DECODER.decode(body)
+        record = _DECODER.decode(body)  # another version may not decode: absent all the same
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
-    if len(record.files) != len(record.hashes):
+    if record.schema_version != STAT_CACHE_SCHEMA_VERSION or len(record.files) != len(record.hashes):
         return None
     return record
 
