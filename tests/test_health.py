@@ -93,7 +93,7 @@ def test_doctor_on_a_healthy_store_is_all_ok_and_exits_0(ran):
     _clean_cli(res)
     lines = _doctor_lines(res.stdout)
     assert list(lines) == CHECKS
-    assert lines["format"] == ("ok", "store format version 2")
+    assert lines["format"] == ("ok", "store format version 3")
     for name in ("locks", "temps", "runs"):
         assert lines[name][0] == "ok", lines[name]
     assert lines["free_disk"][0] != "problem"  # depends on this machine's disk

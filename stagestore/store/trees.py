@@ -171,7 +171,8 @@ def _listing(folder: _Folder, subtrees: dict[str, tuple[str, int]]) -> tuple[Tre
 def _snapshot(top: Path, cache: StatCache | None, file_digests: Callable[
         [list[tuple[str, int]]], list[tuple[str, int, bool]]],
         put_tree: Callable[[bytes, str | None], str], *, follow_symlinks: bool,
-        what: str, remember: bool = True) -> tuple[str, int, TreeListing | None]:
+        what: str, remember: bool = True, built: dict[str, TreeListing] | None = None
+        ) -> tuple[str, int, TreeListing | None]:
     """The tree digest and bytes of `top`, and its top listing if it was built.
 
     `file_digests([(path, size)]) -> [(digest, size, exact)]` is called once, with every file
@@ -205,6 +206,8 @@ def _snapshot(top: Path, cache: StatCache | None, file_digests: Callable[
         listing, total = _listing(folder, subtrees)
         digest = put_tree(canonical_json(listing), None)
         done[id(folder)] = (digest, total)
+        if built is not None:
+            built[digest] = listing
         if folder is order[0]:
             top_listing = listing
         if cache is not None and remember:
@@ -249,13 +252,22 @@ def store_tree(folder: Path, objects: ObjectStore, owner: str, batch: SyncBatch,
 def hash_artifact(path: Path, what: str, stat_cache: StatCache | None = None) -> ArtifactRef:
     """The ref a workspace file or folder would get if stored now, without storing anything
     (`stat_cache`, if given, is only read)."""
-    return describe_artifact(path, what, stat_cache)[0]
+    return _describe(path, what, stat_cache, None)[0]
 
 
-def describe_artifact(path: Path, what: str, stat_cache: StatCache | None = None
-                      ) -> tuple[ArtifactRef, TreeListing | None]:
-    """`hash_artifact`, plus the top listing of a folder (None if it was taken from the stat
-    cache)."""
+def describe_artifact(path: Path, what: str) -> tuple[ArtifactRef, TreeListing | None]:
+    """`hash_artifact`, plus, for a folder, the flat view of its tree (as `read_tree` gives
+    it: every path below it, a subfolder with its subtree's digest)."""
+    built: dict[str, TreeListing] = {}
+    ref, _ = _describe(path, what, None, built)
+    if ref.kind != "tree":
+        return ref, None
+    return ref, TreeListing(schema_version=FLAT_TREE, entries=list(
+        _flatten(built[ref.hash], "", 0, built.__getitem__)))
+
+
+def _describe(path: Path, what: str, stat_cache: StatCache | None,
+              built: dict[str, TreeListing] | None) -> tuple[ArtifactRef, TreeListing | None]:
     if path.is_dir():
         def hash_files(files: list[tuple[str, int]]) -> list[tuple[str, int, bool]]:
             return [(read[1], len(read[0]), False) if read is not None else
@@ -266,7 +278,8 @@ def describe_artifact(path: Path, what: str, stat_cache: StatCache | None = None
             return known if known is not None else digest_bytes(data)
 
         digest, total, listing = _snapshot(path, stat_cache, hash_files, put_tree,
-                                           follow_symlinks=True, what=what, remember=False)
+                                           follow_symlinks=True, what=what, remember=False,
+                                           built=built)
         return ArtifactRef(hash=digest, size=total, kind="tree"), listing
     st = os.stat(path)
     if stat_cache is not None:
