@@ -188,6 +188,9 @@ class StatCache:
         """Write the folder records changed since the last save, each replacing its file."""
         with self._lock:
             new, self._new = self._new, {}
+            # Read again next time: a `gc` in another process may clear the records before a
+            # later run of this one, and only the files on disk say so.
+            self._loaded.clear()
         if not new:
             return
         if not self.folder.is_dir():
