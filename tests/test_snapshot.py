@@ -272,3 +272,20 @@ def test_bad_names_are_refused_in_a_folder_the_stat_cache_knows(ws, settled):
     (data / "d001" / "C:x" / "ok.txt").write_text("fine name, bad folder\n")
     with pytest.raises(PipelineError, match="drive prefix"):
         run(ws.load(), ws.open_store(), run_id="b")
+
+
+def test_one_store_object_across_a_gc_elsewhere_reads_the_cache_again(ws, read, settled):
+    """A long-lived `Store` (the API) must not keep using records that a `gc` through another
+    `Store` cleared before deleting their objects."""
+    from stagestore.inspection.gc import forget, gc
+    from stagestore.inspection.verify import verify
+
+    _workspace(ws, 200)
+    store = ws.open_store()
+    assert run(ws.load(), store, run_id="a").ok
+    forget(ws.open_store(), ["a"])
+    assert gc(ws.open_store()).removed
+    read.clear()
+    assert run(ws.load(), store, run_id="b").ok
+    assert len(read) == 201
+    assert verify(store).ok
