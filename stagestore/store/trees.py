@@ -119,37 +119,48 @@ def _scan(folder: _Folder, follow_symlinks: bool, what: str) -> None:
         folder.children.append(_Folder(prefix + name, f"{folder.rel}{name}/", dev, ino))
 
 
+def _visit(folder: _Folder, cache: StatCache | None, follow_symlinks: bool,
+           what: str) -> list[int]:
+    """Scan one folder and take what the stat cache knows; returns the indices of its files
+    whose digest is not known."""
+    _scan(folder, follow_symlinks, what)
+    for name in folder.dirs:  # always: a file's path is checked by its last name only
+        _check_name(folder.rel + name, what)
+    if cache is not None:
+        folder.cached = cache.entries(folder.path)
+        record = folder.cached.record
+        if record is not None and record.files == folder.files:
+            folder.hashes = list(record.hashes)  # every name checked when it was recorded
+            return []
+    # File names are checked where a folder is not as recorded (else they were then).
+    hashes: list[str | None] = []
+    unknown = []
+    for index, entry in enumerate(folder.files):
+        _check_name(folder.rel + entry[0], what)
+        digest = folder.cached.digest(entry) if folder.cached is not None else None
+        hashes.append(digest)
+        if digest is None:
+            unknown.append(index)
+    folder.hashes = hashes
+    return unknown
+
+
 def _walk(top: str, cache: StatCache | None, follow_symlinks: bool,
           what: str) -> tuple[list[_Folder], list[tuple[_Folder, int]]]:
-    """Every folder under `top` (parents first), and the files whose digest is not known from
-    the stat cache, as (folder, index in its `files`)."""
+    """Every folder under `top` (parents first, a level at a time), and the files whose digest
+    is not known from the stat cache, as (folder, index in its `files`)."""
     st = os.stat(top)
     root = _Folder(top, "", st.st_dev, st.st_ino)
     order: list[_Folder] = []
     unknown: list[tuple[_Folder, int]] = []
-    pending = [root]
-    while pending:
-        folder = pending.pop()
-        order.append(folder)
-        _scan(folder, follow_symlinks, what)
-        pending.extend(reversed(folder.children))
-        for name in folder.dirs:  # always: a file's path is checked by its last name only
-            _check_name(folder.rel + name, what)
-        if cache is not None:
-            folder.cached = cache.entries(folder.path)
-            record = folder.cached.record
-            if record is not None and record.files == folder.files:
-                folder.hashes = list(record.hashes)  # every name checked when it was recorded
-                continue
-        # File names are checked where a folder is not as recorded (else they were then).
-        hashes: list[str | None] = []
-        for index, entry in enumerate(folder.files):
-            _check_name(folder.rel + entry[0], what)
-            digest = folder.cached.digest(entry) if folder.cached is not None else None
-            hashes.append(digest)
-            if digest is None:
-                unknown.append((folder, index))
-        folder.hashes = hashes
+    level = [root]
+    # One thread: scanning the folders of a level on two threads (stats release the GIL) gained
+    # nothing here (a no-op snapshot of 100,000 files: median 0.70 s on one, 0.73 s on two).
+    while level:
+        for folder in level:
+            order.append(folder)
+            unknown.extend((folder, i) for i in _visit(folder, cache, follow_symlinks, what))
+        level = [child for folder in level for child in folder.children]
     return order, unknown
 
 
