@@ -117,6 +117,7 @@ class StatCache:
         self.folder = layout.stat_cache
         self._loaded: dict[str, FolderEntries] = {}
         self._new: dict[str, StatCacheFolder] = {}
+        self._files: dict[str, dict[str, tuple[FileStat, str]]] = {}  # `remember`, unsaved
         self._lock = threading.Lock()
 
     def _path(self, folder: str) -> Path:
@@ -154,30 +155,23 @@ class StatCache:
     def lookup(self, path: str, st: os.stat_result) -> str | None:
         """The digest of the file at absolute `path` if its stat `st` matches its entry."""
         folder, _, name = path.rpartition("/")
-        return self.entries(folder).digest(file_stat(name, st))
+        entry = file_stat(name, st)
+        with self._lock:
+            pending = self._files.get(folder, {}).get(name)
+        if pending is not None:
+            return pending[1] if pending[0] == entry else None
+        return self.entries(folder).digest(entry)
 
     def remember(self, path: str, st: os.stat_result, digest: str, seen_ns: int) -> None:
         """`digest` is the hash of the file at absolute `path` as of `st`, a stat taken at wall
-        clock `seen_ns`: updates that one entry of its folder's record."""
+        clock `seen_ns`.  Kept in memory and merged into its folder's record by `save`, once per
+        folder (an item run remembers one file per item, thousands in one folder)."""
         folder, _, name = path.rpartition("/")
         entry = file_stat(name, st)
         if racy(entry, seen_ns):
             return
-        current = self.entries(folder)
-        if current.digest(entry) == digest:
-            return
-        old = current.record
-        files = {f[0]: (f, h) for f, h in zip(old.files, old.hashes)} if old else {}
-        files[name] = (entry, digest)
-        names = sorted(files)
-        try:
-            dst = os.stat(folder)
-        except OSError:
-            return
-        # The folder's tree is dropped: it was computed with the entry replaced here.
-        self._put(folder, StatCacheFolder(
-            path=folder, dev=dst.st_dev, ino=dst.st_ino, files=[files[n][0] for n in names],
-            hashes=[files[n][1] for n in names], dirs=old.dirs if old else []))
+        with self._lock:
+            self._files.setdefault(folder, {})[name] = (entry, digest)
 
     def _put(self, folder: str, record: StatCacheFolder) -> None:
         with self._lock:
@@ -188,6 +182,12 @@ class StatCache:
         """Write the folder records changed since the last save, each replacing its file."""
         with self._lock:
             new, self._new = self._new, {}
+            files, self._files = self._files, {}
+        for folder, updates in files.items():
+            merged = self._merge(new.get(folder) or self.entries(folder).record, folder, updates)
+            if merged is not None:
+                new[folder] = merged
+        with self._lock:
             # Read again next time: a `gc` in another process may clear the records before a
             # later run of this one, and only the files on disk say so.
             self._loaded.clear()
@@ -201,6 +201,25 @@ class StatCache:
             durable.write_file_atomic(self._path(folder), encode_folder(record),
                                       self.layout.new_tmp_path(owner, "stats"), sync=False)
         self._evict()
+
+    @staticmethod
+    def _merge(old: StatCacheFolder | None, folder: str,
+               updates: dict[str, tuple[FileStat, str]]) -> StatCacheFolder | None:
+        """`old` with the entries of `updates`, or None if it holds them all already."""
+        known = {f[0]: (f, h) for f, h in zip(old.files, old.hashes)} if old else {}
+        if all(known.get(name) == update for name, update in updates.items()):
+            return None
+        known.update(updates)
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        names = sorted(known)
+        # The folder's tree is dropped: it was computed without these entries.
+        return StatCacheFolder(path=folder, dev=st.st_dev, ino=st.st_ino,
+                               files=[known[n][0] for n in names],
+                               hashes=[known[n][1] for n in names],
+                               dirs=old.dirs if old else [])
 
     def _evict(self) -> None:
         try:
@@ -224,6 +243,7 @@ class StatCache:
         with self._lock:
             self._loaded.clear()
             self._new.clear()
+            self._files.clear()
         if self.layout.legacy_stat_cache.exists():
             durable.unlink(self.layout.legacy_stat_cache)
         if not self.folder.is_dir():
