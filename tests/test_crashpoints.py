@@ -1,6 +1,7 @@
 """Crash points (issue 4): end the process right before durable operation N, for every N.
 
-For each reference workload of `workloads.py` (`linear`, `fanout`, `tree50`, `kinds`, `bigin`),
+For each reference workload of `workloads.py` (`linear`, `fanout`, `tree50`, `kinds`, `bigin`,
+`snaptree`),
 K is the number of durable operations (calls into `stagestore/store/durable.py`, seen by the fault hook) of
 a fault-free `run` on a freshly created store.  For every N in 1..K a forked child runs the
 workload and ends itself with `os._exit(99)` right before operation N; the parent then checks
@@ -69,7 +70,7 @@ from stagestore.store.store import Store
 
 SEED = 0  # printed with every point; nothing here is random, the op order is deterministic
 CRASH_EXIT = 99
-WORKLOADS = ("linear", "fanout", "tree50", "kinds", "bigin", "items")
+WORKLOADS = ("linear", "fanout", "tree50", "kinds", "bigin", "items", "snaptree")
 JOBS = max(1, int(os.environ.get("STAGESTORE_FAULT_JOBS", min(2, os.cpu_count() or 1))))
 
 T = TypeVar("T")

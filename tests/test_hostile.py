@@ -438,7 +438,7 @@ def _valid_records() -> dict[str, tuple[type, Any]]:
         stage="s", run_id="r", item="i/1", pipeline=PipelineRef(name="p", version="1"),
         status="failed", input_hash=D1, config_hash=D2, output_hash=None, inputs={}, outputs={},
         started_at=T0, finished_at=T0, attempts=1, logs=[log], failure=failure)
-    tree = TreeListing(entries=[TreeEntry(path="d", kind="dir"),
+    tree = TreeListing(schema_version=1, entries=[TreeEntry(path="d", kind="dir"),
                                 TreeEntry(path="d/f", kind="file", size=3, hash=D1),
                                 TreeEntry(path="x", kind="file", executable=True, size=0, hash=EMPTY_DIGEST)])
     definition = _decode(VALID_PIPELINE.encode(), "v.toml")

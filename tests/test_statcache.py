@@ -27,16 +27,21 @@ outputs = ["n"]
 
 @pytest.fixture
 def hashed(monkeypatch):
-    """The workspace files `ingest_file` hashes, in order (store-internal copies left out)."""
+    """The workspace files a snapshot reads to hash them, in order (store-internal copies left
+    out): small ones through `read_source`, large ones through `hash_source`."""
     seen: list[str] = []
-    real = objects_module.hash_file
+    real_read, real_hash = objects_module.read_source, objects_module.hash_source
 
-    def counting(path, size=None):  # noqa: ANN001, ANN202
-        if "/.stagestore/" not in str(path):
-            seen.append(Path(path).name)
-        return real(path, size)
+    def reading(path, size):  # noqa: ANN001, ANN202
+        seen.append(Path(path).name)
+        return real_read(path, size)
 
-    monkeypatch.setattr(objects_module, "hash_file", counting)
+    def hashing(path, size):  # noqa: ANN001, ANN202
+        seen.append(Path(path).name)
+        return real_hash(path, size)
+
+    monkeypatch.setattr(objects_module, "read_source", reading)
+    monkeypatch.setattr(objects_module, "hash_source", hashing)
     return seen
 
 
@@ -68,7 +73,7 @@ def test_a_rerun_does_not_hash_unchanged_inputs_again(ws, hashed, settled):
     report = run(ws.load(), ws.open_store(), run_id="b")
     assert report.ok and [s.outcome for s in report.stages] == ["cached"]
     assert hashed == []
-    assert (ws.store / "stat-cache.json").is_file()
+    assert len(os.listdir(ws.store / "stat-cache")) == 2  # the workspace folder and tree/
 
 
 def test_a_file_changed_within_the_racy_window_is_hashed_again(ws, hashed):
@@ -116,17 +121,70 @@ def test_a_changed_input_is_never_taken_from_the_cache(ws, hashed, settled, chan
     assert store.manifests.read("b", "size").input_hash != store.manifests.read("a", "size").input_hash
 
 
-def test_a_damaged_stat_cache_is_ignored_and_rewritten(ws, hashed, settled):
+def _records(ws) -> list[Path]:  # noqa: ANN001
+    return sorted((ws.store / "stat-cache").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped", "garbage", "empty", "newer"])
+def test_a_damaged_stat_cache_is_ignored_and_rewritten(ws, hashed, settled, damage):
+    """A record that fails its checksum (torn by a power loss, a flipped bit) or has another
+    version vouches for nothing: every file of its folder is read again, and the record is
+    written again whole."""
+    from stagestore.model.records import StatCacheFolder
+    from stagestore.store.statcache import decode_folder, encode_folder
+
     _workspace(ws)
     assert run(ws.load(), ws.open_store(), run_id="a").ok
-    cache = ws.store / "stat-cache.json"
-    cache.write_bytes(b'{"schema_version": 1, "entries": [{"path": 5')
+    for record in _records(ws):
+        data = record.read_bytes()
+        if damage == "torn":
+            data = data[:len(data) // 2]
+        elif damage == "flipped":
+            data = data[:10] + bytes([data[10] ^ 1]) + data[11:]
+        elif damage == "garbage":
+            data = b'{"schema_version": 2, "files": [5' + b"\0" * 40
+        elif damage == "empty":
+            data = b""
+        else:
+            old = decode_folder(data)
+            assert old is not None
+            data = encode_folder(StatCacheFolder(**{
+                f: getattr(old, f) for f in old.__struct_fields__} | {"schema_version": 99}))
+        record.write_bytes(data)
     hashed.clear()
     assert run(ws.load(), ws.open_store(), run_id="b").ok
-    assert "big.bin" in hashed  # nothing trusted from a damaged file
+    assert sorted(hashed) == ["big.bin", "f0.txt", "f1.txt", "f2.txt"]  # nothing trusted
     hashed.clear()
     assert run(ws.load(), ws.open_store(), run_id="c").ok
-    assert hashed == []  # and it was written again, whole
+    assert hashed == []  # and it was written again
+
+
+def test_a_damaged_record_never_makes_a_changed_file_look_unchanged(ws, hashed, settled):
+    """The worst case of a torn record: one whose stats still match but whose digests are not
+    the files' (a record of another state spliced in).  The checksum refuses it."""
+    _workspace(ws)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    tree_record = next(r for r in _records(ws) if b"f0.txt" in r.read_bytes())
+    data = bytearray(tree_record.read_bytes())
+    at = data.index(b"blake3:") + len(b"blake3:")
+    data[at] = ord("0") if data[at] != ord("0") else ord("1")  # a digest changed, stats kept
+    tree_record.write_bytes(bytes(data))
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="b").ok
+    assert sorted(hashed) == ["f0.txt", "f1.txt", "f2.txt"]
+    store = ws.open_store()
+    assert store.manifests.read("b", "size").input_hash == store.manifests.read("a", "size").input_hash
+
+
+def test_the_legacy_stat_cache_file_is_ignored(ws, hashed, settled):
+    """Format 2's `stat-cache.json` is neither read nor trusted by format 3."""
+    _workspace(ws)
+    ws.store.mkdir(parents=True, exist_ok=True)
+    assert run(ws.load(), ws.open_store(), run_id="a").ok
+    (ws.store / "stat-cache.json").write_text('{"schema_version": 1, "entries": []}')
+    hashed.clear()
+    assert run(ws.load(), ws.open_store(), run_id="b").ok
+    assert hashed == []
 
 
 def test_an_entry_whose_object_is_gone_falls_back_to_hashing_and_storing(ws, hashed, settled):
@@ -146,18 +204,20 @@ def test_an_entry_whose_object_is_gone_falls_back_to_hashing_and_storing(ws, has
 
 
 def test_the_stat_cache_survives_another_store_instance_saving_beside_it(ws, settled):
-    """Two runs saving at once merge with what is on disk instead of dropping each other's."""
+    """Two runs saving at once replace one folder's record each, and lose nothing: a file input
+    updates its own entry in its folder's record."""
     from stagestore.store.store import Store
 
     _workspace(ws)
-    ws.write("other.bin", "o" * 10)
+    ws.write("sub/other.bin", "o" * 10)
     first, second = Store.create(ws.store), Store.create(ws.store)
     first.objects.ingest_file(ws.root / "big.bin", "test")
-    second.objects.ingest_file(ws.root / "other.bin", "test")
+    second.objects.ingest_file(ws.root / "sub" / "other.bin", "test")
     first.objects.stat_cache.save("test")
     second.objects.stat_cache.save("test")
-    text = (ws.store / "stat-cache.json").read_text()
-    assert "big.bin" in text and "other.bin" in text
+    third = Store.create(ws.store).objects.stat_cache
+    for path in (ws.root / "big.bin", ws.root / "sub" / "other.bin"):
+        assert third.lookup(str(path), os.stat(path)) is not None
 
 
 def test_item_inputs_are_remembered_once_at_the_end_of_the_run(ws, hashed, settled):
@@ -184,7 +244,8 @@ def test_item_inputs_are_remembered_once_at_the_end_of_the_run(ws, hashed, settl
     finally:
         durable.set_recorder(None)
     assert sorted(hashed) == ["a.txt", "b.txt", "c.txt"]
-    assert sum(path.endswith("stat-cache.json") for path in renames) == 1
+    # One record (the folder data/), written once, at the end of the run.
+    assert sum("/stat-cache/" in path for path in renames) == 1
     hashed.clear()
     assert run(ws.load(), ws.open_store(), run_id="r2", items=["a", "b", "c"]).ok
     assert hashed == []

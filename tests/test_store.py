@@ -184,13 +184,31 @@ def test_containment_is_checked_on_resolved_paths(tmp_path):
 
 
 def test_read_tree_refuses_hostile_listings(store):
-    bad = TreeListing(entries=[TreeEntry(path="../evil", kind="file", hash=EMPTY_DIGEST)])
-    digest = store.objects.put_bytes(canonical_json(bad), "test")
-    with pytest.raises(CorruptRecordError, match="evil"):
-        read_tree(store.objects, digest)
-    unsorted = TreeListing(entries=[TreeEntry(path="b", kind="dir"), TreeEntry(path="a", kind="dir")])
+    for version in (1, 2):  # flat, and a tree of trees
+        bad = TreeListing(schema_version=version,
+                          entries=[TreeEntry(path="../evil", kind="file", hash=EMPTY_DIGEST)])
+        digest = store.objects.put_bytes(canonical_json(bad), "test")
+        with pytest.raises(CorruptRecordError, match="evil"):
+            read_tree(store.objects, digest)
+    unsorted = TreeListing(schema_version=1, entries=[TreeEntry(path="b", kind="dir"),
+                                                      TreeEntry(path="a", kind="dir")])
     digest = store.objects.put_bytes(canonical_json(unsorted), "test")
     with pytest.raises(CorruptRecordError, match="sorted"):
+        read_tree(store.objects, digest)
+    sub = store.objects.put_bytes(canonical_json(TreeListing(entries=[])), "test")
+    for entries, why in (
+            ([TreeEntry(path="b", kind="dir", hash=sub), TreeEntry(path="a", kind="dir", hash=sub)],
+             "sorted"),
+            ([TreeEntry(path="a/b", kind="file", hash=EMPTY_DIGEST)], "single name"),
+            ([TreeEntry(path="a", kind="dir")], "no valid hash")):
+        digest = store.objects.put_bytes(canonical_json(TreeListing(entries=entries)), "test")
+        with pytest.raises(CorruptRecordError, match=why):
+            read_tree(store.objects, digest)
+    # A version-2 tree naming a flat tree as its subtree is refused too.
+    flat = store.objects.put_bytes(canonical_json(TreeListing(schema_version=1, entries=[])), "test")
+    digest = store.objects.put_bytes(canonical_json(TreeListing(entries=[
+        TreeEntry(path="a", kind="dir", hash=flat)])), "test")
+    with pytest.raises(CorruptRecordError, match="not a version-2 tree"):
         read_tree(store.objects, digest)
 
 
@@ -347,7 +365,7 @@ def test_a_large_folder_input_is_copied_then_synced_once(store, tmp_path):
 
     source = tmp_path / "input"
     source.mkdir()
-    for i in range(SYNCFS_MIN_FILES + 8):
+    for i in range(2 * SYNCFS_MIN_FILES + 8):  # SYNCFS_MIN_FILES distinct contents and more
         (source / f"f{i:03}").write_bytes(b"same" if i % 2 else f"input {i}".encode())
     before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in source.iterdir()}
     ops = []

@@ -6,11 +6,15 @@
 * `tree50`: one stage producing a 50-file tree with an empty file and an empty folder.
 * `kinds`: a folder through checksum, compress, decompress, passthrough and a disabled stage.
 * `bigin`: one stage reading a folder input of `SYNCFS_MIN_FILES` files, whose snapshot is
-  synced once (`ingest_files`).
+  synced once (`ingest_sources`).
 * `items`: an item run (`ITEMS`, one id with a `/`): a once-per-run stage, then two stages per
   item, the first reading the item's own input; its item records go to the run's item log,
   synced every `itemlog.SYNC_RECORDS` = 5 records (so that group syncs happen mid-run) and by
   no timer (`SYNC_AFTER_S` = None, so that the operations come in a fixed order).
+* `snaptree`: one stage concatenating a folder input of three subfolders (37 files), written
+  more than the racy window before the run, so that the run records every folder in the stat
+  cache (`stat-cache/`) and a rerun or recover after a crash reuses what it recorded; the
+  output depends on every byte, so a stat-cache record that lied would change it.
 
 `make(name, folder)` writes the workspace (data and `stagestore.toml`) into `folder` and returns
 the loaded pipeline; `run_kwargs(name)` is what `run` needs besides (the items of `items`).
@@ -178,8 +182,19 @@ outputs = ["out"]
 
 ITEMS = ["a", "b/c", "d"]
 
+SNAPTREE = """
+[pipeline]
+name = "snaptree"
+
+[stages.cat]
+cmd = "cd {inputs.src} && find . -type f | LC_ALL=C sort | xargs cat > {outputs.all}"
+shell = true
+inputs = { src = "data" }
+outputs = ["all"]
+"""
+
 TOML = {"linear": LINEAR, "fanout": FANOUT, "tree50": TREE50, "kinds": KINDS, "bigin": BIGIN,
-        "items": ITEMS_TOML}
+        "items": ITEMS_TOML, "snaptree": SNAPTREE}
 STAGES = {
     "linear": ("make", "count", "report"),
     "fanout": ("source", "left", "right", "join"),
@@ -187,6 +202,7 @@ STAGES = {
     "kinds": ("make", "sums", "pack", "unpack", "look", "off"),
     "bigin": ("list",),
     "items": ("prep", "fetch", "build"),
+    "snaptree": ("cat",),
 }
 
 
@@ -216,6 +232,16 @@ def make(name: str, folder: Path) -> Pipeline:
 
         for i in range(SYNCFS_MIN_FILES):
             _write(folder / "data" / f"d{i:02}.txt", f"datum {i}\n")
+    elif name == "snaptree":
+        import time
+
+        from stagestore.store.statcache import RACY_NS
+
+        _write(folder / "data" / "top.txt", "top\n")
+        for sub in ("a", "b", "c"):
+            for i in range(12):
+                _write(folder / "data" / sub / f"{i:02}.txt", f"{sub} {i}\n")
+        time.sleep(RACY_NS / 1e9 + 0.1)  # so that no entry is racy: the stat cache is used
     _write(folder / "stagestore.toml", textwrap.dedent(TOML[name]))
     return load_pipeline(folder / "stagestore.toml")
 

@@ -19,7 +19,7 @@ from ..store.layout import run_owner
 from ..store.locking import OwnerLock, owner_locked, store_lock
 from ..store.manifests import CACHE_OWNER
 from ..store.store import Store
-from ..store.trees import read_tree
+from ..store.trees import read_tree, tree_objects
 from ..store.views import ViewStore
 
 # A view nobody has used for this long is removed by gc even when its tree is still referenced.
@@ -52,9 +52,7 @@ def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
 def _refs_of(store: Store, ref: ArtifactRef, live: set[str]) -> None:
     live.add(ref.hash)
     if ref.kind == "tree" and store.objects.exists(ref.hash):
-        for entry in read_tree(store.objects, ref.hash).entries:
-            if entry.hash is not None:
-                live.add(entry.hash)
+        live.update(tree_objects(store.objects, ref.hash))  # files and subtrees
 
 
 def referenced_objects(store: Store) -> set[str]:
@@ -158,6 +156,10 @@ def gc(store: Store, *, dry_run: bool = False, timeout: float = -1) -> GcReport:
                 continue
             removed.append(digest)
             if not dry_run:
+                if len(removed) == 1:
+                    # The stat cache may name this object: forget it first (durably), so that
+                    # no snapshot ever takes a digest whose object is gone.
+                    store.objects.stat_cache.clear()
                 store.objects.delete(digest)
                 touched.add(path.parent)
         for folder in sorted(touched):

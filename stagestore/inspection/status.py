@@ -197,7 +197,9 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
         flat: dict[str, ArtifactRef] = {}
         for name, rel in stage_input_paths(spec, pipeline.workdir).items():
             if rel not in hashed:
-                hashed[rel] = hash_artifact(pipeline.input_path(rel), f"input {name!r}")
+                # The stat cache is read (an unchanged folder is not hashed again), not written.
+                hashed[rel] = hash_artifact(pipeline.input_path(rel), f"input {name!r}",
+                                            store.objects.stat_cache if store is not None else None)
             flat[input_key("inputs", name)] = hashed[rel]
         for up in spec.upstream:
             for name, ref in outputs_of[up].items():

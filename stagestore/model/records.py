@@ -17,10 +17,10 @@ import msgspec
 from .failures import Category, Domain, upgrade_failure
 
 MANIFEST_SCHEMA_VERSION = 3
-TREE_SCHEMA_VERSION = 1
+TREE_SCHEMA_VERSION = 2
 RUN_SCHEMA_VERSION = 3
 CACHE_ENTRY_SCHEMA_VERSION = 2
-STAT_CACHE_SCHEMA_VERSION = 1
+STAT_CACHE_SCHEMA_VERSION = 2
 ITEM_SCHEMA_VERSION = 1
 STORE_CONFIG_SCHEMA_VERSION = 1
 REMOTE_FORMAT_VERSION = 1
@@ -228,7 +228,11 @@ class StageManifest(Record, kw_only=True):
 
 
 class TreeEntry(Record, kw_only=True):
-    """One path inside a tree: a file (with its object hash) or a folder."""
+    """One entry of a tree: a file (with its object hash) or a folder.
+
+    Version 2 (a tree of trees): `path` is one name, and a folder's `hash` is its own tree
+    object's digest and `size` the bytes of every file below it.  Version 1 (flat): `path` is
+    the `/`-separated path below the listed folder, and a folder has no hash and size 0."""
 
     path: str
     kind: Literal["file", "dir"]
@@ -238,7 +242,10 @@ class TreeEntry(Record, kw_only=True):
 
 
 class TreeListing(Record, kw_only=True):
-    """A folder output, stored as an object: every path under it, sorted, canonical JSON."""
+    """A folder, stored as an object in canonical JSON.  Version 2: the folder's direct
+    entries, sorted by name, a subfolder by its tree's digest.  Version 1 (still read): every
+    path under the folder, sorted.  `trees.read_tree` returns either as a version-1 (flat) view.
+    """
 
     schema_version: int = TREE_SCHEMA_VERSION
     entries: list[TreeEntry]
@@ -327,24 +334,24 @@ class CacheEntry(Record, kw_only=True):
     config_hash: str
 
 
-class StatCacheEntry(Record, kw_only=True):
-    """What one workspace file hashed to, and the stat it had then (docs/format.md)."""
+class StatCacheFolder(Record, kw_only=True):
+    """`stat-cache/<32 hex>`: one workspace folder's files as last hashed (docs/format.md).
 
-    path: str
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    hash: str
-    seen_ns: int  # the wall clock just before that stat; decides whether the entry is racy
-
-
-class StatCacheRecord(Record, kw_only=True):
-    """`stat-cache.json`: workspace files whose content need not be hashed again."""
+    Stored as msgpack followed by the BLAKE3 of those bytes, so a torn record is detected.
+    `files[i]` is (name, ino, size, mtime_ns, ctime_ns, executable) and `hashes[i]` the digest
+    of that file's bytes; only entries that were not racy when recorded are kept.  `tree` and
+    `total` are the folder's tree digest and bytes, valid while `files` is exactly the folder's
+    files and `dirs` (name, tree digest, bytes) exactly its subfolders."""
 
     schema_version: int = STAT_CACHE_SCHEMA_VERSION
-    entries: list[StatCacheEntry]
+    path: str  # the folder's absolute path
+    dev: int  # the folder's device and inode
+    ino: int
+    files: list[tuple[str, int, int, int, int, bool]] = []
+    hashes: list[str] = []
+    dirs: list[tuple[str, str, int]] = []
+    tree: str | None = None
+    total: int = 0
 
 
 class ViewFolder(Record, kw_only=True):
@@ -405,7 +412,7 @@ DOCUMENTS: dict[str, type[Record]] = {
     "item-record": ItemRecord,
     "tree-listing": TreeListing,
     "cache-entry": CacheEntry,
-    "stat-cache": StatCacheRecord,
+    "stat-cache": StatCacheFolder,
     "pipeline": PipelineDef,
     "store-config": StoreConfig,
     "remote-format": RemoteFormat,
@@ -421,7 +428,7 @@ _CURRENT_VERSIONS: dict[type[Record], int] = {
     RunRecord: RUN_SCHEMA_VERSION,
     CacheEntry: CACHE_ENTRY_SCHEMA_VERSION,
     ItemRecord: ITEM_SCHEMA_VERSION,
-    StatCacheRecord: STAT_CACHE_SCHEMA_VERSION,
+    StatCacheFolder: STAT_CACHE_SCHEMA_VERSION,
     StoreConfig: STORE_CONFIG_SCHEMA_VERSION,
     RemoteFormat: REMOTE_FORMAT_VERSION,
     ViewSeal: VIEW_SEAL_SCHEMA_VERSION,
@@ -463,6 +470,11 @@ _UPGRADES: dict[type[Record], dict[int, Any]] = {
     RunRecord: {1: _run_1_to_2, 2: _run_2_to_3},
     CacheEntry: {1: lambda raw: dict(raw, schema_version=2)},  # added `item`
 }
+
+# Types whose older versions decode unchanged, the reader telling the versions apart: a
+# version-1 tree is flat and a version-2 one nests subtrees, which no upgrade of one record
+# can turn into each other (`trees.read_tree` reads both).
+_READ_AS_IS: set[type[Record]] = {TreeListing}
 
 
 def encode_record(record: Record) -> bytes:
@@ -507,6 +519,8 @@ def decode_record(data: bytes, type_: type[Record], where: str) -> Any:
     if version < 1:
         raise CorruptRecordError(f"{where}: invalid schema_version {version}", path=where)
     try:
+        if version < current and type_ in _READ_AS_IS:
+            return _DECODERS[type_].decode(data)
         if version < current:
             raw = _RAW_DECODER.decode(data)
             while raw["schema_version"] < current:

@@ -21,7 +21,7 @@ from ..model.records import ItemRecord, RunRecord, TreeListing, decode_record
 from ..model.reports import Finding, RemoteGcReport, VerifyReport
 from ..store.hashing import PREFIX
 from ..store.store import Store
-from ..store.trees import check_tree
+from ..store.trees import check_tree, subtrees
 from .remotes import FORMAT_KEY, PROBE, RUNS, object_digest, object_key, open_remote, parse_run_key
 from .storage import BlobInfo, RemoteError, Storage, pages_flat
 from .transfer import decode_manifest, manifest_refs, record_refs
@@ -109,7 +109,9 @@ class _References:
                 self.live.setdefault(digest, key)
             for tree in tree_refs:
                 trees.setdefault(tree, key)
-        for tree, named_by in trees.items():
+        pending = list(trees.items())
+        while pending:  # a tree's subtrees are read in turn (version-2 trees of trees)
+            tree, named_by = pending.pop()
             if tree not in inventory.objects:
                 continue  # reported as missing below
             try:
@@ -122,6 +124,10 @@ class _References:
             for entry in listing.entries:
                 if entry.hash is not None:
                     self.live.setdefault(entry.hash, f"{named_by} (in tree {tree})")
+            for sub in subtrees(listing):
+                if sub not in trees:
+                    trees[sub] = f"{named_by} (in tree {tree})"
+                    pending.append((sub, trees[sub]))
 
     def problem(self, kind: str, message: str, **where: str | None) -> None:
         self.findings.append(Finding(kind=kind, severity="problem", message=message, **where))

@@ -25,7 +25,7 @@ from ..store.layout import run_owner
 from ..store.manifests import cache_key, check_manifest
 from ..store.objects import SyncBatch
 from ..store.store import Store
-from ..store.trees import read_tree
+from ..store.trees import read_tree_object, subtrees
 from .remotes import (RUNS, cache_entry_key, manifest_key, object_digest, object_key,
                       parse_run_key, record_key, remote_manifest_key, scope_key)
 from .storage import PART_SIZE, RemoteError, RemoteNotFound, Storage, pages_flat
@@ -226,27 +226,41 @@ class Transfer:
         objects.adopt(received, batch)
         return failed
 
-    def _tree_files(self, trees: set[str]) -> set[str]:
-        files = set()
-        for tree in trees:
-            files.update(e.hash for e in read_tree(self.store.objects, tree).entries
-                         if e.hash is not None)
-        return files
-
     def _move_refs(self, direct: set[str], trees: set[str], move: Callable[[set[str]], set[str]],
                    tally: Tally) -> tuple[set[str], dict[str, set[str]]]:
-        """Move (send or fetch) objects, then the files of the trees among them, which are
-        known only once the tree object is local.  Returns the digests that could not be moved
-        (a tree that does not decode among them) and each moved tree's files."""
+        """Move (send or fetch) objects, then what the trees among them name: a tree's files
+        and subtrees are known only once the tree object is local, so subtrees are moved a
+        level at a time, then every file.  Returns the digests that could not be moved (a tree
+        that does not decode among them) and everything each moved tree names."""
         failed = move(direct)
         files: dict[str, set[str]] = {}
-        for tree in trees - failed:
-            try:
-                files[tree] = self._tree_files({tree})
-            except StagestoreError as exc:
-                tally.problems.append(exc.message)
-                failed.add(tree)
-        failed |= move(set().union(*files.values()) if files else set())
+        # (top tree, tree to read now) pairs, a level of the trees at a time
+        level = [(tree, tree) for tree in trees - failed]
+        broken: set[str] = set()
+        moved_trees: set[str] = set()
+        while level:
+            below: list[tuple[str, str]] = []
+            for top, tree in level:
+                if top in broken:
+                    continue
+                try:
+                    listing = read_tree_object(self.store.objects, tree)
+                except StagestoreError as exc:
+                    tally.problems.append(exc.message)
+                    broken.add(top)
+                    failed.add(top)
+                    continue
+                named = files.setdefault(top, set())
+                named.update(e.hash for e in listing.entries if e.hash is not None)
+                below.extend((top, sub) for sub in subtrees(listing))
+            new_trees = {sub for _, sub in below} - moved_trees
+            failed |= move(new_trees)
+            moved_trees |= new_trees
+            level = [(top, sub) for top, sub in below if sub not in failed]
+        for top in broken:
+            files.pop(top, None)
+        named = set().union(*files.values()) if files else set()
+        failed |= move(named - moved_trees)
         return failed, files
 
     @staticmethod

@@ -314,14 +314,16 @@ def _copy_into(src: str | os.PathLike[str], fd_out: int, dst: str | os.PathLike[
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, tmp_path: str | os.PathLike[str],
-                      mode: int = 0o644) -> None:
+                      mode: int = 0o644, *, sync: bool = True) -> None:
     """Write `data` to `tmp_path`, fsync it, rename it to `path`, fsync `path`'s folder.
 
     `tmp_path` must be on the same filesystem as `path` (the store's `tmp/`, a folder remote's
     `.tmp/`).  A crash at any point leaves either the old file or the new one under `path`,
-    never a mix.
+    never a mix.  `sync=False` skips both fsyncs, for a derived file that detects its own
+    damage (the stat cache's checksummed records): after a power loss `path` may then hold the
+    old bytes, the new ones, or a torn or empty file.
     """
-    _replace_atomically(path, tmp_path, mode, lambda fd: write_all(fd, data, tmp_path))
+    _replace_atomically(path, tmp_path, mode, lambda fd: write_all(fd, data, tmp_path), sync)
 
 
 def copy_file_atomic(src: str | os.PathLike[str], path: str | os.PathLike[str],
@@ -333,21 +335,23 @@ def copy_file_atomic(src: str | os.PathLike[str], path: str | os.PathLike[str],
 
 
 def _replace_atomically(path: str | os.PathLike[str], tmp_path: str | os.PathLike[str],
-                        mode: int, fill: Callable[[int], object]) -> None:
+                        mode: int, fill: Callable[[int], object], sync: bool = True) -> None:
     """Create `tmp_path`, `fill` its descriptor, fsync it, rename it to `path` and fsync
     `path`'s folder; the temp is removed if anything before the rename fails."""
     fd = create_exclusive(tmp_path, mode)
     try:
         try:
             fill(fd)
-            fsync_fd(fd, tmp_path)
+            if sync:
+                fsync_fd(fd, tmp_path)
         finally:
             os.close(fd)
         rename(tmp_path, path)
     except BaseException:
         discard(tmp_path)
         raise
-    fsync_dir(os.path.dirname(os.fspath(path)))
+    if sync:
+        fsync_dir(os.path.dirname(os.fspath(path)))
 
 
 def write_file_create_only(path: str | os.PathLike[str], data: bytes,

@@ -51,6 +51,30 @@ def hash_file(path: str | os.PathLike[str], size: int | None = None) -> str:
     return PREFIX + hasher.hexdigest()
 
 
+def read_small(path: str | os.PathLike[str], size: int) -> bytes:
+    """The bytes of a file stat-ed at `size` (a small one), in one `read` when it has not grown:
+    a read that returns less than it asked for ends a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) > size:  # it grew since its stat
+            chunks = [data]
+            while chunk := os.read(fd, _CHUNK):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data
+
+
+def hash_path(path: str | os.PathLike[str], size: int) -> tuple[str, int]:
+    """(digest, bytes read) of a file stat-ed at `size`: small files in one read."""
+    if size < _MMAP_THRESHOLD:
+        data = read_small(path, size)
+        return PREFIX + blake3.blake3(data).hexdigest(), len(data)
+    return hash_file(path, size), os.stat(path).st_size
+
+
 def is_digest(value: object) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX) and bool(
         _HEX_RE.match(value[len(PREFIX):]))

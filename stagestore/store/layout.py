@@ -153,7 +153,8 @@ class StoreLayout:
         self.format_file = self.root / "stagestore.json"
         self.config_file = self.root / "config.json"  # StoreConfig: the remotes
         self.readme = self.root / "README.md"
-        self.stat_cache = self.root / "stat-cache.json"
+        self.stat_cache = self.root / "stat-cache"  # StatCacheFolder records
+        self.legacy_stat_cache = self.root / "stat-cache.json"  # format 2's, removed by 2 -> 3
         self.store_lock = self.locks / "store.lock"
         self.store_gate = self.locks / "store.gate"
         self.legacy_store_lock = self.locks / "store.db"  # format 1's store lock

@@ -200,8 +200,10 @@ def upgrade_store_lock(layout: StoreLayout) -> None:
 
 
 def upgrade_format_3(layout: StoreLayout) -> None:
-    """Move a format-2 store to format 3 (runs record their items in an item log,
-    docs/format.md, "Versions and changes"): nothing is rewritten, the format file says 3.
+    """Move a format-2 store to format 3 (docs/format.md, "Versions and changes"): runs record
+    their items in an item log, folders are trees of trees, the stat cache is one record per
+    folder, and trees have shared views.  Nothing is rewritten: `stat-cache.json` is deleted
+    (derived) and the format file says 3.
 
     Under the store lock held exclusive (both formats take the same `flock`), no format-2
     process is running, recovering, verifying, forgetting or collecting in the store; once
@@ -236,6 +238,11 @@ def upgrade_format_3(layout: StoreLayout) -> None:
                 hint="wait for that process to finish, then try again") from None
         with owner_locked(layout, "init", "the store's format file"):
             if on_disk() < 3:
+                # Format 2's stat cache was one JSON file; format 3 keeps one record per folder
+                # (stat-cache/).  It is derived: deleted, not converted (a re-hash is all it
+                # costs).  A crash before the format file says 3 leaves a format-2 store
+                # without it, which the next store lock upgrades again.
+                durable.unlink(layout.legacy_stat_cache)
                 durable.write_file_atomic(
                     layout.format_file, msgspec.json.encode(StoreFormat(version=3)) + b"\n",
                     layout.new_tmp_path("init", "format"))

@@ -266,11 +266,9 @@ class ViewStore:
                         self._stale_users(base.tree) or base.boot_id != boot_id()):
                     continue  # suspect: not worth a full check to save a build
                 try:
-                    # Decoded without `check_tree` (a third of a second per 100,000 entries):
-                    # the base view was built from this very listing after it passed the check,
-                    # and the paths removed below are validated one by one.
-                    old = decode_record(self.objects.read_bytes(base.tree), TreeListing,
-                                        f"tree {base.tree}")
+                    # The flat view of the base's tree (a version-2 tree object lists one
+                    # folder only; `read_tree` follows its subtrees), checked as it is read.
+                    old = self.listing(base.tree)
                 except (CorruptRecordError, FormatVersionError, InvalidNameError, OSError):
                     continue
                 removed, added = _difference(old.entries, listing.entries)
@@ -505,8 +503,8 @@ def _difference(old: list[TreeEntry], new: list[TreeEntry]) -> tuple[list[TreeEn
     """(entries of `old` to remove, entries of `new` to add, in listing order) to turn a view
     of `old` into one of `new`.  A folder that becomes a file, or the reverse, is removed whole
     (with what is under it) and added again."""
-    before = {e.path: e for e in old}
-    after = {e.path: e for e in new}
+    before = {e.path: _comparable(e) for e in old}
+    after = {e.path: _comparable(e) for e in new}
     removed = [e for p, e in before.items() if after.get(p) != e]
     gone_dirs = [e.path + "/" for e in removed if e.kind == "dir"]
     if gone_dirs:
@@ -518,6 +516,15 @@ def _difference(old: list[TreeEntry], new: list[TreeEntry]) -> tuple[list[TreeEn
     else:
         added = [e for p, e in after.items() if before.get(p) != e]
     return removed, added
+
+
+def _comparable(entry: TreeEntry) -> TreeEntry:
+    """`entry` as a view sees it: a folder is the same folder whatever it holds (a version-2
+    tree gives a folder its subtree's digest and size, which change with any file below it;
+    those files' own entries say what changed)."""
+    if entry.kind == "dir" and (entry.hash is not None or entry.size):
+        return TreeEntry(path=entry.path, kind="dir", executable=entry.executable)
+    return entry
 
 
 _BOOT_ID: list[str] = []
