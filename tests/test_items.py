@@ -561,3 +561,35 @@ def test_runs_and_show_tell_an_item_run_with_failed_items(ws):
     record = ws.open_store().manifests.read_item("r1", "b")
     assert record.first_failure.failure.class_ == "InputMissingFailure"
     assert "data/b.txt" in record.first_failure.failure.signal
+
+
+def test_status_of_an_item_pipeline_names_the_per_item_stages_instead_of_failing(ws):
+    """`status` used to hash the input path with `{item}` in it and fail with a missing file."""
+    ws.pipeline(ITEM_STATUS_TOML)
+    ws.write("data/a.txt", "a\n")
+    ws.write("common.txt", "c\n")
+    for _ in range(2):  # before any run, and after one
+        proc = ws.cli("status")
+        assert proc.returncode == 0, proc.stderr
+        assert "per item" in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
+        ws.write("items.txt", "a\n")
+        assert ws.cli("run", "--items", "items.txt", "-q").returncode == 0
+
+
+ITEM_STATUS_TOML = """
+[pipeline]
+name = "items-status"
+
+[stages.prep]
+cmd = "cp {inputs.src} {outputs.o}"
+shell = true
+inputs = { src = "common.txt" }
+outputs = ["o"]
+
+[stages.each]
+upstream = ["prep"]
+cmd = "cat {inputs.src} {upstream.prep.o} > {outputs.o}"
+shell = true
+inputs = { src = "data/{item}.txt" }
+outputs = ["o"]
+"""

@@ -181,8 +181,16 @@ def status(pipeline: Pipeline, store: Store | None) -> StatusReport:
     outputs_of: dict[str, dict[str, ArtifactRef]] = {}  # stages that would not execute
     rows: list[StageStatus] = []
     hashed: dict[str, ArtifactRef] = {}
+    per_item = pipeline.item_stages()
     for stage in pipeline.order():
         spec = pipeline.stages[stage]
+        if stage in per_item:
+            # Its key holds the item id and the item's own inputs (`data/{item}.txt`): without
+            # a list of items there is nothing to look up, so say so rather than guess.
+            rows.append(StageStatus(stage=stage, would_execute=True, reason=(
+                "runs once per item: status does not look at items; a run with items reuses "
+                "each item whose inputs and upstream results are unchanged")))
+            continue
         if not spec.enabled and spec.kind is None:
             rows.append(StageStatus(stage=stage, would_execute=False,
                                     reason="disabled (enabled = false)"))
