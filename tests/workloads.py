@@ -26,10 +26,12 @@ touch (invariant 10).
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 from stagestore.pipeline.model import Pipeline, load_pipeline
 from stagestore.store import itemlog
+from stagestore.store.statcache import RACY_NS
 
 # Deterministic group commit for the fault suites: no flusher thread, a sync every 5 records.
 itemlog.SYNC_AFTER_S = None
@@ -233,15 +235,14 @@ def make(name: str, folder: Path) -> Pipeline:
         for i in range(SYNCFS_MIN_FILES):
             _write(folder / "data" / f"d{i:02}.txt", f"datum {i}\n")
     elif name == "snaptree":
-        import time
-
-        from stagestore.store.statcache import RACY_NS
-
         _write(folder / "data" / "top.txt", "top\n")
         for sub in ("a", "b", "c"):
             for i in range(12):
                 _write(folder / "data" / sub / f"{i:02}.txt", f"{sub} {i}\n")
-        time.sleep(RACY_NS / 1e9 + 0.1)  # so that no entry is racy: the stat cache is used
+    # Past the stat cache's racy window before anything runs: whether a run writes stat-cache
+    # records must not depend on how long after this it starts, or K (the durable operations of
+    # a run) would grow while a sweep goes on, and the sweep would miss the points past it.
+    time.sleep(RACY_NS / 1e9 + 0.1)
     _write(folder / "stagestore.toml", textwrap.dedent(TOML[name]))
     return load_pipeline(folder / "stagestore.toml")
 
