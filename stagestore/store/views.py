@@ -312,8 +312,11 @@ class ViewStore:
         return sorted(found, key=lambda s: s.sealed_ns, reverse=True)
 
     def _labels(self, hexname: str) -> list[str]:
+        # A hint (which roles used the view), written without a checksum: a power loss may
+        # leave garbage, which matches no label and so only costs a fresh build.
         try:
-            return (self.root / hexname / "labels").read_text().splitlines()
+            return (self.root / hexname / "labels").read_bytes().decode("utf-8", "replace") \
+                .splitlines()
         except OSError:
             return []
 
