@@ -19,6 +19,7 @@ that fails again, a snapshot whose content is gone) is reported, and the exit co
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -95,21 +96,33 @@ class _Recovery:
         by_owner: dict[str | None, list] = {}
         for entry, owner in orphaned_temps(self.layout):
             by_owner.setdefault(owner, []).append(entry)
-        for owner, entries in by_owner.items():
+        # This recover holds the `recover` owner lock, so `orphaned_temps` sees that owner as
+        # live; but it has made no temp yet, and recovers never overlap: every `recover~` temp
+        # is an earlier recover's, one that died (a crash inside a recover).
+        mine = [entry for entry in sorted(os.scandir(self.layout.tmp), key=lambda e: e.name)
+                if StoreLayout.tmp_owner(entry.name) == RECOVER_OWNER] \
+            if self.layout.tmp.is_dir() else []
+        for owner, entries in [*by_owner.items(), *([(RECOVER_OWNER, mine)] if mine else [])]:
+            if owner == RECOVER_OWNER:  # ours: see above
+                self._remove_temps(entries)
+                continue
             lock = OwnerLock(self.layout, owner) if owner is not None else None
             if lock is not None and not lock.try_acquire():
                 continue  # its owner came back to life since the scan: not an orphan any more
             try:
-                for entry in entries:
-                    self.act("remove_temp", f"removed orphaned temp {entry.name}",
-                             f"would remove orphaned temp {entry.name}", path=entry.path)
-                    if not self.dry_run:
-                        durable.rmtree(entry.path)
+                self._remove_temps(entries)
             finally:
                 if lock is not None:
                     lock.release()
-        if by_owner and not self.dry_run:
+        if (by_owner or mine) and not self.dry_run:
             durable.fsync_dir(self.layout.tmp)
+
+    def _remove_temps(self, entries: list[os.DirEntry]) -> None:
+        for entry in entries:
+            self.act("remove_temp", f"removed orphaned temp {entry.name}",
+                     f"would remove orphaned temp {entry.name}", path=entry.path)
+            if not self.dry_run:
+                durable.rmtree(entry.path)
 
     def remove_corrupt_objects(self, digests: set[str]) -> None:
         for digest in sorted(digests):
