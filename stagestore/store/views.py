@@ -410,8 +410,13 @@ class ViewStore:
         a path the object no longer has, so every view is taken out of use (and rebuilt from
         the objects when next needed)."""
         for hexname in self.names():
-            with _flocked(self.lock_path("blake3:" + hexname)):
-                self.condemn("blake3:" + hexname, owner)
+            digest = "blake3:" + hexname
+            with _flocked(self.lock_path(digest)):
+                self.condemn(digest, owner)
+                # The markers of dead attempts go too: the view they used is gone, so there
+                # is nothing left for anyone to check (a live attempt's marker stays).
+                for name in self._stale_users(digest):
+                    durable.unlink(self.root / hexname / USERS / name)
 
     def check(self, hexname: str) -> list[str]:
         """verify: what is wrong with a view (empty if nothing): a full check against its
