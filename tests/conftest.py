@@ -116,7 +116,7 @@ class Workspace:
 
 # Whole files left out of `make check` (all of them run in `make test`): fault sweeps and
 # kills, real S3 servers and Dask clusters, suites that start a CLI process or several runs per
-# test, and the property-based fuzzing and models; what is left takes about 45 s on 2 cores.
+# test, the property-based fuzzing and models, and the scale tests.
 HEAVY_FILES = frozenset({
     "test_crashpoints.py", "test_ioerrors.py", "test_powerloss.py", "test_kills.py",  # faults
     "test_concurrency_stress.py", "test_remote_crash.py",  # kills, soak
@@ -124,6 +124,7 @@ HEAVY_FILES = frozenset({
     "test_cli.py", "test_remote.py", "test_recovery.py", "test_concurrency.py",  # processes
     "test_signals.py", "test_kind_stages.py",  # processes, several runs per test
     "test_hostile.py", "test_model.py",  # fuzzing, random models
+    "test_snapshot.py", "test_itemlog.py",  # inputs of 20,000 files, runs of 2,000 items
 })
 # Fixtures that start a real S3 server; a test parametrized with "s3" asks for one too.
 S3_FIXTURES = frozenset({"seaweedfs", "s3_bucket", "rclone_s3", "s3_remote"})
