@@ -39,10 +39,11 @@ class OwnerLock:
         self.path = layout.owner_lock_path(owner)
         self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, wait: bool = False) -> bool:
+        """Take the lock; False when another holder has it (with `wait`, wait for it instead)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

@@ -24,12 +24,12 @@ never trusted over the objects: it is derived state, removed by `gc` when unused
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CorruptRecordError, FormatVersionError, InvalidNameError
@@ -38,6 +38,7 @@ from ..model.records import TreeEntry, TreeListing, ViewFolder, ViewSeal, decode
 from . import durable
 from .hashing import digest_hex, hash_file
 from .layout import TMP_SEP, StoreLayout, validate_relpath
+from .locking import OwnerLock
 from .objects import ObjectStore
 
 TREE = "tree"  # the view itself: what the stage is handed
@@ -106,9 +107,6 @@ class ViewStore:
     def container(self, digest: str) -> Path:
         return self.root / digest_hex(digest)
 
-    def lock_path(self, digest: str) -> Path:
-        return self.layout.locks / f"view-{digest_hex(digest)}.lock"
-
     def listing(self, digest: str) -> TreeListing:
         from .trees import read_tree
 
@@ -123,7 +121,7 @@ class ViewStore:
         that role can be built from this one by difference."""
         durable.mkdir(self.root)
         box = self.container(digest)
-        with _flocked(self.lock_path(digest)):
+        with _flocked(self.layout, digest):
             try:
                 durable.temp_dir(box)
             except FileExistsError:
@@ -258,7 +256,7 @@ class ViewStore:
         """Take over the most recently sealed view with `label` that no attempt is using, and
         turn it into the view of `listing` by difference; returns its temp path, or None."""
         for base in self._bases(digest, label):
-            with _flocked(self.lock_path(base.tree), wait=False) as locked:
+            with _flocked(self.layout, base.tree, wait=False) as locked:
                 if not locked or self._live_users(base.tree) or self._read_seal(base.tree) != base:
                     continue
                 base_box = self.container(base.tree)
@@ -366,7 +364,7 @@ class ViewStore:
         """Remove a whole view folder and its lock (gc, recover: under the exclusive store lock
         or with no run live, so nobody holds or waits on the lock)."""
         durable.rmtree(self.root / hexname)
-        durable.unlink(self.layout.locks / f"view-{hexname}.lock")
+        durable.unlink(self.layout.owner_lock_path(f"view-{hexname}"))
 
     def names(self) -> list[str]:
         try:
@@ -390,7 +388,7 @@ class ViewStore:
         live) is checked in full under its lock, and its markers dropped, or it is condemned.
         Returns what was done, or None if the view needed nothing."""
         digest = "blake3:" + hexname
-        with _flocked(self.lock_path(digest)):
+        with _flocked(self.layout, digest):
             stale = self._stale_users(digest)
             if not stale:
                 return None
@@ -402,7 +400,7 @@ class ViewStore:
             return done
 
     def discard_all_of(self, hexname: str, owner: str) -> None:
-        with _flocked(self.lock_path("blake3:" + hexname)):
+        with _flocked(self.layout, "blake3:" + hexname):
             self.condemn("blake3:" + hexname, owner)
 
     def discard_all(self, owner: str) -> None:
@@ -411,7 +409,7 @@ class ViewStore:
         the objects when next needed)."""
         for hexname in self.names():
             digest = "blake3:" + hexname
-            with _flocked(self.lock_path(digest)):
+            with _flocked(self.layout, digest):
                 self.condemn(digest, owner)
                 # The markers of dead attempts go too: the view they used is gone, so there
                 # is nothing left for anyone to check (a live attempt's marker stays).
@@ -551,31 +549,17 @@ def boot_id() -> str:
     return _BOOT_ID[0]
 
 
-class _flocked:
-    """`with _flocked(path)`: an exclusive flock on a lock file, for the length of the block;
-    `wait=False` gives False instead of waiting."""
-
-    def __init__(self, path: Path, wait: bool = True) -> None:
-        self.path = path
-        self.wait = wait
-        self.fd: int | None = None
-
-    def __enter__(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        self.fd = fd
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing lets go of the flock
-            self.fd = None
+@contextmanager
+def _flocked(layout: StoreLayout, digest: str, wait: bool = True) -> Iterator[bool]:
+    """`with _flocked(layout, digest)`: the view's lock (`locks/view-<hex>.lock`, an owner
+    lock) for the length of the block; `wait=False` gives False instead of waiting."""
+    lock = OwnerLock(layout, f"view-{digest_hex(digest)}")
+    held = lock.try_acquire(wait=wait)
+    try:
+        yield held
+    finally:
+        if held:
+            lock.release()
 
 
 # --- inotify ---
