@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import tempfile
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -455,6 +456,32 @@ tr a-z A-Z < "$OUT/$1.a" > "$OUT/$1.b"
 wc -c < "$OUT/$1.b" > "$OUT/$1.c"
 """
 
+SPAWN_FLOOR_PY = """\
+# The floor of any Python runner: the three stages' commands per item, each started the way
+# stagestore starts a stage (subprocess, a new session, stdin from /dev/null, the shell stages
+# through /bin/sh -c), J items at a time, and nothing else.  Usage: spawn_floor.py OUT J.
+import subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+
+out, jobs = sys.argv[1], int(sys.argv[2])
+items = [line.strip() for line in open("items.txt") if line.strip()]
+
+
+def one(i):
+    for argv in (["cp", f"data/{i}.txt", f"{out}/{i}.a"],
+                 ["/bin/sh", "-c", f"tr a-z A-Z < {out}/{i}.a > {out}/{i}.b"],
+                 ["/bin/sh", "-c", f"wc -c < {out}/{i}.b > {out}/{i}.c"]):
+        subprocess.run(argv, stdin=subprocess.DEVNULL, start_new_session=True, check=True)
+
+
+if jobs == 1:
+    for i in items:
+        one(i)
+else:
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, items))
+"""
+
 SNAKEFILE = """\
 ITEMS = [line.strip() for line in open("items-smk.txt") if line.strip()]
 
@@ -493,6 +520,7 @@ def _item_workspace(ws: Path, n: int) -> list[str]:
     (ws / "loop.sh").write_text(LOOP_SH)
     (ws / "item.sh").write_text(ITEM_SH)
     (ws / "Snakefile").write_text(SNAKEFILE)
+    (ws / "spawn_floor.py").write_text(SPAWN_FLOOR_PY)
     return ids
 
 
@@ -617,6 +645,20 @@ def _peer_first(b: Bench, ws: Path, jobs: int) -> Callable[[], float]:
     return step
 
 
+def _spawn_floor(b: Bench, ws: Path, jobs: int) -> Callable[[], float]:
+    """The Python spawn floor of a first run (SPAWN_FLOOR_PY), into a fresh folder."""
+    out = ws / "floor-out"
+
+    def step() -> float:
+        _rmtree(out)
+        out.mkdir()
+        _settle()
+        elapsed, _ = run([sys.executable, "spawn_floor.py", "floor-out", str(jobs)], cwd=ws, env=b.env)
+        return elapsed
+
+    return step
+
+
 def _items(b: Bench, sid: str, name: str, n: int, *, jobs_list: tuple[int, ...],
            smk_cores: tuple[int, ...], reps_first: int, smk_reps_first: int,
            peers: bool = True) -> tuple[ScenarioResult, dict[int, float]]:
@@ -655,6 +697,7 @@ def _items(b: Bench, sid: str, name: str, n: int, *, jobs_list: tuple[int, ...],
         m = {key: r.add(Measurement(f"--jobs {jobs}: {label}")) for key, label in [
             ("ss_first", "stagestore run, first (fresh store)"),
             ("peer", peer_name),
+            ("floor", f"Python spawn floor (subprocess.run of the same commands, {jobs} at a time)"),
             ("smk_first", f"snakemake --cores {jobs}, first"),
             ("ss_noop", "stagestore run, no-op rerun"),
             ("smk_noop", f"snakemake --cores {jobs}, no-op"),
@@ -665,6 +708,7 @@ def _items(b: Bench, sid: str, name: str, n: int, *, jobs_list: tuple[int, ...],
         steps = [(m["ss_first"].label, ss.first)]
         if peers:
             steps.append((m["peer"].label, _peer_first(b, ws, jobs)))
+            steps.append((m["floor"].label, _spawn_floor(b, ws, jobs)))
         smk = _Snakemake(b, ws, jobs) if use_smk and jobs in smk_cores else None
         interleave(reps_first, steps, labels)
         if smk is not None:
@@ -678,7 +722,7 @@ def _items(b: Bench, sid: str, name: str, n: int, *, jobs_list: tuple[int, ...],
             steps += [(m["smk_noop"].label, smk.noop), (m["smk_added"].label, smk.add_one)]
         interleave(b.cfg.reps, steps, labels)
         _rmtree(ss.store)  # type: ignore[arg-type]
-        for path in (ws / "smk-out", ws / ".snakemake", ws / "peer-out"):
+        for path in (ws / "smk-out", ws / ".snakemake", ws / "peer-out", ws / "floor-out"):
             _rmtree(path)
 
         med = {k: v.median for k, v in m.items()}
@@ -708,6 +752,12 @@ def _items(b: Bench, sid: str, name: str, n: int, *, jobs_list: tuple[int, ...],
             r.criteria.append(Criterion(text, value, limit, op, note=note))
         r.ratios[f"--jobs {jobs}: one item added, snakemake / stagestore (info)"] = _ratio(
             med["smk_added"], med["ss_added"])
+        # The target's physical floor, measured in the same run: no Python runner can start
+        # the same processes faster (a `sh -c` per shell stage is one exec more than the loop).
+        r.ratios[f"--jobs {jobs}: Python spawn floor / {peer_name} (info)"] = _ratio(
+            med["floor"], med["peer"])
+        r.ratios[f"--jobs {jobs}: first run / Python spawn floor (info)"] = _ratio(
+            med["ss_first"], med["floor"])
         if r.primary is None:
             r.primary = m["ss_first"].label
     _rmtree(ws)

@@ -458,15 +458,10 @@ def test_a_sigkilled_runner_takes_its_stage_process_with_it(tmp_path):
         kill_leftovers(ws)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not strict: when the SIGKILL lands before the shell has started `sleep`, nothing is left "
-    "behind and the test passes (seen once in CI). "
-    "LIMITATION, documented (docs/format.md 'Processes a stage leaves behind', docs/recovery.md "
-    "'The runner is SIGKILLed while a stage runs'): stages run in their own session "
-    "(stagestore/execution/processes.py:77-78, start_new_session=True), so killpg of the runner's group does "
-    "not reach them; only the direct child dies (PR_SET_PDEATHSIG) and its children keep "
-    "running"))
 def test_a_sigkilled_runner_leaves_no_grandchild_of_a_stage_behind(tmp_path):
+    # Stages run in their own session, so killing the runner's group does not reach them; the
+    # runner's watchdog (execution/watchdog.py) kills each stage's whole group when the runner
+    # is gone.  With the parent-death signal it replaced, `sleep` survived here (an xfail).
     ws = tmp_path / "ws"
     # `sh -c "sleep 30; ..."`: the shell is the direct child, sleep its child.
     proc = _start_holding(ws, '"sleep 30; echo done > {outputs.o}"', shell=True)

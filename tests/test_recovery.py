@@ -350,3 +350,34 @@ def test_recover_removes_a_folder_squatting_on_an_object_name(ws):
     assert "object_corrupt" in {f.kind for f in verify(store).problems}
     assert recover(store).ok
     _assert_clean(store)
+
+
+def test_recover_forgets_the_stat_cache_when_it_removes_a_damaged_input_object(ws, monkeypatch):
+    # A folder input's files are remembered by stat (stat-cache/).  When recover removes one of
+    # their objects as damaged, the stat cache still maps the unchanged workspace file to that
+    # digest: recover's own snapshot restore, and every later run, took the digest without
+    # storing the file again, and the run failed with a missing object (found in issue 15).
+    import stagestore.store.statcache as statcache
+
+    monkeypatch.setattr(statcache, "RACY_NS", 0)  # remember files however recent they are
+    ws.write("data/a.txt", "alpha\n")
+    ws.write("data/b.txt", "beta\n")
+    ws.pipeline('[pipeline]\nname = "sc"\n\n[stages.cat]\ncmd = "cat {inputs.d}/* > {outputs.o}"\n'
+                'shell = true\ninputs = { d = "data" }\noutputs = ["o"]\n')
+    store = ws.open_store()
+    run(ws.load(), store, run_id="a")
+    run(ws.load(), store, run_id="b")  # the stat cache now holds data/
+    path = store.objects.path(_digest(b"beta\n"))
+    os.chmod(path, 0o644)
+    path.write_bytes(b"damaged\n")
+    assert recover(store).ok
+    _assert_clean(store)
+    report = run(ws.load(), Store.open(ws.store), run_id="c", force=True)
+    assert report.ok
+    _assert_clean(Store.open(ws.store))
+
+
+def _digest(data: bytes) -> str:
+    from stagestore.store.hashing import digest_bytes
+
+    return digest_bytes(data)

@@ -27,7 +27,7 @@ from stagestore.store.store import Store
 
 SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGHUP, id="SIGHUP")]
 
-# `slow` sleeps (in a grandchild, which the parent-death signal does not reach) while the file
+# `slow` sleeps (in a grandchild: only a kill of its whole group reaches it) while the file
 # SLOW exists; each process writes its pid first.
 SLOW_PIPELINE = """
 [pipeline]

@@ -392,3 +392,24 @@ def test_a_large_folder_input_is_copied_then_synced_once(store, tmp_path):
     finally:
         durable.set_recorder(None)
     assert again == ref and "write" not in ops and "syncfs" not in ops
+
+
+def test_rmtree_removes_what_a_stage_leaves_and_never_follows_a_symlink(tmp_path):
+    from stagestore.store import durable
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    folder = tmp_path / "attempt"
+    (folder / "in" / "inputs" / "src").mkdir(parents=True)
+    (folder / "in" / "inputs" / "src" / "a.txt").write_text("a")
+    (folder / "out" / "deep" / "er").mkdir(parents=True)
+    (folder / "out" / "deep" / "er" / "f").write_text("f")
+    (folder / "out" / "link").symlink_to(outside)  # a symlink to a folder: removed, not followed
+    (folder / "out" / "ro").mkdir()
+    (folder / "out" / "ro" / "x").write_text("x")
+    os.chmod(folder / "out" / "ro", 0o555)  # a read-only folder (a non-root user takes the fallback)
+    (folder / "stdout").write_bytes(b"")
+    durable.rmtree(folder)
+    assert not folder.exists()
+    assert (outside / "keep.txt").read_text() == "keep"

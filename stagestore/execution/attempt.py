@@ -12,8 +12,8 @@ view of its tree (`views/<tree hex>/tree`, store/views.py): built once, reused b
 attempt that reads that tree, watched while the command runs, and checked afterwards at a cost
 per folder, not per file.
 
-The command runs through `processes.run_group` (its own process group, the parent-death
-signal).  Then the stage's checks run (`gates`), and a failure gets its class and category
+The command runs through `processes.run_group` (its own process group, guarded by the
+process's watchdog).  Then the stage's checks run (`gates`), and a failure gets its class and category
 (`classify.classify`).  On success each declared output is moved into `objects/` by rename;
 nothing is copied except files with other hard links.  The folder is removed whatever happens;
 if the runner dies first, the folder is an orphan for `recover`.
@@ -416,10 +416,14 @@ class Attempt:
     def _commit_logs(self, batch: SyncBatch) -> tuple[str, str]:
         digests = []
         for path in (self.stdout_path, self.stderr_path):
-            if path.exists():
-                digest, _ = self.objects.commit_file(path, self.owner, batch)
-            else:
+            try:
+                empty = os.stat(path).st_size == 0
+            except FileNotFoundError:
+                empty = True
+            if empty:  # most stages print nothing: the empty object, no fsync
                 digest = self.objects.put_bytes(b"", self.owner, batch)
+            else:
+                digest, _ = self.objects.commit_file(path, self.owner, batch)
             digests.append(digest)
         return digests[0], digests[1]
 

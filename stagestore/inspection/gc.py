@@ -43,7 +43,7 @@ def forget(store: Store, run_ids: Iterable[str]) -> ForgetReport:
             for run_id in run_ids:
                 with owner_locked(store.layout, run_owner(run_id), f"run {run_id!r}"):
                     store.manifests.delete_run(run_id, run_owner(run_id))
-            store.cache.rebuild(CACHE_OWNER)
+            store.cache.rebuild(CACHE_OWNER, fill_missing=False)
         finally:
             lock.release()
     return ForgetReport(forgotten=run_ids)

@@ -21,7 +21,7 @@ from ..pipeline.model import item_stages
 from ..store.hashing import EMPTY_DIGEST, hash_file
 from ..store.layout import StoreLayout, run_owner
 from ..store.locking import owner_is_live, store_lock
-from ..store.manifests import Location, cache_key
+from ..store.manifests import Location, cache_key, indexed
 from ..store.objects import OBJECT_MODE
 from ..store.store import Store
 from ..store.trees import read_tree
@@ -67,6 +67,8 @@ class Verifier:
         # (run, item, stage) -> cache key of each manifest read (None: not succeeded), so the
         # cache index is checked without reading every manifest twice.
         self.keys: dict[Location, str | None] = {}
+        # cache key -> where a manifest the index should hold it for is (the first met)
+        self.indexed: dict[str, Location] = {}
 
     def find(self, kind: str, severity: str, message: str, **where: str | None) -> None:
         self.findings.append(Finding(kind=kind, severity=severity, message=message, **where))  # type: ignore[arg-type]
@@ -143,6 +145,9 @@ class Verifier:
         for stage, manifest in loaded.items():
             self.keys[(run_id, item, stage)] = cache_key(manifest.input_hash, manifest.config_hash) \
                 if manifest.status == "succeeded" else None
+            if indexed(manifest):
+                self.indexed.setdefault(cache_key(manifest.input_hash, manifest.config_hash),
+                                        (run_id, item, stage))
             self.note_manifest(manifest)
             self.check_upstream(run_id, stage, manifest, loaded, shared, item)
         return loaded
@@ -370,6 +375,15 @@ class Verifier:
             else:
                 self.find("cache_entry_stale", "warning", f"{wrong.problem}; {fix}",
                           path=str(wrong.path), **where)
+        for key in self.store.cache.missing(self.indexed):
+            run_id, item, stage = self.indexed[key]
+            path = self.store.layout.cache_entry_path(key)
+            self.find("cache_entry_missing", "warning", (
+                f"run {run_id}" + (f" item {item!r}" if item is not None else "") + f" stage "
+                f"{stage} has a succeeded result with no cache entry (entries are not fsynced: a "
+                "power loss can lose one), so the stage would execute again; `stagestore recover` "
+                "or `stagestore gc` writes it"), path=str(path), run_id=run_id, item=item,
+                stage=stage)
 
     def check_views(self) -> None:
         """Views are derived state: one that differs from its tree is a warning (the next

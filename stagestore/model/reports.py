@@ -111,7 +111,8 @@ class RecoverReport(Report, kw_only=True):
     actions: list[RecoverAction]
     runs: list[RunReport]
     unresolved: list[str]
-    cache_entries_rebuilt: int = 0  # stale entries pointed at another run with the same result
+    # stale entries pointed at another run with the same result, and missing ones written
+    cache_entries_rebuilt: int = 0
     cache_entries_removed: int = 0  # stale entries no run's manifest could replace
 
 

@@ -260,6 +260,11 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             pass
 
     if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            _remove_tree(os.fspath(path))
+            return
+        except OSError:
+            pass  # a read-only folder, or a folder swapped for a symlink: the careful way
         import shutil  # here: it imports bz2 and lzma, which a no-op run never needs
 
         if sys.version_info >= (3, 12):
@@ -271,6 +276,37 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _remove_tree(path: str) -> None:
+    """The fast way for `rmtree` (an attempt folder: a handful of entries, thousands of times
+    a run): through folder descriptors opened without following symlinks, so a folder swapped
+    for a symlink meanwhile fails (ELOOP) instead of being followed.  Any error leaves the rest
+    to `shutil.rmtree`."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        _remove_children(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _remove_children(fd: int) -> None:
+    with os.scandir(fd) as entries:
+        found = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in found:
+        if not is_dir:
+            os.unlink(name, dir_fd=fd)
+            continue
+        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        try:
+            _remove_children(child)
+        finally:
+            os.close(child)
+        os.rmdir(name, dir_fd=fd)
 
 
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,

@@ -14,7 +14,7 @@ import errno
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -472,6 +472,13 @@ def output_hash(outputs: dict) -> str:
     return digest_canonical(sorted((name, ref.hash) for name, ref in outputs.items()))
 
 
+def indexed(manifest: StageManifest) -> bool:
+    """Whether the cache index should hold the manifest's key: a succeeded result that was
+    executed (it has attempts) or reused (`cached_from`).  A passthrough stage's, which costs
+    nothing to redo, never gets an entry."""
+    return manifest.status == "succeeded" and (bool(manifest.logs) or manifest.cached_from is not None)
+
+
 def cache_key(input_hash: str, config_hash: str) -> str:
     return digest_canonical(["stagestore-cache-key", input_hash, config_hash])
 
@@ -488,9 +495,10 @@ class CacheIndex:
             return
         path = self.layout.cache_entry_path(cache_key(manifest.input_hash, manifest.config_hash))
         durable.makedirs(path.parent)
-        entry = CacheEntry(run_id=manifest.run_id, item=manifest.item, stage=manifest.stage,
-                           input_hash=manifest.input_hash, config_hash=manifest.config_hash)
-        durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))
+        # Not synced: the index is derived (docs/format.md, invariant 11).  After a power loss an
+        # entry may be missing, torn or older, which a lookup takes as a miss and `recover`
+        # rebuilds from the manifests.  Its two fsyncs were a tenth of an item run's time.
+        self._write(manifest, path, owner, sync=False)
 
     def lookup(self, input_hash: str, config_hash: str) -> StageManifest | None:
         """A succeeded manifest with these keys, or None; a stale entry is a miss."""
@@ -596,20 +604,46 @@ class CacheIndex:
                 best[key] = (rank, manifest)
         return {key: manifest for key, (_, manifest) in best.items()}
 
-    def rebuild(self, owner: str, *, dry_run: bool = False, lock_work: bool = True) -> CacheRebuild:
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys, of those given, with no entry file: a power loss can lose an entry whose
+        manifest is durable, since entries are not fsynced (invariant 11)."""
+        return sorted(key for key in set(keys)
+                      if not os.path.lexists(self.layout.cache_entry_path(key)))
+
+    def rebuild(self, owner: str, *, dry_run: bool = False, lock_work: bool = True,
+                fill_missing: bool = True) -> CacheRebuild:
         """Point each stale entry at the best run holding a succeeded manifest with its key
-        (`results`), or remove it when none does.  The caller holds `owner`'s lock (its temps
+        (`results`), or remove it when none does; with `fill_missing`, write the entries that
+        are missing (`forget`, which only removes manifests, leaves none missing).  The caller holds `owner`'s lock (its temps
         are written under that name).  With `lock_work`, each entry is checked again and
         rewritten under its key's work lock, which a run holds from executing a stage to
         writing its manifest, so an entry a run has just written is never undone; an entry
         whose work lock is busy is left to that run.  gc holds the store lock exclusively and
         needs none."""
         stale = self.stale()
-        if not stale:
+        results = self.results() if stale or fill_missing else {}
+        missing = self.missing(k for k, m in results.items() if indexed(m)) if fill_missing else []
+        if not stale and not missing:
             return CacheRebuild(0, 0)
-        results = self.results()
         rebuilt = removed = 0
         touched: set[Path] = set()
+        for key in missing:
+            if dry_run:
+                rebuilt += 1
+                continue
+            lock = OwnerLock(self.layout, "work-" + digest_hex(key)) if lock_work else None
+            if lock is not None and not lock.try_acquire():
+                continue  # a run is executing that stage: it writes the entry itself
+            try:
+                path = self.layout.cache_entry_path(key)
+                if os.path.lexists(path) or not self._holds(results[key], key):
+                    continue
+                durable.makedirs(path.parent)
+                self._write(results[key], path, owner)
+                rebuilt += 1
+            finally:
+                if lock is not None:
+                    lock.release()
         for wrong in stale:
             replacement = results.get(wrong.key) if wrong.key is not None else None
             if dry_run:
@@ -646,10 +680,11 @@ class CacheIndex:
             return False
         return now.status == "succeeded" and cache_key(now.input_hash, now.config_hash) == key
 
-    def _write(self, manifest: StageManifest, path: Path, owner: str) -> None:
+    def _write(self, manifest: StageManifest, path: Path, owner: str, *, sync: bool = True) -> None:
         entry = CacheEntry(run_id=manifest.run_id, item=manifest.item, stage=manifest.stage,
                            input_hash=manifest.input_hash, config_hash=manifest.config_hash)
-        durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"))
+        durable.write_file_atomic(path, encode_record(entry), self.layout.new_tmp_path(owner, "cache"),
+                                  sync=sync)
 
 
 CACHE_OWNER = "forget"

@@ -135,6 +135,9 @@ class ObjectStore:
         self.stat_cache = stat_cache
         self._objects = str(layout.objects)
         self._shards: set[str] = set()  # shard folders known to exist durably
+        # Objects this process found present and made the entries of durable (`put_bytes`):
+        # the empty object every attempt with a silent stdout or stderr names, chiefly.
+        self._confirmed: set[str] = set()
 
     def path(self, digest: str) -> Path:
         return self.layout.object_path(digest)
@@ -160,10 +163,13 @@ class ObjectStore:
         """Store `data`; returns its digest.  Durable once `batch` is flushed (now if None)."""
         digest = digest_bytes(data)
         path = self.path(digest)
+        if digest in self._confirmed:
+            return digest
         if path.is_file() and path.stat().st_size == len(data):
             # Another process may have renamed it into place and died before syncing the
-            # folder: sync it again before anything of ours names it.
-            self._synced(path.parent, batch)
+            # folder: sync it again before anything of ours names it (once per process).
+            durable.fsync_dir(path.parent)
+            self._confirmed.add(digest)
             return digest
         target = self._shard(digest)
         tmp = self.layout.new_tmp_path(owner, "object")
@@ -432,7 +438,12 @@ class ObjectStore:
                 yield (PREFIX + hexdigest if ok else None), entry.path
 
     def delete(self, digest: str) -> bool:
+        self.forget_confirmed(digest)
         return durable.unlink(self.path(digest))
+
+    def forget_confirmed(self, digest: str) -> None:
+        """The object is about to go (gc, recover): `put_bytes` must look for it again."""
+        self._confirmed.discard(digest)
 
     @staticmethod
     def _synced(folder: Path, batch: SyncBatch | None) -> None:
