@@ -115,6 +115,14 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     hint = "run a pipeline first, or open the store by its folder (or set STAGESTORE_STORE)"
 
 
+class StoreNeedsRecoverError(StoreError):
+    """The machine stopped (a power loss, a crash, a reboot) while a run had writes that were
+    not yet durable: the newest objects may be damaged, and only `recover`, which re-hashes
+    every object, may use the store until it has checked them."""
+
+    hint = "run `stagestore recover`: it re-hashes every object and removes the damaged ones"
+
+
 class FormatVersionError(StoreError):
     """A record or store was written by a newer stagestore than this one."""
 

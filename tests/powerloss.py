@@ -282,7 +282,9 @@ class Recording:
         self.ops.append((op, rel if rel is not None else path, rel_src if src is not None else None))
         self.marks.append(len(self.events))
         self.events.append(("mark", self._op, op, rel, rel_src))
-        if rel is None or rel == "" or rel.split("/")[0] in _MODEL_SKIP:
+        if op == "syncfs" and rel == "":
+            pass  # syncfs of the store's root (the item log's group commit): the whole store
+        elif rel is None or rel == "" or rel.split("/")[0] in _MODEL_SKIP:
             return  # outside the store: not modelled
         disk = self.root / rel
         if op in ("create", "mkdir"):

@@ -11,6 +11,7 @@ import msgspec
 
 from stagestore.inspection.gc import gc
 from stagestore.store.store import Store
+from stagestore.store.layout import FORMAT_VERSION
 from stagestore.inspection.verify import verify
 
 SLOW = """
@@ -197,10 +198,10 @@ def test_a_format_1_store_is_upgraded_by_the_first_store_lock(tmp_path):
     with store_lock(store.layout, exclusive=False):
         pass
     assert msgspec.json.decode((tmp_path / "store" / "stagestore.json").read_bytes()) == {
-        "format": "stagestore", "version": 3}  # and on to format 3 (the item log)
-    assert store.layout.format_version == 3
+        "format": "stagestore", "version": FORMAT_VERSION}  # and on to the current format
+    assert store.layout.format_version == FORMAT_VERSION
     assert sorted(os.listdir(tmp_path / "store" / "tmp")) == []
-    assert Store.open(tmp_path / "store").layout.format_version == 3
+    assert Store.open(tmp_path / "store").layout.format_version == FORMAT_VERSION
 
 
 def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path, monkeypatch):
@@ -222,4 +223,4 @@ def test_a_format_1_store_in_use_by_an_older_stagestore_is_not_upgraded(tmp_path
     assert b'"version":1' in (tmp_path / "store" / "stagestore.json").read_bytes()
     with locking.store_lock(store.layout, exclusive=False):  # it has finished
         pass
-    assert store.layout.format_version == 3
+    assert store.layout.format_version == FORMAT_VERSION

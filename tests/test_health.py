@@ -14,6 +14,7 @@ from conftest import STEPS, Workspace
 from stagestore.inspection import doctor as health
 from stagestore.inspection.doctor import doctor
 from stagestore.store.locking import OwnerLock
+from stagestore.store.layout import FORMAT_VERSION
 from stagestore.inspection.gc import gc
 from stagestore.model.records import (ArtifactRef, Failure, PipelineRef, StageManifest,
                                       encode_record)
@@ -93,7 +94,7 @@ def test_doctor_on_a_healthy_store_is_all_ok_and_exits_0(ran):
     _clean_cli(res)
     lines = _doctor_lines(res.stdout)
     assert list(lines) == CHECKS
-    assert lines["format"] == ("ok", "store format version 3")
+    assert lines["format"] == ("ok", f"store format version {FORMAT_VERSION}")
     for name in ("locks", "temps", "runs"):
         assert lines[name][0] == "ok", lines[name]
     assert lines["free_disk"][0] != "problem"  # depends on this machine's disk

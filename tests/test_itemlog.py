@@ -23,7 +23,7 @@ from stagestore.errors import RunBusyError
 from stagestore.execution.runner import run
 from stagestore.inspection.recover import recover
 from stagestore.inspection.verify import verify
-from stagestore.store.layout import item_dirname
+from stagestore.store.layout import FORMAT_VERSION, item_dirname
 from stagestore.store.store import Store
 
 THREE = """
@@ -233,7 +233,7 @@ def test_a_format_2_store_is_read_as_it_is_then_upgraded_and_both_layouts_are_re
 
     report = verify(store)  # the first store lock upgrades the store
     assert report.ok and not report.warnings, report.warnings
-    assert json.loads(store.layout.format_file.read_text())["version"] == 3
+    assert json.loads(store.layout.format_file.read_text())["version"] == FORMAT_VERSION
 
     # A new run reuses the format-2 run's results (the cache entries name its item files).
     new = run(ws.load(), ws.open_store(), run_id="new", items=items)
@@ -278,7 +278,7 @@ def test_a_format_2_store_in_use_by_an_older_stagestore_is_not_upgraded(ws, monk
         os.close(fd)
     assert b'"version":2' in store.layout.format_file.read_bytes()
     assert verify(store).ok
-    assert store.layout.format_version == 3
+    assert store.layout.format_version == FORMAT_VERSION
 
 
 # --- scale ---------------------------------------------------------------------------------------

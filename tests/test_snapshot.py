@@ -23,6 +23,7 @@ import pytest
 from stagestore.execution.runner import run
 from stagestore.store import durable
 from stagestore.store import objects as objects_module
+from stagestore.store.layout import FORMAT_VERSION
 from stagestore.store.statcache import RACY_NS
 
 FOLDERS = 100
@@ -252,7 +253,7 @@ def test_a_format_2_store_is_upgraded_and_its_flat_trees_still_read(ws):
     store = Store.open(ws.store)
     with store_lock(store.layout, exclusive=False):
         pass
-    assert msgspec.json.decode((ws.store / "stagestore.json").read_bytes())["version"] == 3
+    assert msgspec.json.decode((ws.store / "stagestore.json").read_bytes())["version"] == FORMAT_VERSION
     assert not (ws.store / "stat-cache.json").exists()
     empty = store.objects.put_bytes(b"", "test")
     assert empty == EMPTY_DIGEST

@@ -413,3 +413,36 @@ def test_rmtree_removes_what_a_stage_leaves_and_never_follows_a_symlink(tmp_path
     durable.rmtree(folder)
     assert not folder.exists()
     assert (outside / "keep.txt").read_text() == "keep"
+
+
+def test_objects_found_present_cost_one_syncfs_per_process_not_a_folder_fsync_each(tmp_path, monkeypatch):
+    # An object found present may have been renamed in by a process that died before it
+    # fsynced the folder.  Once this process has completed a syncfs, every object whose ctime
+    # is older than that syncfs's start (by the margin) has a durable entry: no fsync for it.
+    import time
+
+    import stagestore.store.objects as objects_module
+    from stagestore.store import durable
+
+    if not durable.syncfs(tmp_path):
+        pytest.skip("no syncfs(2) here: every present object costs its folder's fsync")
+    created = Store.create(tmp_path / "store")
+    old = [created.objects.put_bytes(b"old %d" % k, "t") for k in range(3)]
+    monkeypatch.setattr(objects_module, "SYNCED_MARGIN_NS", 20_000_000)  # 20 ms, not 2 s
+    time.sleep(0.05)
+    store = Store.open(tmp_path / "store")  # a fresh process's view: nothing confirmed yet
+    ops: list[tuple[str, str]] = []
+    previous = durable.set_recorder(lambda op, path, src: ops.append((op, path)))
+    try:
+        for k, digest in enumerate(old):
+            assert store.objects.put_bytes(b"old %d" % k, "t") == digest
+        assert [op for op, _ in ops] == ["syncfs"]
+        ops.clear()
+        # Put in place after that syncfs (here by another store object, as another process
+        # would): its entry may not be durable, so its folder is fsynced once.
+        fresh = created.objects.put_bytes(b"fresh", "t")
+        ops.clear()
+        assert store.objects.put_bytes(b"fresh", "t") == fresh
+        assert [op for op, _ in ops] == ["fsync_dir"]
+    finally:
+        durable.set_recorder(previous)

@@ -433,7 +433,8 @@ class Attempt:
                 self._leases.pop()[1].release()
         finally:
             if self.folder.exists():
-                durable.rmtree(self.folder)
+                # Done on the remover thread; the run waits for it at its end.
+                durable.remove_later(self.folder)
 
 
 def _read_tail(path: Path, limit: int) -> str:
@@ -459,10 +460,12 @@ def _fingerprint(path: Path) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_mode, st.st_ctime_ns
 
 
-def run_attempt(**kwargs) -> AttemptResult:  # noqa: ANN003
-    """Run one attempt in a fresh temp folder and always remove the folder afterwards."""
+def run_attempt(*, deferral: durable.Deferral | None = None, **kwargs) -> AttemptResult:  # noqa: ANN003
+    """Run one attempt in a fresh temp folder and always remove the folder afterwards.  With a
+    `deferral` (an item stage: store/unsynced.py), what it stores is not fsynced here but by
+    the item log's group commit."""
     attempt = Attempt(**kwargs)
-    batch = SyncBatch()
+    batch = SyncBatch(deferral)
     try:
         result = attempt.execute(batch)
         batch.flush()

@@ -36,6 +36,7 @@ from ..model.reports import ItemReport, PushReport, RunEvent, RunReport, StageRe
 from ..pipeline.model import Pipeline, item_stages, stage_input_paths
 from ..pipeline.syntax import placeholders, render_item_path
 from ..store.layout import run_owner, validate_name
+from ..store import durable, unsynced
 from ..store.locking import owner_locked, store_lock
 from ..store.objects import SyncBatch
 from ..store.store import Store
@@ -90,6 +91,7 @@ def run(pipeline: Pipeline, store: Store, *, run_id: str | None = None,
     with scheduler.session(store.root, pipeline.workdir, jobs=jobs, remote=transfer is not None), \
             store_lock(store.layout, exclusive=False), \
             owner_locked(store.layout, owner, f"run {run_id!r}"):
+        unsynced.check(store.layout)  # a power loss during a run's deferred writes: recover first
         record = _open_or_start_run(pipeline, store, run_id, selected, owner, items or [],
                                     execution)
         try:
@@ -298,7 +300,11 @@ class Execution:
         finally:
             # This process's segment of the run's item log: synced and let go of, also when
             # the run stops early (what it appended is kept; recover takes it from there).
-            self.store.manifests.close_items(self.record.run_id)
+            try:
+                self.store.manifests.close_items(self.record.run_id)
+                unsynced.close(self.store.layout, self.owner)
+            finally:
+                durable.drain_removals()  # the attempt folders: tmp/ is clean when a run returns
 
     def _end(self, reports: dict[str, StageReport], items: list[ItemReport]) -> RunReport:
         ordered = [reports[s] for s in self.shared]
@@ -574,8 +580,10 @@ class Execution:
 
     def _snapshot_item(self, item: str) -> dict[str, dict[str, ArtifactRef]]:
         """The item's own inputs (paths with `{item}`), stored as it starts.  One that does not
-        exist is left out; the stage that needs it fails with InputMissingFailure."""
-        batch = SyncBatch()
+        exist is left out; the stage that needs it fails with InputMissingFailure.  Not
+        fsynced here: the item record naming them is appended to the item log, whose group
+        commit makes them durable first (store/unsynced.py)."""
+        batch = SyncBatch(unsynced.begin(self.store.layout, self.owner))
         result: dict[str, dict[str, ArtifactRef]] = {}
         for stage in self.item_order:
             refs = {}

@@ -34,6 +34,7 @@ from ..pipeline.keys import config_hash, input_hash, input_key
 from ..pipeline.model import CODE_INPUT, code_path
 from ..model.sizes import parse_size
 from ..pipeline.syntax import render_item_path
+from ..store import unsynced
 from ..store.locking import OwnerLock
 from ..store.manifests import cache_key, output_hash
 from ..store.store import Store
@@ -322,6 +323,7 @@ class StageWork:
         for number in range(1, attempts + 1):
             folder = self.store.layout.new_tmp_path(self.owner, f"{c.stage}.{number}")
             result = executor.run_attempt(
+                deferral=unsynced.begin(self.store.layout, self.owner) if c.item is not None else None,
                 objects=self.store.objects, owner=self.owner, folder=folder, workdir=self.workdir,
                 run_id=self.record.run_id, stage=c.stage, spec=c.spec, inputs=c.inputs,
                 number=number, item=c.item, sampling=self.sampling, stop=self.stop,

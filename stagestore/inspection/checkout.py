@@ -21,8 +21,10 @@ def checkout(store: Store, run_id: str, stage: str, dest: str | os.PathLike[str]
              item: str | None = None) -> list[str]:
     """Materialise each output of (run, stage[, item]) as `dest/NAME`; returns the paths
     written.  A degraded stage's outputs (those of the run it fell back to) are checked out."""
+    from ..store import unsynced
     from .status import show_stage
 
+    unsynced.check(store.layout)  # a power loss may have damaged the newest objects
     manifest = show_stage(store, run_id, stage, item)
     if manifest.status == "failed":
         where = f"run {run_id} stage {stage}" + (f" item {item!r}" if item is not None else "")

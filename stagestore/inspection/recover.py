@@ -30,10 +30,10 @@ from ..model.records import ArtifactRef, RunRecord, StageManifest
 from ..model.reports import RecoverAction, RecoverReport, RunReport
 from ..pipeline.model import CODE_INPUT, code_path, item_stages
 from ..pipeline.syntax import render_item_path
-from ..store import durable
+from ..store import durable, unsynced
 from ..store.hashing import hash_file
-from ..store.layout import StoreLayout, run_owner
-from ..store.locking import OwnerLock, owner_locked, store_lock
+from ..store.layout import TMP_SEP, StoreLayout, run_owner
+from ..store.locking import OwnerLock, owner_is_live, owner_locked, store_lock
 from ..store.manifests import CACHE_OWNER, CacheRebuild
 from ..store.objects import SyncBatch
 from ..store.store import Store
@@ -61,6 +61,7 @@ def recover(store: Store, *, run_id: str | None = None, dry_run: bool = False, j
         findings = Verifier(store, [], hash_progress, cache_index=False).run()
         plan.remove_corrupt_objects({f.object for f in findings.problems
                                      if f.kind == "object_corrupt" and f.object})
+        plan.remove_unsynced_markers()
         plan.repair_views({f.object for f in findings.warnings
                            if f.kind == "view_damaged" and f.object})
         for rid in [run_id] if run_id else store.manifests.runs():
@@ -117,8 +118,22 @@ class _Recovery:
         if (by_owner or mine) and not self.dry_run:
             durable.fsync_dir(self.layout.tmp)
 
+    def remove_unsynced_markers(self) -> None:
+        """Every object has been re-hashed and the damaged ones removed: the markers of writers
+        that died with deferred writes (store/unsynced.py) have done their work."""
+        for entry in unsynced.markers(self.layout):
+            owner = StoreLayout.tmp_owner(entry.name)
+            if owner is not None and owner != RECOVER_OWNER and owner_is_live(self.layout, owner):
+                continue
+            self.act("remove_temp", f"removed orphaned temp {entry.name}",
+                     f"would remove orphaned temp {entry.name}", path=entry.path)
+        if not self.dry_run:
+            unsynced.remove_dead(self.layout)
+
     def _remove_temps(self, entries: list[os.DirEntry]) -> None:
         for entry in entries:
+            if entry.name.endswith(TMP_SEP + unsynced.LABEL):
+                continue  # a marker goes once the objects are checked: remove_unsynced_markers
             self.act("remove_temp", f"removed orphaned temp {entry.name}",
                      f"would remove orphaned temp {entry.name}", path=entry.path)
             if not self.dry_run:
@@ -394,12 +409,15 @@ class _Recovery:
             except StagestoreError as exc:
                 self.unresolved.append(f"run {record.run_id} item {item!r}: {exc.message}")
                 return None
+            # An item's snapshots are written without fsync (store/unsynced.py): after a power
+            # loss its record can survive while they did not, whether it ended or not.
+            if item_record is not None and \
+                    not self._restore_snapshots(record, item_record.inputs, item):
+                return None
             if item_record is None or item_record.status == "running":
                 if record.finished_at is None and record.systemic is None:
                     redo.append(item)  # not an aborted run's: it is continued
                 continue
-            if not self._restore_snapshots(record, item_record.inputs, item):
-                return None
             before = len(self.actions)
             if self._stages_to_redo(record, item, self._shared) is None:
                 return None

@@ -672,8 +672,11 @@ def push(store: Store, run_ids: Iterable[str] = (), *, remote: str | None = None
     from ..store.locking import store_lock
     from .remotes import open_remote
 
+    from ..store import unsynced
+
     spec, storage = open_remote(store.layout, remote)
     with store_lock(store.layout, exclusive=False):  # gc waits: no object vanishes meanwhile
+        unsynced.check(store.layout)  # never upload an object a power loss may have damaged
         return Transfer(store, spec.name, storage, jobs=jobs).push(list(run_ids))
 
 

@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,51 @@ def syncfs(path: str | os.PathLike[str]) -> bool:
 
 
 _SYNCFS: list[Any] = []
+
+
+def syncfs_available() -> bool:
+    return _syncfs_function() is not None
+
+
+class Deferral:
+    """Writes to one filesystem whose fsyncs are left to one later `syncfs` (docs/format.md,
+    rule 18): the objects, folder entries and cache entries of item stages, made durable by
+    the item log's group commit just before it would fsync its segment.  `note` counts a
+    deferred write; `sync` makes every write noted before it durable."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def note(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    @property
+    def pending(self) -> bool:
+        return self._pending > 0
+
+    def sync(self) -> bool:
+        """One `syncfs` if anything was deferred since the last; whether it made one."""
+        with self._lock:
+            count = self._pending
+        if not count:
+            return False
+        if not syncfs(self.path):  # cannot happen: a Deferral exists only where syncfs does
+            raise OSError(errno.ENOSYS, "syncfs is not available", self.path)
+        with self._lock:
+            self._pending -= count
+        return True
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), which a power loss or reboot changes; None elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _syncfs_function() -> Any:
@@ -248,6 +294,10 @@ def write_temp(path: str | os.PathLike[str], data: bytes) -> None:
 def rmtree(path: str | os.PathLike[str]) -> None:
     """Remove a folder tree, including read-only folders a stage may have left in it."""
     _op("rmtree", path)
+    _rmtree_now(path)
+
+
+def _rmtree_now(path: str | os.PathLike[str]) -> None:
 
     def make_writable_and_retry(func, failed_path, exc_info):  # noqa: ANN001
         parent = os.path.dirname(failed_path)
@@ -276,6 +326,64 @@ def rmtree(path: str | os.PathLike[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+class _Remover:
+    """Attempt folders removed on a thread of their own (`remove_later`): on an item run their
+    removal was a fifth of the time, and nothing waits for it but the run's end (`drain`)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: list[str] = []
+        self._busy = 0
+        self._thread: threading.Thread | None = None
+
+    def put(self, path: str) -> None:
+        with self._cond:
+            self._queue.append(path)
+            self._busy += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="remover")
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if not self._cond.wait(timeout=5.0) and not self._queue:
+                        self._thread = None
+                        return
+                path = self._queue.pop(0)
+            try:
+                _rmtree_now(path)
+            except OSError:
+                pass  # left as an orphan temp: `verify` reports it once the run has ended, and
+                # `recover` removes it, as after a crash
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def drain(self) -> None:
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
+
+_REMOVER = _Remover()
+
+
+def remove_later(path: str | os.PathLike[str]) -> None:
+    """`rmtree` on the remover thread: announced to the seam now, done soon; `drain_removals`
+    waits for it.  For temps nothing else names (an attempt folder)."""
+    _op("rmtree", path)
+    _REMOVER.put(os.fspath(path))
+
+
+def drain_removals() -> None:
+    """Wait until every `remove_later` of this process is done (a run's end)."""
+    _REMOVER.drain()
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

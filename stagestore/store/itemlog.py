@@ -337,7 +337,10 @@ class SegmentWriter:
     when `SYNC_RECORDS` are pending, `SYNC_AFTER_S` after the oldest pending one was appended
     (the flusher thread), or when `sync` is called."""
 
-    def __init__(self, run_dir: Path, log: RunLog, owner_tmp: Path) -> None:
+    def __init__(self, run_dir: Path, log: RunLog, owner_tmp: Path,
+                 deferral: durable.Deferral | None = None) -> None:
+        # The store's deferred writes (store/unsynced.py): synced with the group, before it.
+        self.deferral = deferral
         self.name = segment_name()
         self.path = run_dir / self.name
         self.log = log
@@ -403,7 +406,11 @@ class SegmentWriter:
             with self._lock:
                 target, count = self.end, self.pending
             if target > self.synced:
-                durable.fsync_fd(self.fd, self.path)
+                # The objects and cache entries that item stages wrote without fsync (rule 18)
+                # were written before the records that name them: one syncfs makes all of them,
+                # and this segment up to `target`, durable; else the segment's own fsync.
+                if self.deferral is None or not self.deferral.sync():
+                    durable.fsync_fd(self.fd, self.path)
                 with self._lock:
                     self.synced = target
                     self.pending -= count
@@ -467,13 +474,14 @@ _WRITERS: dict[tuple[str, str], SegmentWriter] = {}
 _WRITERS_LOCK = threading.Lock()
 
 
-def writer(root: Path, run_id: str, run_dir: Path, log: RunLog, tmp: Path) -> SegmentWriter:
+def writer(root: Path, run_id: str, run_dir: Path, log: RunLog, tmp: Path,
+           deferral: durable.Deferral | None = None) -> SegmentWriter:
     key = (str(root), run_id)
     with _WRITERS_LOCK:
         found = _WRITERS.get(key)
         if found is not None and found.alive():
             return found  # also for another Store object of this process: one segment
-        made = SegmentWriter(run_dir, log, tmp)
+        made = SegmentWriter(run_dir, log, tmp, deferral)
         _WRITERS[key] = made
         return made
 

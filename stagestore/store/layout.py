@@ -16,7 +16,7 @@ from ..errors import InvalidNameError
 from .hashing import digest_hex
 
 FORMAT_NAME = "stagestore"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version 2 replaced version 1's SQLite store lock (`locks/store.db`) with `flock` files;
 version 3 records the items of a run in its item log (`runs/<run_id>/_items.<hex>.log`);
 docs/format.md, "Versions and changes"."""

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import msgspec
 
 from ..errors import RunBusyError
-from .layout import StoreLayout
+from .layout import FORMAT_VERSION, StoreLayout
 
 
 class OwnerLock:
@@ -111,13 +111,13 @@ def store_lock(layout: StoreLayout, *, exclusive: bool, timeout: float = -1) -> 
     `gc` holds off runs started after it, and a stream of runs cannot starve it.
 
     `timeout` is in seconds; -1 waits without limit.  Raises `RunBusyError` when it runs out.
-    A format-1 store is upgraded to format 2 first (`upgrade_store_lock`), and a format-2
-    store to format 3 (`upgrade_format_3`).
+    A format-1 store is upgraded to format 2 first (`upgrade_store_lock`), and a format-2 or
+    format-3 store to this stagestore's format (`upgrade_format`).
     """
     if layout.format_version < 2:
         upgrade_store_lock(layout)
-    if layout.format_version < 3:
-        upgrade_format_3(layout)
+    if layout.format_version < FORMAT_VERSION:
+        upgrade_format(layout)
     gate = _open_lock_file(layout.store_gate)
     hold: int | None = None
     try:
@@ -200,17 +200,20 @@ def upgrade_store_lock(layout: StoreLayout) -> None:
     layout.format_version = 2
 
 
-def upgrade_format_3(layout: StoreLayout) -> None:
-    """Move a format-2 store to format 3 (docs/format.md, "Versions and changes"): runs record
-    their items in an item log, folders are trees of trees, the stat cache is one record per
-    folder, and trees have shared views.  Nothing is rewritten: `stat-cache.json` is deleted
-    (derived) and the format file says 3.
+def upgrade_format(layout: StoreLayout) -> None:
+    """Move a format-2 or format-3 store to `FORMAT_VERSION` (docs/format.md, "Versions and
+    changes").  Format 3: runs record their items in an item log, folders are trees of trees,
+    the stat cache is one record per folder, and trees have shared views.  Format 4: item
+    stages defer their fsyncs to the item log's group commit, guarded by `unsynced` markers
+    that an older stagestore would not honour.  Nothing is rewritten: `stat-cache.json` is
+    deleted (derived, format 2 only) and the format file says the new version.
 
-    Under the store lock held exclusive (both formats take the same `flock`), no format-2
+    Under the store lock held exclusive (every format takes the same `flock`), no older
     process is running, recovering, verifying, forgetting or collecting in the store; once
-    `stagestore.json` says 3, every format-2 stagestore refuses the store, so none can
-    misread a run's item log (a format-2 `gc` would take its objects for garbage).  Raises
-    `RunBusyError` when a format-2 process holds the store lock past `LEGACY_LOCK_WAIT`.
+    `stagestore.json` says the new version, every older stagestore refuses the store, so none
+    can misread a run's item log (a format-2 `gc` would take its objects for garbage) or trust
+    an object a power loss damaged.  Raises `RunBusyError` when an older process holds the
+    store lock past `LEGACY_LOCK_WAIT`.
     """
     from . import durable
     from ..model.records import STORE_FORMAT_DECODER, StoreFormat
@@ -218,7 +221,7 @@ def upgrade_format_3(layout: StoreLayout) -> None:
     def on_disk() -> int:
         return STORE_FORMAT_DECODER.decode(layout.format_file.read_bytes()).version
 
-    if (version := on_disk()) >= 3:  # another process upgraded it meanwhile
+    if (version := on_disk()) >= FORMAT_VERSION:  # another process upgraded it meanwhile
         layout.format_version = version
         return
     gate = _open_lock_file(layout.store_gate)
@@ -230,25 +233,27 @@ def upgrade_format_3(layout: StoreLayout) -> None:
             hold = _open_lock_file(layout.store_lock)
             _flock(hold, fcntl.LOCK_EX, deadline, True)
         except RunBusyError:
-            if (version := on_disk()) >= 3:
+            if (version := on_disk()) >= FORMAT_VERSION:
                 layout.format_version = version
                 return
             raise RunBusyError(
-                f"store {layout.root} is in use by an older stagestore (store format 2); it is "
-                "upgraded to format 3 once no such process is running",
-                hint="wait for that process to finish, then try again") from None
+                f"store {layout.root} is in use by an older stagestore (store format "
+                f"{version}); it is upgraded to format {FORMAT_VERSION} once no such process "
+                "is running", hint="wait for that process to finish, then try again") from None
         with owner_locked(layout, "init", "the store's format file"):
-            if on_disk() < 3:
+            if (version := on_disk()) < FORMAT_VERSION:
                 # Format 2's stat cache was one JSON file; format 3 keeps one record per folder
                 # (stat-cache/).  It is derived: deleted, not converted (a re-hash is all it
                 # costs).  A crash before the format file says 3 leaves a format-2 store
                 # without it, which the next store lock upgrades again.
-                durable.unlink(layout.legacy_stat_cache)
+                if version < 3:
+                    durable.unlink(layout.legacy_stat_cache)
                 durable.write_file_atomic(
-                    layout.format_file, msgspec.json.encode(StoreFormat(version=3)) + b"\n",
+                    layout.format_file,
+                    msgspec.json.encode(StoreFormat(version=FORMAT_VERSION)) + b"\n",
                     layout.new_tmp_path("init", "format"))
     finally:
         for fd in (hold, gate):
             if fd is not None:
                 os.close(fd)
-    layout.format_version = 3
+    layout.format_version = FORMAT_VERSION

@@ -22,7 +22,7 @@ from ..errors import (CorruptRecordError, FormatVersionError, InvalidNameError, 
                       StagestoreError)
 from ..model.records import (CacheEntry, ItemRecord, RunRecord, StageManifest, decode_record,
                              encode_record)
-from . import durable, itemlog
+from . import durable, itemlog, unsynced
 from .hashing import PREFIX, digest_canonical, digest_hex, is_digest
 from .layout import ITEMS_DIR, StoreLayout, item_dirname, item_id, run_owner, validate_name
 from .locking import OwnerLock, owner_is_live
@@ -66,7 +66,8 @@ class ManifestStore:
                 if log is None:
                     log = self._logs[run_id] = itemlog.RunLog(self.layout.run_dir(run_id))
             writer = itemlog.writer(self.layout.root, run_id, self.layout.run_dir(run_id), log,
-                                    self.layout.new_tmp_path(owner, "itemlog"))
+                                    self.layout.new_tmp_path(owner, "itemlog"),
+                                    unsynced.deferral(self.layout))
         writer.append(kind, item, stage, data)
         return writer.path
 

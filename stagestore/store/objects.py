@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,10 @@ _HEX64 = re.compile("[0-9a-f]{64}")  # a well-formed object name: shard + rest
 # From this many files on, a folder output is synced with one `syncfs` instead of an fsync per
 # file (measured here: 32 fsyncs take about 10 ms, a syncfs of a quiet filesystem about 1 ms).
 SYNCFS_MIN_FILES = 32
+# An object found present whose ctime is this much older than the start of a `syncfs` this
+# process completed has a durable folder entry (`ObjectStore._entry_durable`).  Far above the
+# coarse clock's tick (at most 10 ms), which a ctime may lag the precise clock by.
+SYNCED_MARGIN_NS = 2_000_000_000
 # From this size on, a downloaded object is fsynced by the thread that received it (`receive`).
 RECEIVE_SYNC_MIN_BYTES = 1 << 20
 # From this size on, a file's fsync overlaps its hashing (`_hash_and_sync`).
@@ -112,18 +117,31 @@ class SyncBatch:
 
     Renaming many objects and then syncing each shard folder once is as durable as syncing after
     every rename, provided nothing refers to the objects until `flush()` returns.
+
+    With a `deferral` (an item stage's writes, store/unsynced.py), nothing is fsynced here: not
+    the objects' bytes, not their folders.  Each write is noted, and the item log's group
+    commit makes all of them durable with one `syncfs` before the records naming them are
+    (docs/format.md, rule 18).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deferral: durable.Deferral | None = None) -> None:
         self._dirs: set[Path] = set()
+        self.deferral = deferral
 
     def add(self, folder: Path) -> None:
+        if self.deferral is not None:
+            self.deferral.note()
+            return
         self._dirs.add(folder)
 
     def flush(self) -> None:
         for folder in sorted(self._dirs):
             durable.fsync_dir(folder)
         self._dirs.clear()
+
+
+def _deferred(batch: SyncBatch | None) -> durable.Deferral | None:
+    return batch.deferral if batch is not None else None
 
 
 class ObjectStore:
@@ -138,6 +156,9 @@ class ObjectStore:
         # Objects this process found present and made the entries of durable (`put_bytes`):
         # the empty object every attempt with a silent stdout or stderr names, chiefly.
         self._confirmed: set[str] = set()
+        # When the first `syncfs` this process made of the store's filesystem started (ns); 0
+        # when there is no syncfs; None before the first need (`_entry_durable`).
+        self._synced_ns: int | None = None
 
     def path(self, digest: str) -> Path:
         return self.layout.object_path(digest)
@@ -159,25 +180,60 @@ class ObjectStore:
         durable.mkdir(target.parent)
         return target
 
+    def _entry_durable(self, st: os.stat_result) -> bool:
+        """Whether an object found present (`st`, its stat) is known to have a durable folder
+        entry, so that naming it needs no fsync of its shard folder.
+
+        An object found present may have been renamed into place by a process that died
+        before it fsynced the folder; an fsync of the folder after that rename makes the entry
+        durable, and so does a `syncfs` of the filesystem.  The rename set the object's ctime
+        (a later hard link or chmod only moves it forward), so an object whose ctime is older
+        than the start of a syncfs this process completed, by `SYNCED_MARGIN_NS`, was in place
+        before that syncfs.  One syncfs, made at the first need, then stands for a folder fsync
+        per object found: on a no-op rerun of 1,000 items, one call instead of 1,000.
+        """
+        if self._synced_ns is None:
+            start = time.time_ns()
+            if st.st_ctime_ns >= start - SYNCED_MARGIN_NS:
+                return False  # too recent for any syncfs of ours to cover: not worth one
+            self._synced_ns = start if durable.syncfs(self._objects) else 0
+        return st.st_ctime_ns < self._synced_ns - SYNCED_MARGIN_NS
+
+    def _present(self, path: str, size: int | None = None) -> os.stat_result | None:
+        """The stat of an object file at `path` (of `size` bytes, when given), else None."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            return None
+        return st
+
     def put_bytes(self, data: bytes, owner: str, batch: SyncBatch | None = None) -> str:
         """Store `data`; returns its digest.  Durable once `batch` is flushed (now if None)."""
         digest = digest_bytes(data)
         path = self.path(digest)
         if digest in self._confirmed:
             return digest
-        if path.is_file() and path.stat().st_size == len(data):
+        st = self._present(str(path), len(data))
+        if st is not None:
             # Another process may have renamed it into place and died before syncing the
             # folder: sync it again before anything of ours names it (once per process).
-            durable.fsync_dir(path.parent)
+            if not self._entry_durable(st):
+                durable.fsync_dir(path.parent)
             self._confirmed.add(digest)
             return digest
         target = self._shard(digest)
         tmp = self.layout.new_tmp_path(owner, "object")
         fd = durable.create_exclusive(tmp, OBJECT_MODE)
+        deferral = _deferred(batch)
         try:
             try:
                 durable.write_all(fd, data, tmp)
-                durable.fsync_fd(fd, tmp)
+                if deferral is None:
+                    durable.fsync_fd(fd, tmp)
+                else:
+                    deferral.note()
             finally:
                 os.close(fd)
             durable.rename(tmp, target)
@@ -258,7 +314,10 @@ class ObjectStore:
                 return self.commit_file(copy, owner, batch)
             finally:
                 _discard(copy)
-        digest = _hash_and_sync(path, st.st_size)
+        deferral = _deferred(batch)
+        digest = _hash_and_sync(path, st.st_size, sync=deferral is None)
+        if deferral is not None:
+            deferral.note()
         # Even when the object exists, the fresh file (whose hash was just computed) replaces
         # it: re-running a stage then repairs an object that was damaged in place.
         target = self._shard(digest)
@@ -286,7 +345,9 @@ class ObjectStore:
             digest = hash_file(path, st.st_size)
             durable.chmod(path, OBJECT_MODE)
             prepared.append((path, digest, st.st_size))
-        if not durable.syncfs(paths[0].parent):
+        if _deferred(batch) is not None:
+            _deferred(batch).note()  # type: ignore[union-attr]
+        elif not durable.syncfs(paths[0].parent):
             for path, _, _ in prepared:
                 durable.fsync_file(path)
         for path, digest, size in prepared:
@@ -323,9 +384,11 @@ class ObjectStore:
                 if digest in new:
                     continue
                 target = self._object_str(digest)
-                if os.path.isfile(target):
-                    # Maybe renamed in by a process that died before syncing its folder.
-                    shards.add(target[:-63])
+                st = self._present(target)
+                if st is not None:
+                    if not self._entry_durable(st):
+                        # Maybe renamed in by a process that died before syncing its folder.
+                        shards.add(target[:-63])
                     continue
                 tmp = f"{tmp_prefix}{os.urandom(8).hex()}{TMP_SEP}snapshot"  # new_tmp_path's
                 fd = durable.create_exclusive(tmp, OBJECT_MODE)
@@ -335,7 +398,9 @@ class ObjectStore:
                 finally:
                     os.close(fd)
                 new.add(digest)
-            if written and (len(written) < SYNCFS_MIN_FILES or not durable.syncfs(self.layout.tmp)):
+            if written and batch.deferral is not None:
+                batch.deferral.note()
+            elif written and (len(written) < SYNCFS_MIN_FILES or not durable.syncfs(self.layout.tmp)):
                 for tmp, _ in written:
                     durable.fsync_file(tmp)
             while written:
@@ -354,12 +419,14 @@ class ObjectStore:
     def _ingest_large(self, source: str, size: int, owner: str,
                       batch: SyncBatch) -> tuple[str, int, bool]:
         digest = hash_source(source, size)
-        if self.exists(digest):
-            self._synced(self.path(digest).parent, batch)
+        st = self._present(self._object_str(digest))
+        if st is not None:
+            if not self._entry_durable(st):
+                self._synced(self.path(digest).parent, batch)
             return digest, size, True
         copy = self.layout.new_tmp_path(owner, "snapshot")
         try:
-            durable.copy_file(source, copy)
+            durable.copy_file(source, copy, sync=batch.deferral is None)
             stored, stored_size = self.commit_file(copy, owner, batch)
         finally:
             _discard(copy)
@@ -389,7 +456,7 @@ class ObjectStore:
         seen_ns = time.time_ns()
         st = os.stat(source)
         digest = self.stat_cache.lookup(key, st)
-        if digest is not None and self.exists(digest):
+        if digest is not None and self._present(self._object_str(digest)) is not None:
             return key, seen_ns, st, digest, False
         return key, seen_ns, st, hash_source(key, st.st_size), True
 
@@ -401,10 +468,11 @@ class ObjectStore:
         yield an object whose name does not match its bytes.
         """
         key, seen_ns, st, digest, hashed = self._known(source)
-        if not self.exists(digest):
+        present = self._present(self._object_str(digest))
+        if present is None:
             copy = self.layout.new_tmp_path(owner, "snapshot")
             try:
-                durable.copy_file(source, copy)
+                durable.copy_file(source, copy, sync=_deferred(batch) is None)
                 stored = self.commit_file(copy, owner, batch)
             finally:
                 _discard(copy)
@@ -413,7 +481,8 @@ class ObjectStore:
             return stored
         if hashed:
             self.stat_cache.remember(key, st, digest, seen_ns)
-        self._synced(self.path(digest).parent, batch)  # as in put_bytes
+        if not self._entry_durable(present):
+            self._synced(self.path(digest).parent, batch)  # as in put_bytes
         return digest, st.st_size
 
     def list(self) -> Iterator[str]:
@@ -453,17 +522,19 @@ class ObjectStore:
             batch.add(folder)
 
 
-def _hash_and_sync(path: Path, size: int) -> str:
-    """Make a file read-only, hash it and fsync it; returns its digest.
+def _hash_and_sync(path: Path, size: int, sync: bool = True) -> str:
+    """Make a file read-only, hash it and fsync it (unless not `sync`: a deferred write);
+    returns its digest.
 
     From `OVERLAP_MIN_BYTES` on, the fsync runs in a thread while the file is hashed: the
     kernel writes the pages out while BLAKE3 reads them from the page cache (measured here for
     1 GiB just written: 0.30 s hashing + 0.37 s fsync one after the other, 0.35 s together).
     """
     durable.chmod(path, OBJECT_MODE)
-    if size < OVERLAP_MIN_BYTES:
+    if size < OVERLAP_MIN_BYTES or not sync:
         digest = hash_file(path, size)
-        durable.fsync_file(path)
+        if sync:
+            durable.fsync_file(path)
         return digest
     from concurrent.futures import ThreadPoolExecutor
 
