@@ -153,9 +153,11 @@ class ObjectStore:
         self.stat_cache = stat_cache
         self._objects = str(layout.objects)
         self._shards: set[str] = set()  # shard folders known to exist durably
-        # Objects this process found present and made the entries of durable (`put_bytes`):
-        # the empty object every attempt with a silent stdout or stderr names, chiefly.
-        self._confirmed: set[str] = set()
+        # Objects this process found present and made the entries of durable (`put_bytes`),
+        # with the (inode, ctime) they had: the empty object every attempt with a silent stdout
+        # or stderr names, chiefly.  Only the fsync is skipped for them, never the stat: a gc
+        # through another Store may have deleted the object, and another writer made it anew.
+        self._confirmed: dict[str, tuple[int, int]] = {}
         # When the first `syncfs` this process made of the store's filesystem started (ns); 0
         # when there is no syncfs; None before the first need (`_entry_durable`).
         self._synced_ns: int | None = None
@@ -213,15 +215,14 @@ class ObjectStore:
         """Store `data`; returns its digest.  Durable once `batch` is flushed (now if None)."""
         digest = digest_bytes(data)
         path = self.path(digest)
-        if digest in self._confirmed:
-            return digest
         st = self._present(str(path), len(data))
         if st is not None:
             # Another process may have renamed it into place and died before syncing the
             # folder: sync it again before anything of ours names it (once per process).
-            if not self._entry_durable(st):
+            seen = (st.st_ino, st.st_ctime_ns)
+            if self._confirmed.get(digest) != seen and not self._entry_durable(st):
                 durable.fsync_dir(path.parent)
-            self._confirmed.add(digest)
+            self._confirmed[digest] = seen
             return digest
         target = self._shard(digest)
         tmp = self.layout.new_tmp_path(owner, "object")
@@ -512,7 +513,7 @@ class ObjectStore:
 
     def forget_confirmed(self, digest: str) -> None:
         """The object is about to go (gc, recover): `put_bytes` must look for it again."""
-        self._confirmed.discard(digest)
+        self._confirmed.pop(digest, None)
 
     @staticmethod
     def _synced(folder: Path, batch: SyncBatch | None) -> None:
