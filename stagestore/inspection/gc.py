@@ -19,7 +19,7 @@ from ..store.layout import run_owner
 from ..store.locking import OwnerLock, owner_locked, store_lock
 from ..store.manifests import CACHE_OWNER
 from ..store.store import Store
-from ..store.trees import read_tree, tree_objects
+from ..store.trees import tree_objects
 from ..store.views import ViewStore
 
 # A view nobody has used for this long is removed by gc even when its tree is still referenced.
