@@ -2,8 +2,9 @@
 
 Each runs in its own process group (so a timeout, or the end of its leader, kills all of it),
 is listed with the process's watchdog while it runs (so the whole group dies with a killed
-runner: `watchdog.py`), and is tracked while it runs by its run's `StopToken`, so that stopping the run (an interrupt, a systemic abort) kills
-every one of that run's at once, and those of no other run.
+runner: `watchdog.py`), and is tracked while it runs by its run's `StopToken`, so that
+stopping the run (an interrupt, a systemic abort) kills every one of that run's at once, and
+those of no other run.
 """
 
 from __future__ import annotations

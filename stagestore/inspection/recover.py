@@ -152,7 +152,6 @@ class _Recovery:
                 # that restoring a snapshot, and every later one, hashes the workspace again
                 # instead of taking a digest whose object is gone.
                 self.store.objects.stat_cache.clear()
-            self.store.objects.forget_confirmed(digest)
             # A run may rename a good copy over the damaged object at any moment, so the object
             # is first moved aside (one atomic step) and hashed again there: a good copy goes
             # back, only a damaged one is deleted.

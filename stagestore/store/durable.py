@@ -129,10 +129,6 @@ class Deferral:
         with self._lock:
             self._pending += 1
 
-    @property
-    def pending(self) -> bool:
-        return self._pending > 0
-
     def sync(self) -> bool:
         """One `syncfs` if anything was deferred since the last; whether it made one."""
         with self._lock:
@@ -298,6 +294,7 @@ def rmtree(path: str | os.PathLike[str]) -> None:
 
 
 def _rmtree_now(path: str | os.PathLike[str]) -> None:
+    """`rmtree` without the announcement (the remover thread's, announced already)."""
 
     def make_writable_and_retry(func, failed_path, exc_info):  # noqa: ANN001
         parent = os.path.dirname(failed_path)

@@ -615,8 +615,8 @@ class CacheIndex:
                 fill_missing: bool = True) -> CacheRebuild:
         """Point each stale entry at the best run holding a succeeded manifest with its key
         (`results`), or remove it when none does; with `fill_missing`, write the entries that
-        are missing (`forget`, which only removes manifests, leaves none missing).  The caller holds `owner`'s lock (its temps
-        are written under that name).  With `lock_work`, each entry is checked again and
+        are missing (`forget`, which only removes manifests, leaves none missing).  The caller
+        holds `owner`'s lock (its temps are written under that name).  With `lock_work`, each entry is checked again and
         rewritten under its key's work lock, which a run holds from executing a stage to
         writing its manifest, so an entry a run has just written is never undone; an entry
         whose work lock is busy is left to that run.  gc holds the store lock exclusively and

@@ -346,8 +346,8 @@ class ObjectStore:
             digest = hash_file(path, st.st_size)
             durable.chmod(path, OBJECT_MODE)
             prepared.append((path, digest, st.st_size))
-        if _deferred(batch) is not None:
-            _deferred(batch).note()  # type: ignore[union-attr]
+        if batch.deferral is not None:
+            batch.deferral.note()
         elif not durable.syncfs(paths[0].parent):
             for path, _, _ in prepared:
                 durable.fsync_file(path)
@@ -449,17 +449,22 @@ class ObjectStore:
             self._shards.add(shard)
         return target
 
-    def _known(self, source: Path) -> tuple[str, int, os.stat_result, str, bool]:
+    def _known(self, source: Path
+               ) -> tuple[str, int, os.stat_result, str, bool, os.stat_result | None]:
         """(stat cache key, when it was looked at, its stat, its digest, whether it was hashed
-        now): the digest comes from the stat cache when the file is unchanged since it was last
-        hashed and its object exists, else from hashing it."""
+        now, the stat of its object or None when there is none): the digest comes from the stat
+        cache when the file is unchanged since it was last hashed and its object exists, else
+        from hashing it."""
         key = os.path.abspath(source)
         seen_ns = time.time_ns()
         st = os.stat(source)
         digest = self.stat_cache.lookup(key, st)
-        if digest is not None and self._present(self._object_str(digest)) is not None:
-            return key, seen_ns, st, digest, False
-        return key, seen_ns, st, hash_source(key, st.st_size), True
+        if digest is not None:
+            present = self._present(self._object_str(digest))
+            if present is not None:
+                return key, seen_ns, st, digest, False, present
+        digest = hash_source(key, st.st_size)
+        return key, seen_ns, st, digest, True, self._present(self._object_str(digest))
 
     def ingest_file(self, source: Path, owner: str, batch: SyncBatch | None = None) -> tuple[str, int]:
         """Snapshot a file from outside the store (a workspace input) by copying its bytes in.
@@ -468,8 +473,7 @@ class ObjectStore:
         Otherwise the copy is hashed, not the source, so a source edited meanwhile can never
         yield an object whose name does not match its bytes.
         """
-        key, seen_ns, st, digest, hashed = self._known(source)
-        present = self._present(self._object_str(digest))
+        key, seen_ns, st, digest, hashed, present = self._known(source)
         if present is None:
             copy = self.layout.new_tmp_path(owner, "snapshot")
             try:
@@ -508,12 +512,7 @@ class ObjectStore:
                 yield (PREFIX + hexdigest if ok else None), entry.path
 
     def delete(self, digest: str) -> bool:
-        self.forget_confirmed(digest)
         return durable.unlink(self.path(digest))
-
-    def forget_confirmed(self, digest: str) -> None:
-        """The object is about to go (gc, recover): `put_bytes` must look for it again."""
-        self._confirmed.pop(digest, None)
 
     @staticmethod
     def _synced(folder: Path, batch: SyncBatch | None) -> None:
